@@ -1,0 +1,41 @@
+# recsqueeze: every target creates .venv and installs what it needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PY ?= python3
+BIN := .venv/bin
+STATE ?= .recsqueeze
+# torch: take the pinned CPU build where the machine has it, else any release the range allows.
+TORCH ?= torch==2.13.0
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: demo test bench up down status clean
+
+.venv: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv .venv
+	$(BIN)/pip install -q $(TORCH) 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(BIN)/pip install -q -e '.[dev,bench]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+	touch .venv
+
+up: .venv
+	$(BIN)/recsqueeze up --state-dir $(STATE)
+
+down: .venv
+	$(BIN)/recsqueeze down --state-dir $(STATE)
+
+status: .venv
+	$(BIN)/recsqueeze status --state-dir $(STATE)
+
+demo: up
+	$(BIN)/recsqueeze run --size small --state-dir $(STATE)
+	$(BIN)/recsqueeze registry list --state-dir $(STATE)
+
+test: .venv
+	$(BIN)/python -m pytest -q tests
+
+bench: .venv
+	mkdir -p bench-results
+	$(BIN)/recsqueeze bench --suite quantize --size small --json bench-results/quantize-small.json
+
+clean: down
+	rm -rf $(STATE)

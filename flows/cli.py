@@ -1,0 +1,165 @@
+"""`recsqueeze` command line: up | down | status | run | dataset | registry."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.stack import load_stack, settings_for, stack_alive, start_stack, stop_stack
+from tasks.types import CompressionRequest, DatasetRequest
+
+app = typer.Typer(help="Distributed compression of recommendation models.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Datasets in the artifact store.", no_args_is_help=True)
+registry_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+app.add_typer(registry_app, name="registry")
+err = Console(stderr=True)
+STATE = typer.Option(Path(".recsqueeze"), "--state-dir", envvar="RECSQUEEZE_STATE_DIR",
+                     help="local stack state directory")
+
+
+@app.command()
+def up(state_dir: Path = STATE, workers: int = typer.Option(1, min=1, max=8)) -> None:
+    """Start S3 (SeaweedFS), a Prefect server and a Ray head + worker nodes on loopback."""
+    existing = load_stack(state_dir)
+    if existing and all(stack_alive(existing).values()):
+        err.print(f"stack already up (Prefect UI {existing.prefect.ui_url})")
+        return
+    if existing:
+        stop_stack(existing)
+    with err.status("starting S3, Prefect and Ray ..."):
+        stack = start_stack(state_dir, worker_ips=tuple(f"127.0.0.{3 + i}" for i in range(workers)))
+    err.print(f"S3      {stack.s3.endpoint} (bucket {stack.s3.bucket})")
+    err.print(f"Prefect {stack.prefect.ui_url}")
+    err.print(f"Ray     {stack.ray.address} ({len(stack.ray.nodes)} nodes)")
+
+
+@app.command()
+def down(state_dir: Path = STATE) -> None:
+    """Stop what `up` started (and nothing else)."""
+    stack = load_stack(state_dir)
+    if stack is None:
+        err.print("no stack running")
+        return
+    stop_stack(stack)
+    err.print("stack stopped")
+
+
+@app.command()
+def status(state_dir: Path = STATE) -> None:
+    """Show the local stack's services and whether they are alive."""
+    stack = load_stack(state_dir)
+    if stack is None:
+        err.print("no stack running")
+        raise typer.Exit(1)
+    for name, ok in stack_alive(stack).items():
+        print(f"{name:20s} {'up' if ok else 'DOWN'}")
+    print(f"Prefect UI           {stack.prefect.ui_url}")
+
+
+@app.command()
+def run(
+    request_file: Optional[Path] = typer.Option(None, "--request", help="CompressionRequest JSON"),
+    size: Optional[str] = typer.Option(None, help="built-in dataset size (tiny|small)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON on stdout"),
+    state_dir: Path = STATE,
+) -> None:
+    """Run the compression flow and print the leaderboard and the promoted model."""
+    from pydantic import ValidationError
+
+    from flows.driver import run_compress
+
+    try:
+        raw = json.loads(request_file.read_text()) if request_file else {}
+        if size:
+            raw["dataset"] = DatasetRequest(builtin=size).model_dump(mode="json")  # type: ignore[arg-type]
+        request = CompressionRequest.model_validate(raw)
+    except (ValidationError, ValueError, OSError) as exc:
+        err.print(f"[red]invalid request:[/red] {exc}")
+        raise typer.Exit(2) from None
+    settings = settings_for(state_dir)
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the result
+        report = run_compress(request, settings)
+    ui = settings.prefect_api_url.removesuffix("/api")
+    if as_json:
+        out = {"run_id": report.run_id, "status": report.status, "reason": report.reason,
+               "baseline": report.baseline.model_dump(mode="json"),
+               "bayes_auc": report.dataset.spec.bayes_auc,
+               "leaderboard": [r.model_dump(mode="json") for r in report.leaderboard],
+               "promoted": report.promoted.model_dump(mode="json") if report.promoted else None,
+               "failures": report.failures, "prefect_ui": ui}
+        print(json.dumps(out, indent=2))
+        return
+    print_report(report, ui)
+
+
+def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
+    console = Console()
+    b = report.baseline
+    bayes = report.dataset.spec.bayes_auc
+    console.print(f"baseline AUC {b.auc.value:.5f} [{b.auc.ci_low:.5f}, {b.auc.ci_high:.5f}] "
+                  f"size {b.size_bytes} B" + (f"; generator Bayes AUC {bayes:.5f}" if bayes else ""))
+    table = Table(title=f"leaderboard (run {report.run_id})")
+    for col in ("candidate", "plan", "size_ratio", "auc_delta", "auc_loss_ci_high",
+                "p99_ms_bs512", "latency_ratio", "passed", "node"):
+        table.add_column(col)
+    for r in report.leaderboard:
+        table.add_row(r.candidate, r.plan, f"{r.size_ratio:.2f}x", f"{r.auc_delta:+.5f}",
+                      f"{r.auc_loss_ci_high:.5f}", f"{r.p99_ms_bs512:.3f}",
+                      f"{r.latency_ratio:.2f}x" if r.latency_ratio else "-",
+                      "yes" if r.passed else "no: " + "; ".join(r.reasons), r.node_ip)
+    console.print(table)
+    for cand, error in report.failures.items():
+        console.print(f"[red]failed[/red] {cand}: {error}")
+    if report.promoted:
+        console.print(f"promoted: {report.promoted.uri} (version {report.promoted.version})")
+    else:
+        console.print(f"not promoted: {report.reason}")
+    console.print(f"Prefect UI: {ui}")
+
+
+@dataset_app.command("generate")
+def dataset_generate(size: str = typer.Option("small"), seed: int = 0,
+                     state_dir: Path = STATE) -> None:
+    """Generate the built-in click log into S3 and print its URI."""
+    from tasks.data import generate, write_dataset
+
+    tables, spec = generate(size, seed)
+    ref = write_dataset(tables, spec, settings_for(state_dir))
+    print(ref.uri)
+    err.print(f"rows {ref.rows}; Bayes-optimal test AUC {spec.bayes_auc:.5f}")
+
+
+@registry_app.command("list")
+def registry_list(state_dir: Path = STATE) -> None:
+    """Models, their versions and aliases."""
+    from tasks.artifacts import ArtifactStore, Registry
+
+    reg = Registry(ArtifactStore(settings_for(state_dir)))
+    for model in reg.models():
+        print(f"{model}: versions {reg.versions(model)} production={reg.alias(model)} "
+              f"previous={reg.alias(model, 'previous')}")
+
+
+@registry_app.command("show")
+def registry_show(model: str, version: Optional[int] = None, state_dir: Path = STATE) -> None:
+    """One version's record (default: production)."""
+    from tasks.artifacts import ArtifactStore, Registry
+
+    reg = Registry(ArtifactStore(settings_for(state_dir)))
+    n = version or reg.alias(model)
+    if n is None:
+        err.print(f"{model} has no production version")
+        raise typer.Exit(1)
+    print(json.dumps(reg.version_info(model, n), indent=2))
+
+
+if __name__ == "__main__":
+    app()

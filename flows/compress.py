@@ -1,0 +1,152 @@
+"""The main flow: dataset -> baseline -> candidates on Ray -> evaluate -> gate -> promote.
+
+Reads top to bottom as the procedure it runs. Every stage application is one Prefect task on
+the Ray cluster, with its resources at the call site; shared plan prefixes run once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
+from prefect_ray.context import remote_options
+
+from cluster.resources import cluster_gpus, stage_options
+from flows.report import leaderboard, markdown, model_card
+from infra.settings import Settings
+from tasks.artifacts import ArtifactStore, Registry
+from tasks.gate import Champion, decide
+from tasks.run import (
+    evaluate_baseline, evaluate_candidate, evaluate_champion, prepare_dataset, promote,
+    run_stage, train_baseline,
+)
+from tasks.types import CandidateResult, CompressionRequest, GateReport
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@flow(name="compress", validate_parameters=True)
+def compress(request: CompressionRequest) -> GateReport:
+    log = get_run_logger()
+    run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
+    store = ArtifactStore(Settings())
+    registry = Registry(store)
+    store.put_json(f"runs/{run_id}/request.json", request.model_dump(mode="json"))
+    res = request.resources
+    opts = stage_options(res.cpus_per_stage, res.gpus_per_stage, cluster_gpus())
+    cpu_opts = stage_options(res.cpus_per_stage, 0, 0)
+
+    # 1. data and baseline
+    with remote_options(**cpu_opts):
+        dataset = prepare_dataset.submit(request.dataset).result()
+    with remote_options(**opts):
+        baseline = train_baseline.submit(request.model, dataset, request.train)
+    with remote_options(**cpu_opts):
+        base_eval = evaluate_baseline.submit(baseline, dataset)
+
+    # 2. every candidate's stages, chained; a prefix shared by several plans runs once
+    builds: dict[tuple[str, ...], Any] = {}
+    evaluations = []
+    for cand in request.candidates:
+        parent, prefix = baseline, ()
+        for stage in cand.plan:
+            prefix = (*prefix, stage.model_dump_json())
+            if prefix not in builds:
+                with remote_options(**opts):
+                    builds[prefix] = run_stage.submit(parent, stage, dataset, request.train.seed)
+            parent = builds[prefix]
+        with remote_options(**cpu_opts):
+            evaluations.append(evaluate_candidate.submit(
+                cand, parent, dataset, base_eval, request.budget.confidence))
+
+    # 3. the production champion, measured on the same rows
+    champion = None
+    version = registry.alias(request.model_name)
+    base_evaluated = base_eval.result()
+    if version is not None:
+        with remote_options(**cpu_opts):
+            scored = evaluate_champion.submit(request.model_name, version, dataset,
+                                              base_evaluated).result()
+        if scored is not None:
+            champion = Champion(version=version, metrics=scored[0], auc_loss=scored[1])
+
+    results: list[CandidateResult] = []
+    failures: dict[str, str] = {}
+    for cand, fut in zip(request.candidates, evaluations):
+        out = fut.result(raise_on_failure=False)
+        if isinstance(out, BaseException):
+            failures[cand.id] = f"{type(out).__name__}: {out}"
+            log.error("candidate %s failed: %s", cand.id, out)
+        else:
+            results.append(out)
+
+    # 4. gate, then promote at most one
+    verdict = decide(base_evaluated.metrics, champion, results, request.budget)
+    rows = leaderboard(base_evaluated.metrics, results, verdict)
+    report = GateReport(
+        run_id=run_id, model_name=request.model_name, dataset=dataset,
+        baseline=base_evaluated.metrics, leaderboard=rows, chosen=verdict.chosen, promoted=None,
+        status="not_promoted", reason=verdict.reason, failures=failures,
+    )
+    if verdict.promote and request.promote and verdict.chosen is not None:
+        chosen = next(r for r in results if r.candidate.id == verdict.chosen)
+        row = next(r for r in rows if r.candidate == verdict.chosen)
+        files = {
+            "spec.json": {"candidate": chosen.candidate.model_dump(mode="json"),
+                          "dataset_spec": dataset.spec.model_dump(mode="json")},
+            "metrics.json": {"metrics": chosen.metrics.model_dump(mode="json"),
+                             "deltas": [d.model_dump(mode="json") for d in chosen.deltas],
+                             "baseline": base_evaluated.metrics.model_dump(mode="json")},
+            "lineage.json": {
+                "run_id": run_id, "code_git_sha": code_version(),
+                "dataset": {"uri": dataset.uri, "sha256": dataset.sha256},
+                "request": request.model_dump(mode="json"),
+                "plan": [s.model_dump(mode="json") for s in chosen.candidate.plan],
+                "seeds": {"train": request.train.seed, "data": request.dataset.seed},
+                "parent": baseline.result().model.model_dump(mode="json"),
+                "ray_node": chosen.node_ip, "wall_s": chosen.wall_s,
+            },
+            "card.md": model_card(report, row),
+        }
+        promotion = promote(request.model_name, chosen, files, run_id)
+        report = report.model_copy(update={"promoted": promotion, "status": "promoted"})
+    elif verdict.chosen and not request.promote:
+        report = report.model_copy(update={"reason": "promotion disabled by the request"})
+
+    # 5. publish
+    publish(store, report)
+    log.info("%s: %s", report.status, report.promoted.uri if report.promoted else report.reason)
+    return report
+
+
+def publish(store: ArtifactStore, report: GateReport) -> None:
+    """Leaderboard (Parquet + JSON) and markdown report in S3, and as Prefect artifacts."""
+    rows = [row.model_dump(mode="json") for row in report.leaderboard]
+    base = f"runs/{report.run_id}"
+    if rows:
+        table = pa.Table.from_pylist([{**r, "reasons": "; ".join(r["reasons"])} for r in rows])
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        store.s3.put_object(Bucket=store.bucket, Key=f"{base}/leaderboard.parquet",
+                            Body=sink.getvalue().to_pybytes())
+    store.put_json(f"{base}/report.json", report.model_dump(mode="json"))
+    text = markdown(report)
+    store.put_text(f"{base}/report.md", text)
+    if rows:
+        create_table_artifact(key="leaderboard", table=rows,
+                              description=f"{report.model_name}: candidates vs baseline")
+    create_markdown_artifact(key="compression-report", markdown=text,
+                             description=f"{report.model_name}: {report.status}")

@@ -1,0 +1,49 @@
+"""Run a flow against the configured services (never an ephemeral Prefect server)."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+
+from cluster.local import ray_env
+from cluster.runner import ray_task_runner
+from infra.settings import QUIET_ENV, Settings
+from tasks.types import CompressionRequest, GateReport
+
+
+def require_prefect_server(settings: Settings) -> None:
+    """Refuse to run without a real Prefect server: without one every Ray worker would start
+    its own temporary server on one SQLite file (slow, and its logs are lost)."""
+    if not settings.prefect_api_url:
+        raise RuntimeError(
+            "prefect_api_url is empty: start the stack (`recsqueeze up`) or set "
+            "RECSQUEEZE_PREFECT_API_URL=http://HOST:PORT/api of a running Prefect server"
+        )
+    try:
+        with urllib.request.urlopen(settings.prefect_api_url.rstrip("/") + "/health",
+                                    timeout=5) as resp:
+            resp.read()
+    except OSError as exc:
+        raise RuntimeError(
+            f"Prefect server at {settings.prefect_api_url} does not answer ({exc}); "
+            "start it with `recsqueeze up` or fix RECSQUEEZE_PREFECT_API_URL"
+        ) from exc
+
+
+def driver_env(settings: Settings) -> dict[str, str]:
+    env = QUIET_ENV | {"PREFECT_API_URL": settings.prefect_api_url}
+    return env | ray_env(settings.ray_auth_token_path)
+
+
+def run_compress(request: CompressionRequest, settings: Settings) -> GateReport:
+    """Validate services, then run `compress` on the Ray cluster from `settings`."""
+    require_prefect_server(settings)
+    os.environ.update(driver_env(settings))
+    os.environ.update({k: v for k, v in settings.s3_env().items()})
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.compress import compress
+
+    runner = ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.s3_env())
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+        return compress.with_options(task_runner=runner)(request)

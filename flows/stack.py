@@ -1,0 +1,101 @@
+"""The local stack = S3 + Prefect server (infra) + a multi-node Ray cluster (cluster).
+
+State lives in STATE/stack.json; `settings_for` turns it into Settings, with any RECSQUEEZE_*
+environment variable taking precedence (that is how a user points at real services).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cluster.local import LocalRayCluster, start_local_cluster, stop_local_cluster
+from infra.prefect_server import PrefectServer, start_prefect
+from infra.process import alive, stop
+from infra.s3server import S3Server, start_s3
+from infra.settings import QUIET_ENV, Settings
+
+
+@dataclass(frozen=True)
+class Stack:
+    state_dir: str
+    s3: S3Server
+    prefect: PrefectServer
+    ray: LocalRayCluster
+
+    def pids(self) -> list[int]:
+        return [self.s3.pid, self.prefect.pid, *(n.pid for n in self.ray.nodes)]
+
+    def settings(self) -> Settings:
+        return Settings(
+            state_dir=Path(self.state_dir), s3_endpoint=self.s3.endpoint,
+            s3_bucket=self.s3.bucket, s3_access_key=self.s3.access_key,  # type: ignore[arg-type]
+            s3_secret_key=self.s3.secret_key,  # type: ignore[arg-type]
+            prefect_api_url=self.prefect.api_url, ray_address=self.ray.address,
+            ray_node_ip=self.ray.head_ip, ray_auth_token_path=self.ray.token_path,
+        )
+
+
+def _stack_file(state_dir: Path) -> Path:
+    return state_dir / "stack.json"
+
+
+def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
+                worker_ips: tuple[str, ...] = ("127.0.0.3",), cpus_per_node: int = 1) -> Stack:
+    """Start S3, Prefect and Ray (head + workers); stop what was started if any part fails."""
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.update(QUIET_ENV)
+    s3 = start_s3(state_dir)
+    started: list[int] = [s3.pid]
+    try:
+        prefect = start_prefect(state_dir)
+        started.append(prefect.pid)
+        s3_env = {"RECSQUEEZE_S3_ENDPOINT": s3.endpoint, "RECSQUEEZE_S3_BUCKET": s3.bucket,
+                  "RECSQUEEZE_S3_ACCESS_KEY": s3.access_key,
+                  "RECSQUEEZE_S3_SECRET_KEY": s3.secret_key}
+        ray = start_local_cluster(state_dir, head_ip, worker_ips, cpus_per_node,
+                                  extra_env=QUIET_ENV | s3_env)
+    except BaseException:
+        for pid in started:
+            stop(pid)
+        raise
+    stack = Stack(str(state_dir), s3, prefect, ray)
+    _stack_file(state_dir).write_text(json.dumps(asdict(stack), indent=2))
+    os.chmod(_stack_file(state_dir), 0o600)  # holds the S3 secret
+    return stack
+
+
+def load_stack(state_dir: Path) -> Stack | None:
+    path = _stack_file(state_dir.resolve())
+    if not path.exists():
+        return None
+    raw = json.loads(path.read_text())
+    return Stack(raw["state_dir"], S3Server(**raw["s3"]), PrefectServer(**raw["prefect"]),
+                 LocalRayCluster.from_json(json.dumps(raw["ray"])))
+
+
+def stack_alive(stack: Stack) -> dict[str, bool]:
+    return {"s3": alive(stack.s3.pid), "prefect": alive(stack.prefect.pid),
+            **{f"ray {n.ip}": alive(n.pid) for n in stack.ray.nodes}}
+
+
+def stop_stack(stack: Stack) -> None:
+    stop_local_cluster(stack.ray)
+    stop(stack.prefect.pid)
+    stop(stack.s3.pid)
+    _stack_file(Path(stack.state_dir)).unlink(missing_ok=True)
+
+
+def settings_for(state_dir: Path) -> Settings:
+    """Settings of the local stack at `state_dir`, overridden by RECSQUEEZE_* variables."""
+    stack = load_stack(state_dir)
+    if stack is None:
+        return Settings()
+    values = stack.settings().model_dump()
+    for name in list(values):
+        if f"RECSQUEEZE_{name.upper()}" in os.environ:
+            values.pop(name)
+    return Settings(**values)

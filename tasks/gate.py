@@ -1,0 +1,101 @@
+"""The gate: which candidates pass the budget, which one is chosen, whether it is promoted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tasks.types import Budget, CandidateResult, GateDecision, Metrics
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The model the `production` alias points at, evaluated on this run's test split."""
+
+    version: int
+    metrics: Metrics
+    auc_loss: float  # baseline - champion AUC on the same rows (point estimate)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decisions: tuple[GateDecision, ...]
+    chosen: str | None  # best passing candidate by the objective
+    promote: bool
+    reason: str
+
+
+def _objective(c: CandidateResult, budget: Budget) -> float:
+    return _objective_of_metrics(c.metrics, budget)
+
+
+def check(c: CandidateResult, baseline: Metrics, budget: Budget) -> GateDecision:
+    """Every failed budget or constraint of one candidate, each with its margin."""
+    reasons: list[str] = []
+    deltas = {d.metric: d for d in c.deltas}
+    for metric, rule in budget.metrics.items():
+        d = deltas[metric]
+        loss_high = d.loss_ci_high / d.baseline if rule.relative else d.loss_ci_high
+        unit = " (relative)" if rule.relative else ""
+        if loss_high > rule.max_drop:
+            reasons.append(f"{metric}: loss upper bound {loss_high:.5f}{unit} > budget "
+                           f"{rule.max_drop:.5f} (over by {loss_high - rule.max_drop:.5f})")
+    m = c.metrics
+    if budget.max_size_bytes is not None and m.size_bytes > budget.max_size_bytes:
+        reasons.append(f"size: {m.size_bytes} bytes > max {budget.max_size_bytes}")
+    if budget.min_size_ratio is not None:
+        ratio = baseline.size_bytes / m.size_bytes
+        if ratio < budget.min_size_ratio:
+            reasons.append(f"size_ratio: {ratio:.2f}x < min {budget.min_size_ratio:.2f}x")
+    if budget.max_p99_ms is not None:
+        p99 = m.p99_ms(budget.latency_batch_size)
+        if p99 is None or p99 > budget.max_p99_ms:
+            reasons.append(f"p99@{budget.latency_batch_size}: {p99} ms > max {budget.max_p99_ms} ms")
+    return GateDecision(candidate_id=c.candidate.id, passed=not reasons, reasons=tuple(reasons))
+
+
+def decide(baseline: Metrics, champion: Champion | None, candidates: list[CandidateResult],
+           budget: Budget) -> Verdict:
+    """Judge every candidate, pick one by the objective, and decide on promotion.
+
+    Rule: a candidate passes when, for each budgeted metric, the upper `confidence` bound of
+    its loss against the baseline (paired, same test rows) is within the budget, and every
+    size/latency constraint holds. Among the passing, the objective picks one. It is promoted
+    only if there is no production champion, or it beats the champion on the objective
+    without a larger AUC loss.
+
+    Worked example (budget: AUC may drop 0.1% relative, objective smallest; baseline AUC
+    0.8000, 40 MB):
+        A: 11 MB, AUC loss upper bound 0.0004 -> 0.0004/0.8 = 0.05% <= 0.1%   -> passes
+        B:  6 MB, AUC loss upper bound 0.0012 -> 0.0012/0.8 = 0.15%  > 0.1%   -> fails
+           ("auc: loss upper bound 0.00150 (relative) > budget 0.00100 (over by 0.00050)")
+        chosen: A (the smallest passing). Champion v3 is 11 MB with loss 0.0002: A is not
+        smaller -> not promoted ("does not beat production v3 on smallest").
+    """
+    decisions = tuple(check(c, baseline, budget) for c in candidates)
+    passing = [c for c, d in zip(candidates, decisions) if d.passed]
+    if not passing:
+        return Verdict(decisions, None, False, "no candidate passed the budget")
+    best = min(passing, key=lambda c: (_objective(c, budget), c.candidate.id))
+    if champion is None:
+        return Verdict(decisions, best.candidate.id, True, "no production model yet")
+    auc_loss = -next(d.delta for d in best.deltas if d.metric == "auc")
+    champion_score = _objective_of_metrics(champion.metrics, budget)
+    if _objective(best, budget) >= champion_score:
+        return Verdict(decisions, best.candidate.id, False,
+                       f"does not beat production v{champion.version} on {budget.objective} "
+                       f"({_objective(best, budget):.6g} vs {champion_score:.6g})")
+    if auc_loss > champion.auc_loss:
+        return Verdict(decisions, best.candidate.id, False,
+                       f"larger AUC loss than production v{champion.version} "
+                       f"({auc_loss:.5f} > {champion.auc_loss:.5f})")
+    return Verdict(decisions, best.candidate.id, True,
+                   f"beats production v{champion.version} on {budget.objective}")
+
+
+def _objective_of_metrics(m: Metrics, budget: Budget) -> float:
+    """Lower is better."""
+    if budget.objective == "smallest":
+        return float(m.size_bytes)
+    if budget.objective == "fastest":
+        return m.p99_ms(budget.latency_batch_size) or float("inf")
+    return -m.auc.value

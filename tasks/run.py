@@ -1,0 +1,170 @@
+"""The only Prefect-decorated tasks. Each loads its inputs from S3 and writes its outputs
+there: only small typed refs travel through Prefect and Ray, never weights.
+
+Tasks are idempotent: outputs are content-addressed, so a task Ray re-runs after a lost
+worker writes the same objects again.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from infra.settings import Settings
+from tasks.artifacts import ArtifactStore, Registry
+from tasks.data import Arrays, generate, read_dataset_ref, read_split, to_arrays, write_dataset
+from tasks.evaluate import evaluate, paired_deltas
+from tasks.models import build, resolve
+from tasks.stages import StageContext, apply_stage
+from tasks.train import train
+from tasks.types import (
+    ArtifactRef, Candidate, CandidateResult, DatasetRef, DatasetRequest, Metrics, ModelSpec,
+    Promotion, StageConfig, TrainConfig,
+)
+
+_TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2)
+
+
+@dataclass(frozen=True)
+class Built:
+    """A model a task produced: where it is, and where/how long it was built."""
+
+    model: ArtifactRef
+    node_ip: str
+    wall_s: float
+    chain: tuple[str, ...]  # stage labels from the baseline to this model
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    metrics: Metrics
+    predictions: ArtifactRef
+
+
+def node_ip() -> str:
+    """The Ray node this task runs on (the host name outside Ray)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.util.get_node_ip_address()
+    return socket.gethostname()
+
+
+def device() -> torch.device:
+    """A GPU only when Ray assigned this task one; CPU otherwise (never assume CUDA)."""
+    import ray
+
+    if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@lru_cache(maxsize=8)
+def _arrays(ref_json: str, split: str) -> Arrays:
+    # Ray reuses worker processes: each split is read from S3 once per worker.
+    ref = DatasetRef.model_validate_json(ref_json)
+    return to_arrays(read_split(ref, split, Settings()), ref.spec)
+
+
+def arrays(ref: DatasetRef, split: str) -> Arrays:
+    return _arrays(ref.model_dump_json(), split)
+
+
+@task(name="prepare-dataset", **_TASK)
+def prepare_dataset(request: DatasetRequest) -> DatasetRef:
+    """Generate the built-in click log (idempotent) or open the dataset at request.uri."""
+    settings = Settings()
+    if request.uri is not None:
+        return read_dataset_ref(request.uri, settings)
+    assert request.builtin is not None
+    tables, spec = generate(request.builtin, request.seed)
+    ref = write_dataset(tables, spec, settings)
+    get_run_logger().info("dataset %s: %s rows, Bayes AUC %.4f", ref.uri, ref.rows,
+                          spec.bayes_auc or float("nan"))
+    return ref
+
+
+@task(name="train-baseline", **_TASK)
+def train_baseline(spec: ModelSpec, dataset: DatasetRef, cfg: TrainConfig) -> Built:
+    start = time.perf_counter()
+    resolved = resolve(spec, dataset.spec)
+    model = train(build(resolved), arrays(dataset, "train"), cfg, device())
+    ref = ArtifactStore(Settings()).put_model(model.cpu(), resolved)
+    get_run_logger().info("baseline %s (%d bytes) on %s", ref.uri, ref.size_bytes, node_ip())
+    return Built(ref, node_ip(), time.perf_counter() - start, ("baseline",))
+
+
+@task(name="evaluate-baseline", **_TASK)
+def evaluate_baseline(built: Built, dataset: DatasetRef) -> Evaluated:
+    store = ArtifactStore(Settings())
+    model, _ = store.get_model(built.model)
+    metrics, probs = evaluate(model, arrays(dataset, "test"), built.model.size_bytes)
+    return Evaluated(metrics, store.put_tensor(torch.from_numpy(probs)))
+
+
+@task(name="run-stage", **_TASK)
+def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int) -> Built:
+    """Apply one stage to the parent model and store the result."""
+    start = time.perf_counter()
+    store = ArtifactStore(Settings())
+    model, spec = store.get_model(parent.model)
+    ctx = StageContext(device=device(), seed=seed, logger=get_run_logger(),  # type: ignore[arg-type]
+                       calibration=lambda: arrays(dataset, "valid"))
+    out = apply_stage(model, cfg, ctx)
+    ref = store.put_model(out.cpu(), spec)
+    return Built(ref, node_ip(), time.perf_counter() - start, (*parent.chain, cfg.label()))
+
+
+@task(name="evaluate-candidate", **_TASK)
+def evaluate_candidate(candidate: Candidate, built: Built, dataset: DatasetRef,
+                       baseline: Evaluated, confidence: float) -> CandidateResult:
+    store = ArtifactStore(Settings())
+    model, _ = store.get_model(built.model)
+    test = arrays(dataset, "test")
+    metrics, probs = evaluate(model, test, built.model.size_bytes)
+    base = store.get_tensor(baseline.predictions).numpy()
+    return CandidateResult(
+        candidate=candidate, model=built.model, metrics=metrics,
+        deltas=paired_deltas(test.label, base, probs, confidence),
+        node_ip=built.node_ip, wall_s=built.wall_s,
+    )
+
+
+@task(name="evaluate-champion", **_TASK)
+def evaluate_champion(model_name: str, version: int, dataset: DatasetRef,
+                      baseline: Evaluated) -> tuple[Metrics, float] | None:
+    """The production model on this run's test rows: metrics and its AUC loss vs baseline.
+
+    None when it cannot score this dataset (other tables or features): it is then not a
+    comparable champion, and the caller says so.
+    """
+    store = ArtifactStore(Settings())
+    model, spec = Registry(store).load(model_name, version)
+    if spec != resolve(spec, dataset.spec):
+        get_run_logger().warning("production v%d was built for other data; not comparable",
+                                 version)
+        return None
+    info = Registry(store).version_info(model_name, version)
+    test = arrays(dataset, "test")
+    metrics, probs = evaluate(model, test, int(info["model"]["size_bytes"]))
+    base = store.get_tensor(baseline.predictions).numpy()
+    delta = paired_deltas(test.label, base, probs)[0].delta
+    return metrics, float(-delta)
+
+
+
+@task(name="promote", **_TASK)
+def promote(model_name: str, result: CandidateResult, files: dict[str, object],
+            run_id: str) -> Promotion:
+    """Publish `result` as a new immutable registry version and point `production` at it."""
+    registry = Registry(ArtifactStore(Settings()))
+    promotion = registry.publish(model_name, result.model, files, owner=run_id,
+                                 candidate_id=result.candidate.id)
+    get_run_logger().info("promoted %s v%d: %s", model_name, promotion.version, promotion.uri)
+    return promotion

@@ -1,0 +1,24 @@
+"""Stage registry: the config's type selects the function (no string dispatch)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from tasks.stages.context import StageContext
+from tasks.stages.quantize import quantize
+from tasks.types import QuantizeConfig, StageConfig
+
+STAGES: dict[type, Callable[..., nn.Module]] = {QuantizeConfig: quantize}
+
+
+def apply_stage(model: nn.Module, cfg: StageConfig, ctx: StageContext) -> nn.Module:
+    try:
+        fn = STAGES[type(cfg)]
+    except KeyError:
+        raise ValueError(f"no stage registered for config {type(cfg).__name__}") from None
+    return fn(model, cfg, ctx)
+
+
+__all__ = ["STAGES", "StageContext", "apply_stage", "quantize"]

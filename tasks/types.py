@@ -1,0 +1,310 @@
+"""Frozen value types that cross process boundaries (DESIGN §3).
+
+Imports nothing heavy: Ray workers and the Prefect UI form load this module. Every field has a
+description (Prefect renders them in the run form) and every type round-trips through JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- storage -------------------------------------------------------------------------------
+class ArtifactRef(Frozen):
+    """A content-addressed blob in the artifact store; the only handle on weights."""
+
+    uri: str = Field(description="s3://bucket/key of the blob")
+    sha256: str = Field(description="hex sha256 of the bytes, verified on every read")
+    size_bytes: int = Field(ge=0, description="exact size of the stored bytes")
+    kind: Literal["model", "table", "json", "predictions"] = Field(description="what it holds")
+
+
+# --- data ----------------------------------------------------------------------------------
+class CategoricalColumn(Frozen):
+    name: str = Field(description="column name; int64 ids in [0, cardinality)")
+    cardinality: int = Field(gt=0, description="number of distinct ids (embedding table rows)")
+
+
+class DatasetSpec(Frozen):
+    """Role of each column of a dataset (DESIGN §7); stored as spec.json beside the Parquet."""
+
+    name: str = Field(description="dataset name (an S3 path segment)")
+    label: str = Field("click", description="binary label column (0/1)")
+    categorical: tuple[CategoricalColumn, ...] = Field(description="id columns -> embeddings")
+    dense: tuple[str, ...] = Field(description="float columns fed to the bottom MLP")
+    user_id: str | None = Field(None, description="user id column, if any")
+    item_id: str | None = Field(None, description="item id column, if any")
+    query_id: str | None = Field(None, description="query/session id column (ranking metrics)")
+    timestamp: str | None = Field(None, description="event time column")
+    bayes_auc: float | None = Field(
+        None, description="AUC of the true click probability on the test split (generator only)"
+    )
+
+
+class DatasetRef(Frozen):
+    uri: str = Field(description="s3://bucket/datasets/NAME/SHA/ (holds {train,valid,test}.parquet)")
+    sha256: str = Field(description="sha256 over the split files, in split order")
+    spec: DatasetSpec = Field(description="column roles")
+    splits: dict[str, str] = Field(description="sha256 of each split file")
+    rows: dict[str, int] = Field(description="rows per split")
+
+
+class DatasetRequest(Frozen):
+    """Which data to compress against: the built-in generator or a dataset already in S3."""
+
+    builtin: Literal["tiny", "small"] | None = Field(
+        "tiny", description="generate the built-in e-commerce click log of this size"
+    )
+    uri: str | None = Field(
+        None, description="s3:// prefix of an existing dataset (spec.json + split Parquet files)"
+    )
+    seed: int = Field(0, ge=0, description="generator seed (built-in data only)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetRequest:
+        if (self.builtin is None) == (self.uri is None):
+            raise ValueError(
+                "dataset: set exactly one of dataset.builtin ('tiny'|'small') or dataset.uri "
+                f"(got builtin={self.builtin!r}, uri={self.uri!r})"
+            )
+        if self.uri is not None and not self.uri.startswith("s3://"):
+            raise ValueError(f"dataset.uri must start with s3:// (got {self.uri!r})")
+        return self
+
+
+# --- models --------------------------------------------------------------------------------
+class TableSpec(Frozen):
+    name: str = Field(description="categorical column the table embeds")
+    rows: int = Field(gt=0, description="number of embedding rows")
+
+
+class ModelSpec(Frozen):
+    """Enough to rebuild the module: family + hyperparameters (+ tables once resolved)."""
+
+    family: Literal["dlrm"] = Field("dlrm", description="model family")
+    embedding_dim: int = Field(64, gt=0, le=1024, description="embedding width of every table")
+    bottom_mlp: tuple[int, ...] = Field((128, 64), description="bottom MLP widths (last = dim)")
+    top_mlp: tuple[int, ...] = Field((256, 128), description="top MLP hidden widths")
+    tables: tuple[TableSpec, ...] = Field((), description="filled from the dataset spec")
+    num_dense: int = Field(0, ge=0, description="filled from the dataset spec")
+
+    @field_validator("bottom_mlp", "top_mlp")
+    @classmethod
+    def _positive(cls, widths: tuple[int, ...]) -> tuple[int, ...]:
+        if any(w <= 0 for w in widths):
+            raise ValueError(f"MLP widths must be > 0 (got {widths})")
+        return widths
+
+
+class TrainConfig(Frozen):
+    epochs: int = Field(2, ge=1, le=100, description="passes over the train split")
+    batch_size: int = Field(1024, ge=8, description="rows per step")
+    lr: float = Field(2e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="L2 on dense layers")
+    seed: int = Field(0, ge=0, description="torch seed (init and shuffling)")
+
+
+# --- stages --------------------------------------------------------------------------------
+class QuantizeConfig(Frozen):
+    """Post-training quantization.
+
+    Args:
+        linear: ``dynamic_int8`` = int8 per-channel weights, activations quantized per batch
+            at run time (fbgemm kernels); ``none`` keeps fp32 Linear layers.
+        embeddings: ``rowwise_int8`` = one uint8 code per value with a per-row fp32 scale and
+            offset (min/max of the row); ``none`` keeps fp32 tables.
+
+    Example: ``QuantizeConfig(linear="dynamic_int8", embeddings="rowwise_int8")``
+    """
+
+    kind: Literal["quantize"] = "quantize"
+    linear: Literal["none", "dynamic_int8"] = Field("dynamic_int8", description="Linear layers")
+    embeddings: Literal["none", "rowwise_int8"] = Field(
+        "rowwise_int8", description="embedding tables"
+    )
+
+    @model_validator(mode="after")
+    def _does_something(self) -> QuantizeConfig:
+        if self.linear == "none" and self.embeddings == "none":
+            raise ValueError("quantize: linear and embeddings are both 'none'; set one of them")
+        return self
+
+    def label(self) -> str:
+        parts = [p for p in (self.linear, self.embeddings) if p != "none"]
+        return "quantize(" + "+".join(parts) + ")"
+
+
+# One stage kind so far; becomes a discriminated union on `kind` as stages are added.
+StageConfig = QuantizeConfig
+
+
+class Candidate(Frozen):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,62}$", description="unique candidate id")
+    parent: str = Field("baseline", description="model the plan starts from")
+    plan: tuple[StageConfig, ...] = Field(min_length=1, description="stages, applied in order")
+
+    def label(self) -> str:
+        return " -> ".join(stage.label() for stage in self.plan)
+
+
+# --- metrics and gate ----------------------------------------------------------------------
+class Estimate(Frozen):
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+class Latency(Frozen):
+    batch_size: int
+    p50_ms: float
+    p99_ms: float
+
+
+class Metrics(Frozen):
+    """What one evaluation measured on the test split (sizes and latencies measured, too)."""
+
+    auc: Estimate = Field(description="ROC AUC with a 95% DeLong interval")
+    logloss: float = Field(description="mean binary cross-entropy")
+    rows: int = Field(description="evaluated rows")
+    size_bytes: int = Field(description="bytes of the serialized model artifact")
+    params: int = Field(description="stored weight elements (parameters + buffers)")
+    latency: tuple[Latency, ...] = Field(description="CPU forward latency per batch size")
+
+    def p99_ms(self, batch_size: int) -> float | None:
+        return next((lat.p99_ms for lat in self.latency if lat.batch_size == batch_size), None)
+
+
+class PairedDelta(Frozen):
+    """Candidate vs baseline on the same rows; loss = baseline - candidate (higher-is-better)."""
+
+    metric: str
+    delta: float = Field(description="candidate - baseline (negative = a loss)")
+    loss_ci_high: float = Field(description="upper confidence bound of the loss")
+    baseline: float = Field(description="baseline value, for relative budgets")
+
+
+class MetricBudget(Frozen):
+    max_drop: float = Field(description="largest tolerated loss (absolute, or a fraction)")
+    relative: bool = Field(False, description="max_drop is a fraction of the baseline value")
+
+    @field_validator("max_drop")
+    @classmethod
+    def _non_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"max_drop must be >= 0 (got {v})")
+        return v
+
+
+class Budget(Frozen):
+    """What a candidate must satisfy to be promoted (see `tasks.gate.decide`)."""
+
+    metrics: dict[Literal["auc"], MetricBudget] = Field(
+        default_factory=lambda: {"auc": MetricBudget(max_drop=0.001, relative=True)},
+        description="per-metric loss budgets, judged on the upper confidence bound",
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="one-sided confidence level")
+    max_size_bytes: int | None = Field(None, gt=0, description="size constraint")
+    min_size_ratio: float | None = Field(None, gt=0, description="baseline bytes / candidate")
+    max_p99_ms: float | None = Field(None, gt=0, description="p99 latency constraint (ms)")
+    latency_batch_size: int = Field(512, description="batch size of the latency constraint")
+    objective: Literal["smallest", "fastest", "best_quality"] = Field(
+        "smallest", description="how to pick among passing candidates"
+    )
+
+
+class Resources(Frozen):
+    cpus_per_stage: float = Field(1.0, gt=0, description="Ray num_cpus of each stage task")
+    gpus_per_stage: float = Field(
+        1.0, ge=0, description="Ray num_gpus per stage, used only if the cluster has GPUs"
+    )
+
+
+def default_candidates() -> tuple[Candidate, ...]:
+    return (
+        Candidate(id="int8-all", plan=(QuantizeConfig(),)),
+        Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),
+        Candidate(id="int8-linear", plan=(QuantizeConfig(embeddings="none"),)),
+    )
+
+
+class CompressionRequest(Frozen):
+    """One compression run: the flow parameter, rendered by Prefect as the run form."""
+
+    model_name: str = Field(
+        "ctr-ranker", pattern=r"^[a-z0-9][a-z0-9\-]{0,62}$", description="registry model name"
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec, description="baseline architecture")
+    dataset: DatasetRequest = Field(default_factory=DatasetRequest, description="data source")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="baseline training")
+    candidates: tuple[Candidate, ...] = Field(
+        default_factory=default_candidates, min_length=1, description="compression plans to try"
+    )
+    budget: Budget = Field(default_factory=Budget, description="promotion rule")
+    resources: Resources = Field(default_factory=Resources, description="Ray resources")
+    promote: bool = Field(True, description="promote the chosen candidate to the registry")
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique_ids(cls, cands: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
+        ids = [c.id for c in cands]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"candidates: ids must be unique (duplicated: {dupes})")
+        return cands
+
+
+class CandidateResult(Frozen):
+    candidate: Candidate
+    model: ArtifactRef
+    metrics: Metrics
+    deltas: tuple[PairedDelta, ...]
+    node_ip: str = Field(description="Ray node that built the candidate")
+    wall_s: float = Field(description="seconds spent building it")
+
+
+class GateDecision(Frozen):
+    candidate_id: str
+    passed: bool
+    reasons: tuple[str, ...] = Field(description="every failed check, with the margin")
+
+
+class LeaderboardRow(Frozen):
+    candidate: str
+    plan: str
+    size_bytes: int
+    size_ratio: float
+    auc: float
+    auc_delta: float
+    auc_loss_ci_high: float
+    logloss_delta: float
+    p99_ms_bs512: float | None
+    latency_ratio: float | None
+    passed: bool
+    reasons: tuple[str, ...]
+    node_ip: str
+
+
+class Promotion(Frozen):
+    model_name: str
+    version: int
+    uri: str = Field(description="s3:// URI of the promoted model file")
+    candidate_id: str
+
+
+class GateReport(Frozen):
+    run_id: str
+    model_name: str
+    dataset: DatasetRef
+    baseline: Metrics
+    leaderboard: tuple[LeaderboardRow, ...]
+    chosen: str | None = Field(description="candidate the objective picked among the passing")
+    promoted: Promotion | None
+    status: Literal["promoted", "not_promoted"]
+    reason: str
+    failures: dict[str, str] = Field(default_factory=dict, description="candidate -> error")

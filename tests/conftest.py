@@ -1,0 +1,45 @@
+"""Session fixtures: a real local stack (SeaweedFS S3, Prefect server, Ray head + worker).
+
+The stack is started on free ports and its own loopback addresses (127.0.0.12 / .13, so a
+running demo stack on .2/.3 is never touched) and stopped at the end: only what was started.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.settings import QUIET_ENV, Settings
+
+os.environ.update(QUIET_ENV)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from flows.stack import start_stack, stop_stack
+
+    state = tmp_path_factory.mktemp("stack")
+    started = start_stack(Path(state), head_ip="127.0.0.12", worker_ips=("127.0.0.13",))
+    saved = dict(os.environ)
+    os.environ.update(started.settings().s3_env())
+    try:
+        yield started
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        stop_stack(started)
+
+
+@pytest.fixture(scope="session")
+def settings(stack) -> Settings:  # type: ignore[no-untyped-def]
+    return stack.settings()  # type: ignore[no-any-return]
+
+
+@pytest.fixture()
+def store(settings: Settings):  # type: ignore[no-untyped-def]
+    from tasks.artifacts import ArtifactStore
+
+    return ArtifactStore(settings)

@@ -1,0 +1,91 @@
+import pytest
+
+from tasks.gate import Champion, decide
+from tasks.types import (
+    ArtifactRef, Budget, Candidate, CandidateResult, Estimate, Latency, MetricBudget, Metrics,
+    PairedDelta, QuantizeConfig,
+)
+
+BASE_AUC = 0.8
+
+
+def metrics(size: int, auc: float = BASE_AUC, p99: float = 2.0) -> Metrics:
+    return Metrics(auc=Estimate(value=auc, ci_low=auc - 0.01, ci_high=auc + 0.01), logloss=0.4,
+                   rows=1000, size_bytes=size, params=10,
+                   latency=(Latency(batch_size=512, p50_ms=p99 / 2, p99_ms=p99),))
+
+
+def result(cid: str, size: int, loss: float, loss_high: float, p99: float = 2.0) -> CandidateResult:
+    return CandidateResult(
+        candidate=Candidate(id=cid, plan=(QuantizeConfig(),)),
+        model=ArtifactRef(uri="s3://b/objects/x", sha256="0" * 64, size_bytes=size, kind="model"),
+        metrics=metrics(size, BASE_AUC - loss, p99),
+        deltas=(PairedDelta(metric="auc", delta=-loss, loss_ci_high=loss_high, baseline=BASE_AUC),
+                PairedDelta(metric="logloss", delta=0.0, loss_ci_high=0.0, baseline=0.4)),
+        node_ip="127.0.0.3", wall_s=1.0,
+    )
+
+
+REL = Budget(metrics={"auc": MetricBudget(max_drop=0.001, relative=True)})
+ABS = Budget(metrics={"auc": MetricBudget(max_drop=0.001)})
+
+
+@pytest.mark.parametrize("budget, loss_high, passes", [
+    (REL, 0.0004, True),           # 0.05% relative
+    (REL, 0.0008, True),           # exactly 0.1% relative (0.0008/0.8) is within budget
+    (REL, 0.0012, False),          # 0.15% relative
+    (ABS, 0.0009, True),
+    (ABS, 0.0011, False),
+    (REL, -0.0001, True),          # a certain gain
+])
+def test_budget_is_judged_on_the_upper_bound(budget, loss_high, passes):
+    verdict = decide(metrics(40), None, [result("a", 10, 0.0, loss_high)], budget)
+    assert verdict.decisions[0].passed is passes
+    if not passes:
+        assert "auc: loss upper bound" in verdict.decisions[0].reasons[0]
+        assert "over by" in verdict.decisions[0].reasons[0]
+
+
+def test_docstring_worked_example():
+    a, b = result("a", 11, 0.0001, 0.0004), result("b", 6, 0.0005, 0.0012)
+    verdict = decide(metrics(40), None, [a, b], REL)
+    assert [d.passed for d in verdict.decisions] == [True, False]
+    assert "(over by 0.00050)" in verdict.decisions[1].reasons[0]
+    assert verdict.chosen == "a" and verdict.promote
+    champion = Champion(version=3, metrics=metrics(11, BASE_AUC - 0.0002), auc_loss=0.0002)
+    verdict = decide(metrics(40), champion, [a, b], REL)
+    assert not verdict.promote and "does not beat production v3" in verdict.reason
+
+
+def test_constraints_report_their_margin():
+    budget = Budget(metrics={}, max_size_bytes=5, min_size_ratio=10, max_p99_ms=1.0)
+    d = decide(metrics(40), None, [result("a", 8, 0, 0, p99=3.0)], budget).decisions[0]
+    assert not d.passed and len(d.reasons) == 3
+    assert "size: 8 bytes > max 5" in d.reasons[0]
+    assert "size_ratio: 5.00x < min 10.00x" in d.reasons[1]
+
+
+@pytest.mark.parametrize("objective, chosen", [
+    ("smallest", "small"), ("fastest", "fast"), ("best_quality", "good"),
+])
+def test_objective_picks_among_passing(objective, chosen):
+    cands = [result("small", 5, 0.0004, 0.0006, p99=3), result("fast", 9, 0.0003, 0.0006, p99=1),
+             result("good", 20, 0.0, 0.0002, p99=2), result("bad", 1, 0.01, 0.02, p99=0.5)]
+    budget = Budget(objective=objective)
+    assert decide(metrics(40), None, cands, budget).chosen == chosen
+
+
+def test_champion_with_smaller_loss_blocks_equal_size_candidate_and_better_one_wins():
+    champion = Champion(version=1, metrics=metrics(10, BASE_AUC - 0.0001), auc_loss=0.0001)
+    same = decide(metrics(40), champion, [result("a", 10, 0.0001, 0.0003)], REL)
+    assert not same.promote
+    smaller_but_lossier = decide(metrics(40), champion, [result("a", 8, 0.0003, 0.0005)], REL)
+    assert not smaller_but_lossier.promote and "larger AUC loss" in smaller_but_lossier.reason
+    better = decide(metrics(40), champion, [result("a", 8, 0.0001, 0.0003)], REL)
+    assert better.promote
+
+
+def test_nothing_passes_is_not_an_error():
+    verdict = decide(metrics(40), None, [result("a", 10, 0.01, 0.02)], REL)
+    assert verdict.chosen is None and not verdict.promote
+    assert verdict.reason == "no candidate passed the budget"
