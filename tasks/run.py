@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from prefect import get_run_logger, task
+from prefect import State, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from infra.settings import Settings
@@ -28,7 +28,16 @@ from tasks.types import (
     Promotion, StageConfig, TrainConfig,
 )
 
-_TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2)
+
+
+def _transient(task: object, task_run: object, state: State) -> bool:
+    """Retry S3/network/lost-worker failures; bad input fails at once (retrying cannot fix it)."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, (ValueError, TypeError, KeyError, AssertionError))
+
+
+_TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2,
+             retry_condition_fn=_transient)
 
 
 @dataclass(frozen=True)

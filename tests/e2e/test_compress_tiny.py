@@ -1,0 +1,169 @@
+"""The tiny compress flow end to end on the real stack: S3, Prefect server, 2-node Ray."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from flows.driver import run_compress
+from tasks.artifacts import ArtifactStore, Registry
+from tasks.data import read_split, to_arrays
+from tasks.evaluate import predict
+from tasks.metrics import auc
+from tasks.types import CompressionRequest, DatasetRequest, TrainConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _request(name: str, **kw) -> CompressionRequest:
+    return CompressionRequest(model_name=name, dataset=DatasetRequest(builtin="tiny"),
+                              train=TrainConfig(epochs=1), **kw)
+
+
+class ConnectionSampler(threading.Thread):
+    """Records every TCP peer of the stack's processes (and their children) while running."""
+
+    def __init__(self, pids: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.roots, self.peers, self.stop_flag = pids, set(), threading.Event()
+
+    def _procs(self):
+        for pid in self.roots:
+            try:
+                root = psutil.Process(pid)
+                yield root
+                yield from root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+
+    def sample(self) -> None:
+        for proc in self._procs():
+            try:
+                for conn in proc.net_connections(kind="inet"):
+                    if conn.raddr:
+                        self.peers.add((proc.name(), conn.raddr.ip, conn.raddr.port))
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            self.sample()
+            time.sleep(0.3)
+
+
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+@pytest.fixture(scope="module")
+def first_run(stack, settings):
+    sampler = ConnectionSampler([*stack.pids(), os.getpid()])
+    sampler.start()
+    try:
+        report = run_compress(_request("e2e-ranker"), settings)
+    finally:
+        sampler.stop_flag.set()
+        sampler.join()
+    sampler.sample()
+    return report, sampler.peers
+
+
+def test_tiny_flow_promotes_a_model(first_run):
+    report, _ = first_run
+    assert report.status == "promoted", report.reason
+    assert report.promoted.uri.startswith("s3://") and report.promoted.version == 1
+    assert len(report.leaderboard) == 3 and not report.failures
+    int8 = {r.candidate: r for r in report.leaderboard}
+    assert int8["int8-all"].size_ratio > 3.0  # measured artifact bytes, not a formula
+    assert all(r.auc_delta > -0.01 for r in report.leaderboard)
+
+
+def test_promoted_model_reproduces_its_reported_auc(first_run, settings):
+    report, _ = first_run
+    reg = Registry(ArtifactStore(settings))
+    model, _ = reg.load("e2e-ranker", report.promoted.version)
+    test = to_arrays(read_split(report.dataset, "test", settings), report.dataset.spec)
+    row = next(r for r in report.leaderboard if r.candidate == report.promoted.candidate_id)
+    assert auc(test.label, predict(model, test)) == pytest.approx(row.auc, abs=1e-9)
+
+
+def test_candidates_ran_on_two_ray_nodes_and_lineage_records_it(first_run, settings, stack):
+    report, _ = first_run
+    nodes = {r.node_ip for r in report.leaderboard}
+    assert len(nodes) >= 2, nodes
+    assert nodes <= {n.ip for n in stack.ray.nodes}
+    store = ArtifactStore(settings)
+    lineage = store.get_json(f"registry/e2e-ranker/versions/{report.promoted.version}/lineage.json")
+    assert lineage["ray_node"] in nodes and lineage["dataset"]["sha256"] == report.dataset.sha256
+    assert store.get_json(f"runs/{report.run_id}/report.json")["status"] == "promoted"
+
+
+def test_task_runs_are_visible_in_the_prefect_server(first_run, settings):
+    report, _ = first_run
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[report.run_id])))
+    names = [r.name.rsplit("-", 1)[0] for r in runs]
+    assert names.count("run-stage") == 3 and names.count("evaluate-candidate") == 3
+    assert "train-baseline" in names and "promote" in names
+    assert all(r.state_type.value == "COMPLETED" for r in runs)
+
+
+def test_all_stack_traffic_stays_on_loopback(first_run):
+    _, peers = first_run
+    assert peers, "sampler saw no connections at all"
+    outside = sorted(p for p in peers if not _loopback(p[1]))
+    assert not outside, f"connections leaving 127.0.0.0/8: {outside}"
+
+
+def test_second_run_does_not_overwrite_and_says_why(first_run, settings):
+    report, _ = first_run
+    again = run_compress(_request("e2e-ranker"), settings)
+    reg = Registry(ArtifactStore(settings))
+    assert again.status == "not_promoted"
+    assert "does not beat production v1" in again.reason
+    assert reg.versions("e2e-ranker") == [1] and reg.alias("e2e-ranker") == 1
+
+
+def test_missing_dataset_fails_clearly_and_leaves_registry_untouched(first_run, settings):
+    reg = Registry(ArtifactStore(settings))
+    before = reg.versions("e2e-ranker")
+    bad = _request("e2e-ranker").model_copy(
+        update={"dataset": DatasetRequest(builtin=None, uri="s3://artifacts/datasets/nope/")})
+    with pytest.raises(Exception, match="dataset.uri: no dataset at"):
+        run_compress(bad, settings)
+    assert reg.versions("e2e-ranker") == before and reg.alias("e2e-ranker") == 1
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"budget": {"metrics": {"auc": {"max_drop": -0.1}}}}, "max_drop must be >= 0 (got -0.1)"),
+    ({"model": {"family": "resnet"}}, "model.family"),
+])
+def test_cli_refuses_malformed_request_before_touching_anything(raw, needle, stack, tmp_path,
+                                                                settings):
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(raw))
+    reg = Registry(ArtifactStore(settings))
+    before = {m: reg.versions(m) for m in reg.models()}
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--request", str(path), "--json",
+         "--state-dir", stack.state_dir], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert needle in " ".join(out.stderr.split()), out.stderr
+    assert {m: reg.versions(m) for m in reg.models()} == before
