@@ -125,6 +125,24 @@ def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
     console.print(f"Prefect UI: {ui}")
 
 
+@app.command()
+def bench(
+    suite: str = typer.Option("quantize", help="benchmark suite"),
+    size: str = typer.Option("small", help="built-in dataset size"),
+    json_out: Path = typer.Option(Path("bench.json"), "--json", help="rows are written here"),
+    seeds: int = typer.Option(1, min=1, help="training seeds (rows repeat per seed)"),
+) -> None:
+    """Baseline and one candidate per config, same data, one process; one JSON row each."""
+    from tasks.bench import run_suite
+
+    rows = []
+    for seed in range(seeds):
+        rows += run_suite(suite, size, seed, log=err.print)
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(rows, indent=2))
+    err.print(f"{len(rows)} rows -> {json_out}")
+
+
 @dataset_app.command("generate")
 def dataset_generate(size: str = typer.Option("small"), seed: int = 0,
                      state_dir: Path = STATE) -> None:

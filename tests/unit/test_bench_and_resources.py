@@ -1,0 +1,27 @@
+import pytest
+
+from cluster.resources import stage_options
+from tasks.bench import run_suite
+
+
+def test_gpu_requested_only_when_the_cluster_has_one():
+    assert stage_options(1, 1, available_gpus=0) == {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+    assert stage_options(1, 1, available_gpus=2)["num_gpus"] == 1
+    assert "num_gpus" not in stage_options(1, 0, available_gpus=2)
+
+
+def test_quantize_suite_rows_are_measured_side_by_side():
+    rows = run_suite("quantize", "tiny", log=lambda _: None)
+    assert len(rows) == 3
+    by_plan = {r["plan"]: r for r in rows}
+    both = by_plan["quantize(dynamic_int8+rowwise_int8)"]
+    assert both["size_ratio"] > 3.0
+    assert both["size_bytes"] < by_plan["quantize(rowwise_int8)"]["size_bytes"]
+    for r in rows:
+        assert r["latency_ratio"] == pytest.approx(r["baseline_p99_ms_bs512"] / r["p99_ms_bs512"])
+        assert abs(r["auc_delta"]) < 0.01
+
+
+def test_unknown_suite_is_named():
+    with pytest.raises(ValueError, match="--suite must be one of"):
+        run_suite("nope", "tiny")
