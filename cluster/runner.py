@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 from prefect_ray import RayTaskRunner
+
+
+def use_ray_env(env: dict[str, str]) -> None:
+    """Put Ray's auth settings into this process's environment and make Ray see them.
+
+    Ray caches its config (the auth mode among it) the first time anything in the process
+    asks; a driver whose cache predates RAY_AUTH_MODE=token fails with InvalidAuthToken. Ray
+    refreshes the same cache this way when it turns token auth on itself.
+    """
+    os.environ.update(env)
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def ray_task_runner(address: str, node_ip: str = "", env: dict[str, str] | None = None,

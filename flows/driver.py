@@ -6,7 +6,7 @@ import os
 import urllib.request
 
 from cluster.local import ray_env
-from cluster.runner import ray_task_runner
+from cluster.runner import ray_task_runner, use_ray_env
 from infra.settings import QUIET_ENV, Settings
 from tasks.types import CompressionRequest, GateReport
 
@@ -38,8 +38,8 @@ def driver_env(settings: Settings) -> dict[str, str]:
 def run_compress(request: CompressionRequest, settings: Settings) -> GateReport:
     """Validate services, then run `compress` on the Ray cluster from `settings`."""
     require_prefect_server(settings)
-    os.environ.update(driver_env(settings))
-    os.environ.update({k: v for k, v in settings.s3_env().items()})
+    os.environ.update(settings.s3_env())
+    use_ray_env(driver_env(settings))
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.compress import compress

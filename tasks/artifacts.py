@@ -169,32 +169,25 @@ class Registry:
     def _prefix(self, model: str) -> str:
         return f"registry/{model}"
 
-    def versions(self, model: str) -> list[int]:
-        """Sealed versions (version.json present), ascending."""
+    def _numbered(self, model: str, filename: str) -> list[int]:
+        """Version numbers N for which versions/N/`filename` exists, ascending."""
         found: set[int] = set()
         paginator = self.s3.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.store.bucket,
                                        Prefix=f"{self._prefix(model)}/versions/"):
             for obj in page.get("Contents", []):
                 parts = obj["Key"].split("/")
-                if len(parts) == 5 and parts[4] == "version.json" and parts[3].isdigit():
+                if len(parts) == 5 and parts[4] == filename and parts[3].isdigit():
                     found.add(int(parts[3]))
         return sorted(found)
 
-    def _claimed(self, model: str) -> list[int]:
-        out = []
-        paginator = self.s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.store.bucket,
-                                       Prefix=f"{self._prefix(model)}/versions/"):
-            for obj in page.get("Contents", []):
-                parts = obj["Key"].split("/")
-                if len(parts) == 5 and parts[4] == "claim.json" and parts[3].isdigit():
-                    out.append(int(parts[3]))
-        return out
+    def versions(self, model: str) -> list[int]:
+        """Sealed versions (version.json present), ascending."""
+        return self._numbered(model, "version.json")
 
     def _claim(self, model: str, owner: str) -> int:
         """Reserve the next version number; concurrent claimers get distinct numbers."""
-        n = max(self._claimed(model), default=0) + 1
+        n = max(self._numbered(model, "claim.json"), default=0) + 1
         for _ in range(100):
             try:
                 self.s3.put_object(
