@@ -1,4 +1,4 @@
-"""Stage -> Ray resources. GPUs are requested only where the cluster has them."""
+"""Stage -> Ray resources and placement. GPUs are requested only where the cluster has them."""
 
 from __future__ import annotations
 
@@ -14,17 +14,31 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def worker_nodes() -> list[str]:
+    """Ids of the alive nodes that can run tasks (CPU > 0), in a stable order."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    return [n["NodeID"] for n in sorted(alive, key=lambda n: n["NodeManagerAddress"])]
+
+
 def stage_options(cpus: float, gpus: float, available_gpus: float,
-                  spread: bool = True) -> dict[str, Any]:
+                  node_id: str | None = None) -> dict[str, Any]:
     """`remote_options` for one stage task.
 
     `gpus` is what the request would like; it becomes `num_gpus` only when the cluster has at
     least that many, otherwise the stage runs on CPU (a CPU-only cluster never waits for a GPU
-    that will not come). SPREAD puts sibling candidates on different nodes.
+    that will not come). `node_id` pins the task softly to a node: the flow deals candidates
+    round-robin over the nodes so they really spread (Ray's SPREAD is best-effort and often
+    packs quick tasks onto one node), and a lost node's work still runs elsewhere.
     """
     options: dict[str, Any] = {"num_cpus": cpus}
     if gpus > 0 and available_gpus >= gpus:
         options["num_gpus"] = gpus
-    if spread:
-        options["scheduling_strategy"] = "SPREAD"
+    if node_id is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
     return options

@@ -35,7 +35,8 @@ def up(state_dir: Path = STATE, workers: int = typer.Option(1, min=1, max=8)) ->
     if existing:
         stop_stack(existing)
     with err.status("starting S3, Prefect and Ray ..."):
-        stack = start_stack(state_dir, worker_ips=tuple(f"127.0.0.{3 + i}" for i in range(workers)))
+        stack = start_stack(state_dir, worker_ips=tuple(f"127.0.0.{3 + i}" for i in range(workers)),
+                            well_known_ports=True)
     err.print(f"S3      {stack.s3.endpoint} (bucket {stack.s3.bucket})")
     err.print(f"Prefect {stack.prefect.ui_url}")
     err.print(f"Ray     {stack.ray.address} ({len(stack.ray.nodes)} nodes)")
@@ -101,7 +102,7 @@ def run(
 
 
 def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # no wrapping into a log
     b = report.baseline
     bayes = report.dataset.spec.bayes_auc
     console.print(f"baseline AUC {b.auc.value:.5f} [{b.auc.ci_low:.5f}, {b.auc.ci_high:.5f}] "

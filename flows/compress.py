@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect_ray.context import remote_options
 
-from cluster.resources import cluster_gpus, stage_options
+from cluster.resources import cluster_gpus, stage_options, worker_nodes
 from flows.report import leaderboard, markdown, model_card
 from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
@@ -46,8 +46,10 @@ def compress(request: CompressionRequest) -> GateReport:
     registry = Registry(store)
     store.put_json(f"runs/{run_id}/request.json", request.model_dump(mode="json"))
     res = request.resources
-    opts = stage_options(res.cpus_per_stage, res.gpus_per_stage, cluster_gpus())
+    gpus = cluster_gpus()
+    opts = stage_options(res.cpus_per_stage, res.gpus_per_stage, gpus)
     cpu_opts = stage_options(res.cpus_per_stage, 0, 0)
+    nodes = worker_nodes() or [None]
 
     # 1. data and baseline
     with remote_options(**cpu_opts):
@@ -60,15 +62,17 @@ def compress(request: CompressionRequest) -> GateReport:
     # 2. every candidate's stages, chained; a prefix shared by several plans runs once
     builds: dict[tuple[str, ...], Any] = {}
     evaluations = []
-    for cand in request.candidates:
+    for i, cand in enumerate(request.candidates):
+        node = nodes[i % len(nodes)]  # deal candidates round-robin over the nodes
         parent, prefix = baseline, ()
         for stage in cand.plan:
             prefix = (*prefix, stage.model_dump_json())
             if prefix not in builds:
-                with remote_options(**opts):
+                placed = stage_options(res.cpus_per_stage, res.gpus_per_stage, gpus, node)
+                with remote_options(**placed):
                     builds[prefix] = run_stage.submit(parent, stage, dataset, request.train.seed)
             parent = builds[prefix]
-        with remote_options(**cpu_opts):
+        with remote_options(**stage_options(res.cpus_per_stage, 0, 0, node)):
             evaluations.append(evaluate_candidate.submit(
                 cand, parent, dataset, base_eval, request.budget.confidence))
 

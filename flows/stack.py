@@ -43,15 +43,20 @@ def _stack_file(state_dir: Path) -> Path:
 
 
 def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
-                worker_ips: tuple[str, ...] = ("127.0.0.3",), cpus_per_node: int = 1) -> Stack:
-    """Start S3, Prefect and Ray (head + workers); stop what was started if any part fails."""
+                worker_ips: tuple[str, ...] = ("127.0.0.3",), cpus_per_node: int = 1,
+                well_known_ports: bool = False) -> Stack:
+    """Start S3, Prefect and Ray (head + workers); stop what was started if any part fails.
+
+    With `well_known_ports`, S3 and Prefect take 8333 and 4200 when those are free (the demo's
+    stable UI address); tests leave it off and get free ports.
+    """
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     os.environ.update(QUIET_ENV)
-    s3 = start_s3(state_dir)
+    s3 = start_s3(state_dir, port=8333 if well_known_ports else None)
     started: list[int] = [s3.pid]
     try:
-        prefect = start_prefect(state_dir)
+        prefect = start_prefect(state_dir, port=4200 if well_known_ports else None)
         started.append(prefect.pid)
         s3_env = {"RECSQUEEZE_S3_ENDPOINT": s3.endpoint, "RECSQUEEZE_S3_BUCKET": s3.bucket,
                   "RECSQUEEZE_S3_ACCESS_KEY": s3.access_key,

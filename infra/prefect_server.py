@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.process import free_port, spawn, wait_http
+from infra.process import free_port, port_free, spawn, wait_http
 from infra.settings import QUIET_ENV
 
 
@@ -20,6 +20,9 @@ class PrefectServer:
 
 def start_prefect(state_dir: Path, port: int | None = None,
                   host: str = "127.0.0.1") -> PrefectServer:
+    """Start the server (on `port` when it is free, else any free port) and wait for health."""
+    if port and not port_free(host, port):
+        port = None
     port = port or free_port(host)
     home = state_dir / "prefect"
     home.mkdir(parents=True, exist_ok=True)

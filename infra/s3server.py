@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.process import free_port, spawn, wait_http
+from infra.process import free_port, port_free, spawn, wait_http
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,16 @@ def weed_binary() -> str:
 
 def start_s3(state_dir: Path, bucket: str = "artifacts", port: int | None = None,
              host: str = "127.0.0.1") -> S3Server:
-    """Start ``weed mini`` with its data under STATE/s3 and wait until S3 answers."""
+    """Start ``weed mini`` with its data under STATE/s3 and wait until S3 answers.
+
+    `port` is used when it (and its gRPC twin) is free; otherwise any free port.
+    """
     access, secret = credentials(state_dir)
     data_dir = state_dir / "s3"
     data_dir.mkdir(parents=True, exist_ok=True)
     grpc = 10000  # SeaweedFS puts every gRPC port at http port + 10000
+    if port and not (port_free(host, port) and port_free(host, port + grpc)):
+        port = None
     s3_port = port or free_port(host, grpc)
     ports = {name: free_port(host, grpc) for name in ("master", "volume", "filer", "admin")}
     args = [

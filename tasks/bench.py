@@ -57,7 +57,8 @@ def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
     spec = resolve(ModelSpec(), data_spec)
     train_arrays, test = to_arrays(tables["train"], data_spec), to_arrays(tables["test"], data_spec)
     t0 = time.perf_counter()
-    baseline = train(build(spec), train_arrays, TrainConfig(seed=seed))
+    baseline = train(build(spec, seed), train_arrays, TrainConfig(seed=seed),
+                     valid=to_arrays(tables["valid"], data_spec))
     log(f"baseline trained in {time.perf_counter() - t0:.0f}s")
     base_bytes = len(serialize_model(baseline, spec))
     base_probs = predict(baseline, test)

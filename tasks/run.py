@@ -103,7 +103,8 @@ def prepare_dataset(request: DatasetRequest) -> DatasetRef:
 def train_baseline(spec: ModelSpec, dataset: DatasetRef, cfg: TrainConfig) -> Built:
     start = time.perf_counter()
     resolved = resolve(spec, dataset.spec)
-    model = train(build(resolved), arrays(dataset, "train"), cfg, device())
+    model = train(build(resolved, cfg.seed), arrays(dataset, "train"), cfg, device(),
+                  valid=arrays(dataset, "valid"))
     ref = ArtifactStore(Settings()).put_model(model.cpu(), resolved)
     get_run_logger().info("baseline %s (%d bytes) on %s", ref.uri, ref.size_bytes, node_ip())
     return Built(ref, node_ip(), time.perf_counter() - start, ("baseline",))

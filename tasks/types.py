@@ -103,8 +103,9 @@ class ModelSpec(Frozen):
 
 
 class TrainConfig(Frozen):
-    epochs: int = Field(2, ge=1, le=100, description="passes over the train split")
-    batch_size: int = Field(1024, ge=8, description="rows per step")
+    epochs: int = Field(
+        3, ge=1, le=100, description="most passes over the train split (stops early on valid)")
+    batch_size: int = Field(2048, ge=8, description="rows per step")
     lr: float = Field(2e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="L2 on dense layers")
     seed: int = Field(0, ge=0, description="torch seed (init and shuffling)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from tasks.models.dlrm import DLRM
@@ -14,7 +15,14 @@ def resolve(spec: ModelSpec, data: DatasetSpec) -> ModelSpec:
     return spec.model_copy(update={"tables": tables, "num_dense": len(data.dense)})
 
 
-def build(spec: ModelSpec) -> nn.Module:
+def build(spec: ModelSpec, seed: int = 0) -> nn.Module:
+    """A freshly initialised model; the same (spec, seed) always gives the same weights."""
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG state alone
+        torch.manual_seed(seed)
+        return _build(spec)
+
+
+def _build(spec: ModelSpec) -> nn.Module:
     if not spec.tables:
         raise ValueError("model spec has no tables: call tasks.models.resolve(spec, dataset)")
     if spec.family == "dlrm":

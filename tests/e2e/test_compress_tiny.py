@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 def _request(name: str, **kw) -> CompressionRequest:
     return CompressionRequest(model_name=name, dataset=DatasetRequest(builtin="tiny"),
-                              train=TrainConfig(epochs=1), **kw)
+                              train=TrainConfig(epochs=2, batch_size=512), **kw)
 
 
 class ConnectionSampler(threading.Thread):

@@ -5,7 +5,7 @@ from tasks.bench import run_suite
 
 
 def test_gpu_requested_only_when_the_cluster_has_one():
-    assert stage_options(1, 1, available_gpus=0) == {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+    assert stage_options(1, 1, available_gpus=0) == {"num_cpus": 1}
     assert stage_options(1, 1, available_gpus=2)["num_gpus"] == 1
     assert "num_gpus" not in stage_options(1, 0, available_gpus=2)
 
