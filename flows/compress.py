@@ -23,7 +23,7 @@ from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
 from tasks.gate import Champion, decide
 from tasks.run import (
-    evaluate_baseline, evaluate_candidate, evaluate_champion, prepare_dataset, promote,
+    calibrate_model, evaluate_baseline, evaluate_candidate, evaluate_champion, prepare_dataset, promote,
     run_stage, train_baseline,
 )
 from tasks.types import CandidateResult, CompressionRequest, GateReport
@@ -59,7 +59,12 @@ def compress(request: CompressionRequest) -> GateReport:
     with remote_options(**cpu_opts):
         base_eval = evaluate_baseline.submit(baseline, dataset)
 
-    # 2. every candidate's stages, chained; a prefix shared by several plans runs once
+    # 2. calibrate once (if any plan needs it), then every candidate's stages, chained; a
+    #    prefix shared by several plans runs once
+    calibration = None
+    if any(stage.needs_calibration() for cand in request.candidates for stage in cand.plan):
+        with remote_options(**cpu_opts):
+            calibration = calibrate_model.submit(baseline, dataset, request.calibrate)
     builds: dict[tuple[str, ...], Any] = {}
     evaluations = []
     for i, cand in enumerate(request.candidates):
@@ -70,11 +75,13 @@ def compress(request: CompressionRequest) -> GateReport:
             if prefix not in builds:
                 placed = stage_options(res.cpus_per_stage, res.gpus_per_stage, gpus, node)
                 with remote_options(**placed):
-                    builds[prefix] = run_stage.submit(parent, stage, dataset, request.train.seed)
+                    builds[prefix] = run_stage.submit(
+                        parent, stage, dataset, request.train.seed,
+                        calibration if stage.needs_calibration() else None, request.budget)
             parent = builds[prefix]
         with remote_options(**stage_options(res.cpus_per_stage, 0, 0, node)):
             evaluations.append(evaluate_candidate.submit(
-                cand, parent, dataset, base_eval, request.budget.confidence))
+                cand, parent, dataset, baseline, base_eval, request.budget.confidence))
 
     # 3. the production champion, measured on the same rows
     champion = None

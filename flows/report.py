@@ -11,11 +11,13 @@ LATENCY_BS = 512
 def leaderboard(baseline: Metrics, results: list[CandidateResult],
                 verdict: Verdict) -> tuple[LeaderboardRow, ...]:
     decisions = {d.candidate_id: d for d in verdict.decisions}
-    base_p99 = baseline.p99_ms(LATENCY_BS)
     rows = []
     for r in results:
         deltas = {d.metric: d for d in r.deltas}
         p99 = r.metrics.p99_ms(LATENCY_BS)
+        # the baseline timed side by side with this candidate, not in another task
+        base_p99 = next((lat.p99_ms for lat in r.baseline_latency
+                         if lat.batch_size == LATENCY_BS), None)
         rows.append(LeaderboardRow(
             candidate=r.candidate.id, plan=r.candidate.label(), size_bytes=r.metrics.size_bytes,
             size_ratio=baseline.size_bytes / r.metrics.size_bytes, auc=r.metrics.auc.value,

@@ -121,18 +121,37 @@ class ArtifactStore:
 
     # --- predictions -------------------------------------------------------------------
     def put_tensor(self, tensor: torch.Tensor) -> ArtifactRef:
-        return self.put_blob(st_save({"values": tensor.contiguous()}), "predictions")
+        return self.put_blob(canonical_safetensors(st_save({"values": tensor.contiguous()})),
+                             "predictions")
 
     def get_tensor(self, ref: ArtifactRef) -> torch.Tensor:
         return st_load(self.get_blob(ref))["values"]
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same file with its JSON header keys sorted.
+
+    safetensors writes its header from a hash map whose order changes from process to
+    process, so identical tensors gave different bytes - and content addresses - on every
+    worker. The header keeps its length (padded with spaces, as the format allows).
+    """
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    canon = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(canon) > header_len:  # cannot happen for serde's compact output; keep the original
+        return data
+    return data[:8] + canon + b" " * (header_len - len(canon)) + data[8 + header_len:]
+
+
 def serialize_model(model: nn.Module, spec: ModelSpec) -> bytes:
-    """safetensors bytes: every tensor of the state dict + spec and manifest as metadata."""
+    """safetensors bytes: every tensor of the state dict + spec and manifest as metadata.
+
+    Deterministic: the same weights and spec always give the same bytes (and sha256).
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "recsqueeze-model/1", "spec": spec.model_dump_json(),
             "manifest": json.dumps(manifest_of(model), sort_keys=True)}
-    return st_save(state, metadata=meta)
+    return canonical_safetensors(st_save(state, metadata=meta))
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

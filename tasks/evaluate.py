@@ -30,25 +30,32 @@ def predict(model: nn.Module, data: Arrays, batch_size: int = 8192,
 
 
 @torch.inference_mode()
-def measure_latency(model: nn.Module, data: Arrays, batch_sizes: tuple[int, ...] = LATENCY_BATCHES,
-                    iters: int = 100, warmup: int = 10) -> tuple[Latency, ...]:
-    """Wall-clock forward latency on CPU in this process's thread budget (eager mode)."""
-    model.eval()
-    results = []
+def measure_latency(models: list[nn.Module], data: Arrays,
+                    batch_sizes: tuple[int, ...] = LATENCY_BATCHES, rounds: int = 10,
+                    iters: int = 20, warmup: int = 10) -> list[tuple[Latency, ...]]:
+    """CPU forward latency of each model, timed side by side (eager mode, this process's
+    threads): rounds interleave the models, so a busy moment of a shared machine slows them
+    all alike and their ratio stays honest."""
     rng = np.random.default_rng(0)
+    out: list[list[Latency]] = [[] for _ in models]
     for bs in batch_sizes:
         idx = rng.integers(0, len(data), bs)
         dense, sparse = torch.from_numpy(data.dense[idx]), torch.from_numpy(data.sparse[idx])
-        for _ in range(warmup):
-            model(dense, sparse)
-        times = np.empty(iters)
-        for j in range(iters):
-            t0 = time.perf_counter()
-            model(dense, sparse)
-            times[j] = (time.perf_counter() - t0) * 1e3
-        results.append(Latency(batch_size=bs, p50_ms=float(np.percentile(times, 50)),
-                               p99_ms=float(np.percentile(times, 99))))
-    return tuple(results)
+        times: list[list[float]] = [[] for _ in models]
+        for m in models:
+            m.eval()
+            for _ in range(warmup):
+                m(dense, sparse)
+        for _ in range(rounds):
+            for i, m in enumerate(models):
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    m(dense, sparse)
+                    times[i].append((time.perf_counter() - t0) * 1e3)
+        for i, t in enumerate(times):
+            out[i].append(Latency(batch_size=bs, p50_ms=float(np.percentile(t, 50)),
+                                  p99_ms=float(np.percentile(t, 99))))
+    return [tuple(lat) for lat in out]
 
 
 def stored_elements(model: nn.Module) -> int:
@@ -56,16 +63,20 @@ def stored_elements(model: nn.Module) -> int:
 
 
 def evaluate(model: nn.Module, test: Arrays, size_bytes: int,
-             probs: np.ndarray | None = None) -> tuple[Metrics, np.ndarray]:
-    """Metrics of `model` on `test` (size = the serialized artifact's bytes) and its probs."""
-    probs = predict(model, test) if probs is None else probs
+             reference: nn.Module | None = None,
+             ) -> tuple[Metrics, np.ndarray, tuple[Latency, ...] | None]:
+    """Metrics of `model` on `test` (size = the serialized artifact's bytes), its
+    probabilities, and - when a `reference` model is given - the reference's latency timed
+    side by side with the model's (for an honest latency ratio)."""
+    probs = predict(model, test)
     value, low, high = auc_with_ci(test.label, probs)
+    lat = measure_latency([model] if reference is None else [model, reference], test)
     metrics = Metrics(
         auc={"value": value, "ci_low": low, "ci_high": high},  # type: ignore[arg-type]
         logloss=logloss(test.label, probs), rows=len(test), size_bytes=size_bytes,
-        params=stored_elements(model), latency=measure_latency(model, test),
+        params=stored_elements(model), latency=lat[0],
     )
-    return metrics, probs
+    return metrics, probs, (lat[1] if reference is not None else None)
 
 
 def paired_deltas(label: np.ndarray, base: np.ndarray, cand: np.ndarray,

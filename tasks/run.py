@@ -7,11 +7,16 @@ worker writes the same objects again.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from prefect import State, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -21,11 +26,12 @@ from tasks.artifacts import ArtifactStore, Registry
 from tasks.data import Arrays, generate, read_dataset_ref, read_split, to_arrays, write_dataset
 from tasks.evaluate import evaluate, paired_deltas
 from tasks.models import build, resolve
-from tasks.stages import StageContext, apply_stage
+from tasks.stages import StageContext, apply_stage, calibrate
+from tasks.stages.calibrate import table_bytes
 from tasks.train import train
 from tasks.types import (
-    ArtifactRef, Candidate, CandidateResult, DatasetRef, DatasetRequest, Metrics, ModelSpec,
-    Promotion, StageConfig, TrainConfig,
+    ArtifactRef, Budget, CalibrateConfig, CalibrationRefs, Candidate, CandidateResult,
+    DatasetRef, DatasetRequest, Metrics, ModelSpec, Promotion, StageConfig, TrainConfig,
 )
 
 
@@ -114,18 +120,63 @@ def train_baseline(spec: ModelSpec, dataset: DatasetRef, cfg: TrainConfig) -> Bu
 def evaluate_baseline(built: Built, dataset: DatasetRef) -> Evaluated:
     store = ArtifactStore(Settings())
     model, _ = store.get_model(built.model)
-    metrics, probs = evaluate(model, arrays(dataset, "test"), built.model.size_bytes)
+    metrics, probs, _ = evaluate(model, arrays(dataset, "test"), built.model.size_bytes)
     return Evaluated(metrics, store.put_tensor(torch.from_numpy(probs)))
 
 
+@task(name="calibrate", **_TASK)
+def calibrate_model(built: Built, dataset: DatasetRef, cfg: CalibrateConfig) -> CalibrationRefs:
+    """Activation ranges + sensitivity of `built` on the valid split, stored as Parquet.
+
+    Cached in S3 under the (model, data, config) triple: a later run on the same baseline and
+    data reuses the tables instead of recomputing them.
+    """
+    store = ArtifactStore(Settings())
+    key = "calibration/" + hashlib.sha256(
+        f"{built.model.sha256}|{dataset.sha256}|{cfg.model_dump_json()}".encode()).hexdigest()
+    cached = store.get_json(f"{key}.json")
+    if cached is not None:
+        get_run_logger().info("calibration served from cache %s", key)
+        return CalibrationRefs.model_validate(cached)
+    model, _ = store.get_model(built.model)
+    result = calibrate(model, cfg, StageContext(calibration=lambda: arrays(dataset, "valid"),
+                                                logger=get_run_logger()))  # type: ignore[arg-type]
+    refs = CalibrationRefs(activations=store.put_blob(table_bytes(result.activations), "table"),
+                           sensitivity=store.put_blob(table_bytes(result.sensitivity), "table"))
+    store.put_json(f"{key}.json", refs.model_dump(mode="json"))
+    return refs
+
+
+def _table(store: ArtifactStore, ref: ArtifactRef) -> pa.Table:
+    return pq.read_table(io.BytesIO(store.get_blob(ref)))
+
+
+def _relative_auc_budget(budget: Budget, sensitivity: Callable[[], pa.Table] | None) -> float:
+    rule = budget.metrics.get("auc")
+    if rule is None:
+        return 0.0
+    if rule.relative or sensitivity is None:
+        return rule.max_drop
+    base = next(r["auc"] for r in sensitivity().to_pylist() if r["choice"] == "none")
+    return rule.max_drop / base
+
+
 @task(name="run-stage", **_TASK)
-def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int) -> Built:
+def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int,
+              calibration: CalibrationRefs | None = None,
+              budget: Budget | None = None) -> Built:
     """Apply one stage to the parent model and store the result."""
     start = time.perf_counter()
     store = ArtifactStore(Settings())
     model, spec = store.get_model(parent.model)
-    ctx = StageContext(device=device(), seed=seed, logger=get_run_logger(),  # type: ignore[arg-type]
-                       calibration=lambda: arrays(dataset, "valid"))
+    sensitivity = (lambda: _table(store, calibration.sensitivity)) if calibration else None
+    ctx = StageContext(
+        device=device(), seed=seed, logger=get_run_logger(),  # type: ignore[arg-type]
+        calibration=lambda: arrays(dataset, "valid"),
+        activations=(lambda: _table(store, calibration.activations)) if calibration else None,
+        sensitivity=sensitivity,
+        max_relative_auc_loss=_relative_auc_budget(budget, sensitivity) if budget else None,
+    )
     out = apply_stage(model, cfg, ctx)
     ref = store.put_model(out.cpu(), spec)
     return Built(ref, node_ip(), time.perf_counter() - start, (*parent.chain, cfg.label()))
@@ -133,16 +184,20 @@ def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int) -
 
 @task(name="evaluate-candidate", **_TASK)
 def evaluate_candidate(candidate: Candidate, built: Built, dataset: DatasetRef,
-                       baseline: Evaluated, confidence: float) -> CandidateResult:
+                       baseline_model: Built, baseline: Evaluated,
+                       confidence: float) -> CandidateResult:
+    """Quality paired with the baseline's predictions on the same rows; latency timed side
+    by side with the baseline in this same process."""
     store = ArtifactStore(Settings())
     model, _ = store.get_model(built.model)
+    reference, _ = store.get_model(baseline_model.model)
     test = arrays(dataset, "test")
-    metrics, probs = evaluate(model, test, built.model.size_bytes)
+    metrics, probs, base_latency = evaluate(model, test, built.model.size_bytes, reference)
     base = store.get_tensor(baseline.predictions).numpy()
     return CandidateResult(
         candidate=candidate, model=built.model, metrics=metrics,
         deltas=paired_deltas(test.label, base, probs, confidence),
-        node_ip=built.node_ip, wall_s=built.wall_s,
+        baseline_latency=base_latency or (), node_ip=built.node_ip, wall_s=built.wall_s,
     )
 
 
@@ -162,7 +217,7 @@ def evaluate_champion(model_name: str, version: int, dataset: DatasetRef,
         return None
     info = Registry(store).version_info(model_name, version)
     test = arrays(dataset, "test")
-    metrics, probs = evaluate(model, test, int(info["model"]["size_bytes"]))
+    metrics, probs, _ = evaluate(model, test, int(info["model"]["size_bytes"]))
     base = store.get_tensor(baseline.predictions).numpy()
     delta = paired_deltas(test.label, base, probs)[0].delta
     return metrics, float(-delta)

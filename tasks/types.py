@@ -112,33 +112,96 @@ class TrainConfig(Frozen):
 
 
 # --- stages --------------------------------------------------------------------------------
+LinearQuant = Literal[
+    "none", "dynamic_int8", "static_int8", "int8_weight_only", "int4_weight_only", "fp16", "bf16"]
+EmbeddingQuant = Literal["none", "rowwise_int8", "rowwise_int4", "rowwise_int2", "fp16", "bf16"]
+
+
+class MixedPrecision(Frozen):
+    """Per-layer / per-table dtypes chosen from the calibrate stage's sensitivity table."""
+
+    budget_fraction: float = Field(
+        0.5, gt=0, le=1, description="share of the run's AUC budget the summed sensitivities "
+        "may use (the rest is margin for the test-split confidence interval)")
+    embedding_choices: tuple[EmbeddingQuant, ...] = Field(
+        ("none", "rowwise_int8", "rowwise_int4", "rowwise_int2"),
+        description="dtypes a table may get")
+    linear_choices: tuple[LinearQuant, ...] = Field(
+        ("none", "dynamic_int8"), description="dtypes a Linear layer may get")
+
+
 class QuantizeConfig(Frozen):
-    """Post-training quantization.
+    """Post-training quantization of Linear layers and embedding tables.
 
     Args:
-        linear: ``dynamic_int8`` = int8 per-channel weights, activations quantized per batch
-            at run time (fbgemm kernels); ``none`` keeps fp32 Linear layers.
-        embeddings: ``rowwise_int8`` = one uint8 code per value with a per-row fp32 scale and
-            offset (min/max of the row); ``none`` keeps fp32 tables.
+        linear: ``dynamic_int8`` (int8 weights, activations quantized per batch),
+            ``static_int8`` (activation ranges fixed by calibration), ``int8_weight_only`` /
+            ``int4_weight_only`` (fp32 activations, per-channel or group-wise weights),
+            ``fp16`` / ``bf16``, or ``none``.
+        group_size: weight-only only: one scale per this many input columns (None =
+            per output channel). Must divide every layer's width.
+        embeddings: row-wise ``rowwise_int8`` / ``rowwise_int4`` / ``rowwise_int2`` (per-row
+            scale and offset, packed 1 / 2 / 4 values per byte), ``fp16`` / ``bf16``, ``none``.
+        row_range: per-row range of sub-byte tables: ``mse`` (clip that minimises the row's
+            squared error) or ``minmax`` (what torch's one-shot prepack does).
+        activation_range: static int8 only: which calibrated range to use.
+        mixed_precision: when set, ``linear``/``embeddings`` are ignored and each layer gets
+            the cheapest dtype the sensitivity table allows within the run's budget.
 
-    Example: ``QuantizeConfig(linear="dynamic_int8", embeddings="rowwise_int8")``
+    Example: ``QuantizeConfig(linear="int4_weight_only", group_size=32, embeddings="rowwise_int4")``
     """
 
     kind: Literal["quantize"] = "quantize"
-    linear: Literal["none", "dynamic_int8"] = Field("dynamic_int8", description="Linear layers")
-    embeddings: Literal["none", "rowwise_int8"] = Field(
-        "rowwise_int8", description="embedding tables"
-    )
+    linear: LinearQuant = Field("dynamic_int8", description="Linear layers")
+    group_size: int | None = Field(None, gt=0, description="weight-only group width")
+    embeddings: EmbeddingQuant = Field("rowwise_int8", description="embedding tables")
+    row_range: Literal["minmax", "mse"] = Field("mse", description="per-row range (sub-byte)")
+    activation_range: Literal["minmax", "percentile", "mse", "entropy"] = Field(
+        "mse", description="static int8 activation clipping range")
+    mixed_precision: MixedPrecision | None = Field(None, description="per-layer dtypes")
+
+    @field_validator("linear", mode="before")
+    @classmethod
+    def _no_int2_linear(cls, v: object) -> object:
+        if isinstance(v, str) and "int2" in v:
+            raise ValueError(f"quantize.linear: int2 is for embedding tables only (got {v!r}); "
+                             "use int4_weight_only or an int8 mode for Linear layers")
+        return v
 
     @model_validator(mode="after")
-    def _does_something(self) -> QuantizeConfig:
-        if self.linear == "none" and self.embeddings == "none":
+    def _consistent(self) -> QuantizeConfig:
+        if self.mixed_precision is None and self.linear == "none" and self.embeddings == "none":
             raise ValueError("quantize: linear and embeddings are both 'none'; set one of them")
+        if self.group_size is not None and not self.linear.endswith("weight_only"):
+            raise ValueError(f"quantize.group_size applies to int8/int4_weight_only only "
+                             f"(linear is {self.linear!r}); remove it or change linear")
         return self
 
+    def needs_calibration(self) -> bool:
+        return self.mixed_precision is not None or self.linear == "static_int8"
+
     def label(self) -> str:
-        parts = [p for p in (self.linear, self.embeddings) if p != "none"]
-        return "quantize(" + "+".join(parts) + ")"
+        if self.mixed_precision is not None:
+            return f"quantize(mixed@{self.mixed_precision.budget_fraction:g})"
+        lin = self.linear + (f"/g{self.group_size}" if self.group_size else "")
+        emb = self.embeddings + ("/minmax" if self.row_range == "minmax" and
+                                 self.embeddings in ("rowwise_int4", "rowwise_int2") else "")
+        return "quantize(" + "+".join(p for p in (lin, emb) if not p.startswith("none")) + ")"
+
+
+class CalibrateConfig(Frozen):
+    """What the calibrate stage measures (once per model + calibration data)."""
+
+    kind: Literal["calibrate"] = "calibrate"
+    rows: int = Field(20_000, ge=100, description="calibration rows (valid split) for ranges")
+    sensitivity_rows: int = Field(
+        100_000, ge=1000, description="rows used to measure each layer's AUC sensitivity")
+    bins: int = Field(2048, ge=64, description="histogram bins per activation")
+
+
+class CalibrationRefs(Frozen):
+    activations: ArtifactRef = Field(description="Parquet: per-activation ranges + histogram")
+    sensitivity: ArtifactRef = Field(description="Parquet: AUC change per layer and dtype")
 
 
 # One stage kind so far; becomes a discriminated union on `kind` as stages are added.
@@ -230,7 +293,8 @@ def default_candidates() -> tuple[Candidate, ...]:
     return (
         Candidate(id="int8-all", plan=(QuantizeConfig(),)),
         Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),
-        Candidate(id="int8-linear", plan=(QuantizeConfig(embeddings="none"),)),
+        Candidate(id="int4-emb", plan=(QuantizeConfig(embeddings="rowwise_int4"),)),
+        Candidate(id="mixed", plan=(QuantizeConfig(mixed_precision=MixedPrecision()),)),
     )
 
 
@@ -247,6 +311,8 @@ class CompressionRequest(Frozen):
         default_factory=default_candidates, min_length=1, description="compression plans to try"
     )
     budget: Budget = Field(default_factory=Budget, description="promotion rule")
+    calibrate: CalibrateConfig = Field(
+        default_factory=CalibrateConfig, description="calibration (run once, if a plan needs it)")
     resources: Resources = Field(default_factory=Resources, description="Ray resources")
     promote: bool = Field(True, description="promote the chosen candidate to the registry")
 
@@ -265,6 +331,8 @@ class CandidateResult(Frozen):
     model: ArtifactRef
     metrics: Metrics
     deltas: tuple[PairedDelta, ...]
+    baseline_latency: tuple[Latency, ...] = Field(
+        (), description="the baseline's latency, timed side by side with this candidate's")
     node_ip: str = Field(description="Ray node that built the candidate")
     wall_s: float = Field(description="seconds spent building it")
 

@@ -37,7 +37,10 @@ class DLRM(nn.Module):
         n_vectors = len(spec.tables) + (1 if self.bottom is not None else 0)
         self._pairs = torch.triu_indices(n_vectors, n_vectors, offset=1)
         top_in = (d if self.bottom is not None else 0) + self._pairs.shape[1]
-        self.top = mlp([top_in, *spec.top_mlp, 1], last_activation=False)
+        # zero-padded up to a multiple of 32 so group-wise quantization (and SIMD tiles) divide
+        # the first top layer evenly; the padding columns carry no signal and cost no accuracy
+        self._pad = -top_in % 32
+        self.top = mlp([top_in + self._pad, *spec.top_mlp, 1], last_activation=False)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         vectors = [table(sparse[:, i]) for i, table in enumerate(self.embeddings)]
@@ -49,4 +52,6 @@ class DLRM(nn.Module):
         stacked = torch.stack(vectors, dim=1)  # [B, n, d]
         gram = torch.bmm(stacked, stacked.transpose(1, 2))
         features.append(gram[:, self._pairs[0], self._pairs[1]])
+        if self._pad:
+            features.append(gram.new_zeros(gram.shape[0], self._pad))
         return self.top(torch.cat(features, dim=1)).squeeze(1)

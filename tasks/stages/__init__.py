@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from tasks.stages.calibrate import Calibration, calibrate
 from tasks.stages.context import StageContext
 from tasks.stages.quantize import quantize
 from tasks.types import QuantizeConfig, StageConfig
@@ -21,4 +22,4 @@ def apply_stage(model: nn.Module, cfg: StageConfig, ctx: StageContext) -> nn.Mod
     return fn(model, cfg, ctx)
 
 
-__all__ = ["STAGES", "StageContext", "apply_stage", "quantize"]
+__all__ = ["STAGES", "Calibration", "StageContext", "apply_stage", "calibrate", "quantize"]

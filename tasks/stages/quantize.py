@@ -4,24 +4,97 @@ from __future__ import annotations
 
 import copy
 
+import pyarrow as pa
 from torch import nn
 
-from tasks.modules import DynamicInt8Linear, RowWiseInt8Embedding, set_submodule
+from tasks.modules import (
+    DynamicInt8Linear, HalfEmbedding, HalfLinear, RowWiseQuantEmbedding, StaticInt8Linear,
+    WeightOnlyLinear, set_submodule,
+)
+from tasks.quant.mixed import Option, assign
 from tasks.stages.context import StageContext
 from tasks.types import QuantizeConfig
+
+_EMB_BITS = {"rowwise_int8": 8, "rowwise_int4": 4, "rowwise_int2": 2}
+
+
+def quantize_embedding(table: nn.Embedding, choice: str, row_range: str = "mse") -> nn.Module:
+    if choice in _EMB_BITS:
+        return RowWiseQuantEmbedding.from_float(table.weight, _EMB_BITS[choice], row_range)
+    if choice in ("fp16", "bf16"):
+        return HalfEmbedding.from_float(table.weight, choice)
+    if choice == "none":
+        return table
+    raise ValueError(f"quantize.embeddings: unknown choice {choice!r}")
+
+
+def quantize_linear(layer: nn.Linear, choice: str, group_size: int | None = None,
+                    act_range: tuple[tuple[float, float], tuple[float, float]] | None = None,
+                    path: str = "") -> nn.Module:
+    if group_size is not None and layer.in_features <= group_size:
+        group_size = None  # a row narrower than a group is one group: per channel
+    if group_size is not None and layer.in_features % group_size:
+        raise ValueError(f"quantize.group_size {group_size} does not divide the width "
+                         f"{layer.in_features} of layer {path}; pick a divisor")
+    if choice == "dynamic_int8":
+        return DynamicInt8Linear.from_float(layer)
+    if choice == "static_int8":
+        if act_range is None:
+            raise ValueError(f"static_int8 needs calibrated ranges for {path}")
+        return StaticInt8Linear.from_float_calibrated(layer, *act_range)
+    if choice in ("int8_weight_only", "int4_weight_only"):
+        return WeightOnlyLinear.from_float(layer, 8 if choice.startswith("int8") else 4, group_size)
+    if choice in ("fp16", "bf16"):
+        return HalfLinear.from_float(layer, choice)
+    if choice == "none":
+        return layer
+    raise ValueError(f"quantize.linear: unknown choice {choice!r}")
+
+
+def _act_ranges(table: pa.Table, method: str) -> dict[str, tuple[float, float]]:
+    """(module path, 'input'|'output') -> range, from the calibrate stage's table."""
+    cols = {"minmax": ("min", "max"), "percentile": ("p_lo", "p_hi"),
+            "mse": ("mse_lo", "mse_hi"), "entropy": ("kl_lo", "kl_hi")}[method]
+    rows = table.select(["module", "tensor", *cols]).to_pylist()
+    return {f"{r['module']}:{r['tensor']}": (r[cols[0]], r[cols[1]]) for r in rows}
+
+
+def mixed_plan(cfg: QuantizeConfig, ctx: StageContext) -> dict[str, str]:
+    """Layer path -> dtype, cheapest within budget_fraction of the run's relative AUC budget."""
+    assert cfg.mixed_precision is not None
+    mp = cfg.mixed_precision
+    table = ctx.need("sensitivity")
+    budget = ctx.max_relative_auc_loss
+    if budget is None:
+        raise ValueError("mixed precision needs the run's AUC budget (ctx.max_relative_auc_loss)")
+    allowed = set(mp.embedding_choices) | set(mp.linear_choices)
+    options: dict[str, list[Option]] = {}
+    for r in table.to_pylist():  # type: ignore[attr-defined]
+        if r["choice"] in allowed:
+            options.setdefault(r["module"], []).append(
+                Option(r["choice"], int(r["bytes"]), max(0.0, float(r["relative_auc_loss"]))))
+    plan = assign(options, budget * mp.budget_fraction)
+    ctx.log("mixed precision: " + ", ".join(f"{k}={v}" for k, v in sorted(plan.items())))
+    return plan
 
 
 def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Module:
     """Return a quantized copy of `model` (the input is left untouched).
 
     Example:
-        >>> small = quantize(model, QuantizeConfig(linear="dynamic_int8"), ctx)
+        >>> small = quantize(model, QuantizeConfig(embeddings="rowwise_int4"), ctx)
     """
     out = copy.deepcopy(model).cpu()
+    plan = mixed_plan(cfg, ctx) if cfg.mixed_precision is not None else None
+    ranges = _act_ranges(ctx.need("activations"), cfg.activation_range) \
+        if cfg.linear == "static_int8" and plan is None else {}
     for path, module in list(out.named_modules()):
-        if cfg.embeddings == "rowwise_int8" and isinstance(module, nn.Embedding):
-            set_submodule(out, path, RowWiseInt8Embedding.from_float(module.weight))
-        elif cfg.linear == "dynamic_int8" and isinstance(module, nn.Linear):
-            set_submodule(out, path, DynamicInt8Linear.from_float(module))
+        if isinstance(module, nn.Embedding):
+            choice = plan.get(path, "none") if plan is not None else cfg.embeddings
+            set_submodule(out, path, quantize_embedding(module, choice, cfg.row_range))
+        elif isinstance(module, nn.Linear):
+            choice = plan.get(path, "none") if plan is not None else cfg.linear
+            act = (ranges[f"{path}:input"], ranges[f"{path}:output"]) if ranges else None
+            set_submodule(out, path, quantize_linear(module, choice, cfg.group_size, act, path))
     ctx.log(f"{cfg.label()}: done")
     return out

@@ -83,7 +83,7 @@ def test_tiny_flow_promotes_a_model(first_run):
     report, _ = first_run
     assert report.status == "promoted", report.reason
     assert report.promoted.uri.startswith("s3://") and report.promoted.version == 1
-    assert len(report.leaderboard) == 3 and not report.failures
+    assert len(report.leaderboard) == 4 and not report.failures
     int8 = {r.candidate: r for r in report.leaderboard}
     assert int8["int8-all"].size_ratio > 3.0  # measured artifact bytes, not a formula
     assert all(r.auc_delta > -0.01 for r in report.leaderboard)
@@ -120,7 +120,8 @@ def test_task_runs_are_visible_in_the_prefect_server(first_run, settings):
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[report.run_id])))
     names = [r.name.rsplit("-", 1)[0] for r in runs]
-    assert names.count("run-stage") == 3 and names.count("evaluate-candidate") == 3
+    assert names.count("run-stage") == 4 and names.count("evaluate-candidate") == 4
+    assert names.count("calibrate") == 1  # once per run, whatever number of plans use it
     assert "train-baseline" in names and "promote" in names
     assert all(r.state_type.value == "COMPLETED" for r in runs)
 
@@ -139,6 +140,9 @@ def test_second_run_does_not_overwrite_and_says_why(first_run, settings):
     assert again.status == "not_promoted"
     assert "does not beat production v1" in again.reason
     assert reg.versions("e2e-ranker") == [1] and reg.alias("e2e-ranker") == 1
+    # same seed -> same baseline bytes -> the calibration tables come from the S3 cache
+    keys = reg.s3.list_objects_v2(Bucket=reg.store.bucket, Prefix="calibration/")["Contents"]
+    assert len(keys) == 1
 
 
 def test_missing_dataset_fails_clearly_and_leaves_registry_untouched(first_run, settings):

@@ -1,7 +1,7 @@
 import pytest
 
 from cluster.resources import stage_options
-from tasks.bench import run_suite
+from tasks.bench import SUITES, run_suite
 
 
 def test_gpu_requested_only_when_the_cluster_has_one():
@@ -12,14 +12,16 @@ def test_gpu_requested_only_when_the_cluster_has_one():
 
 def test_quantize_suite_rows_are_measured_side_by_side():
     rows = run_suite("quantize", "tiny", log=lambda _: None)
-    assert len(rows) == 3
+    assert len(rows) == len(SUITES["quantize"])
     by_plan = {r["plan"]: r for r in rows}
     both = by_plan["quantize(dynamic_int8+rowwise_int8)"]
     assert both["size_ratio"] > 3.0
     assert both["size_bytes"] < by_plan["quantize(rowwise_int8)"]["size_bytes"]
+    assert by_plan["quantize(rowwise_int2)"]["size_bytes"] < by_plan["quantize(rowwise_int4)"][
+        "size_bytes"] < by_plan["quantize(rowwise_int8)"]["size_bytes"]
     for r in rows:
         assert r["latency_ratio"] == pytest.approx(r["baseline_p99_ms_bs512"] / r["p99_ms_bs512"])
-        assert abs(r["auc_delta"]) < 0.01
+        assert r["passed"] == (r["relative_auc_loss_ci_high"] <= 0.001)
 
 
 def test_unknown_suite_is_named():

@@ -1,0 +1,47 @@
+"""Compressed building blocks that stages swap into a model.
+
+Each holds only plain tensors (so it saves to safetensors) and can be rebuilt empty from the
+shape arguments in its `manifest()` entry: `tasks.artifacts` rebuilds a compressed model by
+building the base spec, swapping in these modules at the recorded paths, and loading weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from tasks.modules.embedding import HalfEmbedding, RowWiseQuantEmbedding
+from tasks.modules.linear import DynamicInt8Linear, HalfLinear, StaticInt8Linear, WeightOnlyLinear
+
+COMPRESSED_MODULES: dict[str, type[nn.Module]] = {
+    m.kind: m for m in (RowWiseQuantEmbedding, HalfEmbedding, DynamicInt8Linear,
+                        StaticInt8Linear, WeightOnlyLinear, HalfLinear)
+}
+
+
+def manifest_of(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Paths and shapes of every compressed module in `model` (derived, never stored apart)."""
+    return {name: m.manifest() for name, m in model.named_modules()  # type: ignore[operator]
+            if type(m) in COMPRESSED_MODULES.values()}
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
+
+
+def apply_manifest(model: nn.Module, manifest: dict[str, dict[str, Any]]) -> nn.Module:
+    """Swap in empty compressed modules at the recorded paths (weights are loaded after)."""
+    for path, entry in manifest.items():
+        args = {k: v for k, v in entry.items() if k != "kind"}
+        if entry["kind"] not in COMPRESSED_MODULES:
+            raise ValueError(f"model manifest: unknown module kind {entry['kind']!r} at {path}")
+        set_submodule(model, path, COMPRESSED_MODULES[entry["kind"]](**args))
+    return model
+
+
+__all__ = ["COMPRESSED_MODULES", "DynamicInt8Linear", "HalfEmbedding", "HalfLinear",
+           "RowWiseQuantEmbedding", "StaticInt8Linear", "WeightOnlyLinear", "apply_manifest",
+           "manifest_of", "set_submodule"]

@@ -1,0 +1,113 @@
+"""Compressed embedding tables. Each holds plain tensors only and rebuilds from its manifest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.quant.primitives import affine_codes, mse_row_ranges, pack, unpack
+
+_FUSED = {
+    8: torch.ops.quantized.embedding_bag_byte_rowwise_offsets,
+    4: torch.ops.quantized.embedding_bag_4bit_rowwise_offsets,
+    2: torch.ops.quantized.embedding_bag_2bit_rowwise_offsets,
+}
+
+
+class RowWiseQuantEmbedding(nn.Module):
+    """Row-wise affine int8 / int4 / int2 table in fbgemm's fused layout.
+
+    Each row is `dim * bits / 8` bytes of codes (int4: two per byte, int2: four), then its
+    scale and offset (fp32 for int8, fp16 for int4/int2). Lookups run on torch's fused
+    `embedding_bag_{byte,4bit,2bit}_rowwise_offsets` CPU kernels on the packed bytes; the
+    table is never expanded. Row ranges: min/max, or the MSE-optimal clip per row ("mse"),
+    which is what keeps AUC at 4 and 2 bits.
+    """
+
+    kind = "rowwise_quant_embedding"
+
+    def __init__(self, rows: int, dim: int, bits: int) -> None:
+        super().__init__()
+        if bits not in _FUSED:
+            raise ValueError(f"bits must be 8, 4 or 2 (got {bits})")
+        self.bits, self.dim = bits, dim
+        tail = 8 if bits == 8 else 4
+        self.register_buffer("packed", torch.zeros(rows, dim * bits // 8 + tail, dtype=torch.uint8))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bits: int, row_range: str = "mse") -> RowWiseQuantEmbedding:
+        w = weight.detach().float().cpu().contiguous()
+        rows, dim = w.shape
+        if dim * bits % 8:
+            raise ValueError(f"embedding width {dim} cannot be packed at {bits} bits")
+        if row_range == "mse" and bits < 8:
+            lo, hi = mse_row_ranges(w, bits)
+        elif row_range in ("mse", "minmax"):
+            lo, hi = w.min(dim=1).values, w.max(dim=1).values
+        else:
+            raise ValueError(f"row_range must be 'minmax' or 'mse' (got {row_range!r})")
+        module = cls(rows, dim, bits)
+        if bits == 8:
+            codes, scale, offset = affine_codes(w, lo, hi, 8)
+            params = torch.stack([scale, offset], 1).float()
+        else:
+            # fp16 scale/offset: quantize with the rounded parameters the kernel will use
+            scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8).half()
+            offset = lo.half()
+            codes, _, _ = affine_codes(w, offset.float(),
+                                       offset.float() + scale.float() * (2**bits - 1), bits)
+            params = torch.stack([scale, offset], 1)
+        module.packed.copy_(torch.cat([pack(codes, bits), params.view(torch.uint8)], dim=1))
+        return module
+
+    def _parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tail = 8 if self.bits == 8 else 4
+        ptype = torch.float32 if self.bits == 8 else torch.float16
+        params = self.packed[:, -tail:].contiguous().view(ptype).float()
+        codes = unpack(self.packed[:, :-tail], self.bits, self.dim)
+        return codes, params[:, 0], params[:, 1]
+
+    def dequantize(self) -> torch.Tensor:
+        codes, scale, offset = self._parts()
+        return codes.float() * scale[:, None] + offset[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).contiguous()
+        if self.packed.device.type != "cpu":  # the fused kernels are CPU-only
+            return self.dequantize().to(self.packed.device)[flat].reshape(*ids.shape, -1)
+        offsets = torch.arange(flat.numel(), dtype=flat.dtype)
+        out = _FUSED[self.bits](self.packed, flat, offsets, False, 0, False, None, None, False)
+        return out.reshape(*ids.shape, -1)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rows": self.packed.shape[0], "dim": self.dim,
+                "bits": self.bits}
+
+
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class HalfEmbedding(nn.Module):
+    """fp16 or bf16 table; rows are gathered in half precision and widened to fp32."""
+
+    kind = "half_embedding"
+
+    def __init__(self, rows: int, dim: int, dtype: str) -> None:
+        super().__init__()
+        self.dtype_name = dtype
+        self.register_buffer("weight", torch.zeros(rows, dim, dtype=HALF_DTYPES[dtype]))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, dtype: str) -> HalfEmbedding:
+        module = cls(*weight.shape, dtype)
+        module.weight.copy_(weight.detach())
+        return module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight).float()
+
+    def manifest(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rows": self.weight.shape[0], "dim": self.weight.shape[1],
+                "dtype": self.dtype_name}

@@ -1,0 +1,1 @@
+"""Pure quantization math (no modules, no workflow): ranges, codes, packing, observers."""

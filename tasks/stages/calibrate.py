@@ -1,0 +1,124 @@
+"""calibrate: activation statistics and per-layer quantization sensitivity.
+
+Returns two tables (stored in S3 as Parquet by the flow and reused by every later stage of the
+run):
+- activations: for the input and output of every Linear layer, min/max, the 0.01/99.99
+  percentiles, a histogram, and the MSE- and entropy (KL)-optimal int8 clipping ranges;
+- sensitivity: for every embedding table and Linear layer and every candidate dtype, the AUC
+  change when only that one layer is quantized (on the calibration rows), and the measured
+  bytes of the layer in that form.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from tasks.data import Arrays
+from tasks.evaluate import predict
+from tasks.metrics import auc
+from tasks.modules import set_submodule
+from tasks.quant.observers import entropy_range, histogram, mse_range, percentile_range
+from tasks.stages.context import StageContext
+from tasks.stages.quantize import quantize_embedding, quantize_linear
+from tasks.types import CalibrateConfig
+
+EMBEDDING_CHOICES = ("none", "rowwise_int8", "rowwise_int4", "rowwise_int2")
+LINEAR_CHOICES = ("none", "dynamic_int8", "int8_weight_only", "int4_weight_only")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    activations: pa.Table
+    sensitivity: pa.Table
+
+
+def _subset(data: Arrays, rows: int) -> Arrays:
+    n = min(rows, len(data))
+    return Arrays(data.dense[:n], data.sparse[:n], data.label[:n])
+
+
+@torch.inference_mode()
+def activation_table(model: nn.Module, data: Arrays, bins: int) -> pa.Table:
+    captured: dict[tuple[str, str], list[np.ndarray]] = {}
+    hooks = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor, path: str = path) -> None:
+                captured.setdefault((path, "input"), []).append(inputs[0].flatten().numpy())
+                captured.setdefault((path, "output"), []).append(output.flatten().numpy())
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        predict(model, data)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for (path, tensor), chunks in captured.items():
+        values = np.concatenate(chunks).astype(np.float64)
+        counts, edges = histogram(values, bins)
+        p_lo, p_hi = percentile_range(values)
+        mse_lo, mse_hi = mse_range(counts, edges, 8)
+        kl_lo, kl_hi = entropy_range(counts, edges, 8)
+        rows.append({"module": path, "tensor": tensor, "count": len(values),
+                     "min": float(values.min()), "max": float(values.max()),
+                     "p_lo": p_lo, "p_hi": p_hi, "mse_lo": mse_lo, "mse_hi": mse_hi,
+                     "kl_lo": kl_lo, "kl_hi": kl_hi, "hist_counts": counts.tolist(),
+                     "hist_edges": edges.tolist()})
+    return pa.Table.from_pylist(rows)
+
+
+def _nbytes(module: nn.Module) -> int:
+    """Bytes of the module's tensors as stored (safetensors, without the header)."""
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    return sum(t.numel() * t.element_size() for t in state.values()) if state else 0
+
+
+def sensitivity_table(model: nn.Module, data: Arrays) -> pa.Table:
+    base = auc(data.label, predict(model, data))
+    rows = []
+    for path, module in list(model.named_modules()):
+        if isinstance(module, nn.Embedding):
+            choices, make = EMBEDDING_CHOICES, quantize_embedding
+        elif isinstance(module, nn.Linear):
+            choices, make = LINEAR_CHOICES, quantize_linear  # type: ignore[assignment]
+        else:
+            continue
+        for choice in choices:
+            replacement = make(module, choice)  # type: ignore[arg-type]
+            set_submodule(model, path, replacement)
+            try:
+                value = base if choice == "none" else auc(data.label, predict(model, data))
+            finally:
+                set_submodule(model, path, module)
+            rows.append({"module": path, "choice": choice, "bytes": _nbytes(replacement),
+                         "auc": value, "auc_loss": base - value,
+                         "relative_auc_loss": (base - value) / base})
+    return pa.Table.from_pylist(rows)
+
+
+def calibrate(model: nn.Module, cfg: CalibrateConfig, ctx: StageContext) -> Calibration:
+    """Measure activation ranges and per-layer sensitivity on the calibration rows."""
+    data = ctx.need("calibration")
+    assert isinstance(data, Arrays)
+    model = model.cpu().eval()
+    acts = activation_table(model, _subset(data, cfg.rows), cfg.bins)
+    sens = sensitivity_table(model, _subset(data, cfg.sensitivity_rows))
+    ctx.log(f"calibrate: {acts.num_rows} activations, {sens.num_rows} sensitivity rows")
+    return Calibration(acts, sens)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+__all__ = ["Calibration", "calibrate", "table_bytes"]
