@@ -35,7 +35,7 @@ test: .venv
 
 bench: .venv
 	mkdir -p bench-results
-	$(BIN)/recsqueeze bench --suite quantize --size small --json bench-results/quantize-small.json
+	$(BIN)/recsqueeze bench --suite quantize --size small --seeds 2 --json bench-results/quantize-small.json
 
 clean: down
 	rm -rf $(STATE)

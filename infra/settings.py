@@ -46,3 +46,4 @@ QUIET_ENV = {
     "AWS_EC2_METADATA_DISABLED": "true",
     "DO_NOT_TRACK": "1",
 }
+

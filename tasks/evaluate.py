@@ -29,13 +29,26 @@ def predict(model: nn.Module, data: Arrays, batch_size: int = 8192,
     return np.concatenate(out)
 
 
-@torch.inference_mode()
 def measure_latency(models: list[nn.Module], data: Arrays,
-                    batch_sizes: tuple[int, ...] = LATENCY_BATCHES, rounds: int = 10,
-                    iters: int = 20, warmup: int = 10) -> list[tuple[Latency, ...]]:
-    """CPU forward latency of each model, timed side by side (eager mode, this process's
-    threads): rounds interleave the models, so a busy moment of a shared machine slows them
-    all alike and their ratio stays honest."""
+                    batch_sizes: tuple[int, ...] = LATENCY_BATCHES, rounds: int = 20,
+                    iters: int = 25, warmup: int = 10) -> list[tuple[Latency, ...]]:
+    """CPU forward latency of each model, timed side by side on one intra-op thread (eager).
+
+    One thread, as a serving replica pinned to a core runs; on a shared 2-core machine it also
+    keeps thread wake-ups out of p99. Rounds interleave the models, so a busy moment slows
+    them all alike and their ratio stays honest. The thread count is restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _timed(models, data, batch_sizes, rounds, iters, warmup)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.inference_mode()
+def _timed(models: list[nn.Module], data: Arrays, batch_sizes: tuple[int, ...], rounds: int,
+           iters: int, warmup: int) -> list[tuple[Latency, ...]]:
     rng = np.random.default_rng(0)
     out: list[list[Latency]] = [[] for _ in models]
     for bs in batch_sizes:

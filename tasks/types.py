@@ -183,7 +183,8 @@ class QuantizeConfig(Frozen):
     def label(self) -> str:
         if self.mixed_precision is not None:
             return f"quantize(mixed@{self.mixed_precision.budget_fraction:g})"
-        lin = self.linear + (f"/g{self.group_size}" if self.group_size else "")
+        lin = self.linear + (f"/g{self.group_size}" if self.group_size else "") + (
+            f"/{self.activation_range}" if self.linear == "static_int8" else "")
         emb = self.embeddings + ("/minmax" if self.row_range == "minmax" and
                                  self.embeddings in ("rowwise_int4", "rowwise_int2") else "")
         return "quantize(" + "+".join(p for p in (lin, emb) if not p.startswith("none")) + ")"

@@ -12,11 +12,13 @@ from typing import Any
 from torch import nn
 
 from tasks.modules.embedding import HalfEmbedding, RowWiseQuantEmbedding
-from tasks.modules.linear import DynamicInt8Linear, HalfLinear, StaticInt8Linear, WeightOnlyLinear
+from tasks.modules.linear import (
+    DynamicInt8Linear, FusedAway, HalfLinear, StaticInt8Linear, WeightOnlyLinear, fuse_relu,
+)
 
 COMPRESSED_MODULES: dict[str, type[nn.Module]] = {
     m.kind: m for m in (RowWiseQuantEmbedding, HalfEmbedding, DynamicInt8Linear,
-                        StaticInt8Linear, WeightOnlyLinear, HalfLinear)
+                        StaticInt8Linear, WeightOnlyLinear, HalfLinear, FusedAway)
 }
 
 
@@ -42,6 +44,6 @@ def apply_manifest(model: nn.Module, manifest: dict[str, dict[str, Any]]) -> nn.
     return model
 
 
-__all__ = ["COMPRESSED_MODULES", "DynamicInt8Linear", "HalfEmbedding", "HalfLinear",
+__all__ = ["COMPRESSED_MODULES", "DynamicInt8Linear", "FusedAway", "HalfEmbedding", "HalfLinear",
            "RowWiseQuantEmbedding", "StaticInt8Linear", "WeightOnlyLinear", "apply_manifest",
-           "manifest_of", "set_submodule"]
+           "fuse_relu", "manifest_of", "set_submodule"]

@@ -30,8 +30,9 @@ class DynamicInt8Linear(nn.Module):
 
     kind = "dynamic_int8_linear"
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, relu: bool = False) -> None:
         super().__init__()
+        self.relu = relu  # fused ReLU (`quantized::linear_relu_dynamic`)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features))
@@ -60,14 +61,17 @@ class DynamicInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":  # no int8 kernel off CPU here: dequantize the weight
-            return F.linear(x, self.dequantized_weight(), self.bias)
+            y = F.linear(x, self.dequantized_weight(), self.bias)
+            return F.relu(y) if self.relu else y
         if self._packed is None:
             self._packed = self._prepack()
+        if self.relu:
+            return torch.ops.quantized.linear_relu_dynamic(x, self._packed, True)
         return torch.ops.quantized.linear_dynamic(x, self._packed, True)
 
     def manifest(self) -> dict[str, Any]:
         return {"kind": self.kind, "in_features": self.weight_int8.shape[1],
-                "out_features": self.weight_int8.shape[0]}
+                "out_features": self.weight_int8.shape[0], "relu": self.relu}
 
 
 class StaticInt8Linear(DynamicInt8Linear):
@@ -79,7 +83,7 @@ class StaticInt8Linear(DynamicInt8Linear):
     kind = "static_int8_linear"
 
     def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features)
+        super().__init__(in_features, out_features, relu=False)
         self.register_buffer("act_qparams", torch.tensor([1.0, 0.0, 1.0, 0.0]))  # in s,z; out s,z
 
     @classmethod
@@ -90,6 +94,10 @@ class StaticInt8Linear(DynamicInt8Linear):
         module.load_state_dict(base.state_dict(), strict=False)
         module.act_qparams.copy_(torch.tensor([*_qparams(*in_range), *_qparams(*out_range)]))
         return module
+
+    def manifest(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.weight_int8.shape[1],
+                "out_features": self.weight_int8.shape[0]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_s, in_z, out_s, out_z = self.act_qparams.tolist()
@@ -189,3 +197,25 @@ class HalfLinear(nn.Module):
     def manifest(self) -> dict[str, Any]:
         return {"kind": self.kind, "in_features": self.weight.shape[1],
                 "out_features": self.weight.shape[0], "dtype": self.dtype_name}
+
+
+class FusedAway(nn.Identity):
+    """Marks an activation whose work moved into the preceding layer's fused kernel."""
+
+    kind = "fused_away"
+
+    def manifest(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+def fuse_relu(model: nn.Module) -> int:
+    """Fold each ReLU that follows a DynamicInt8Linear in a Sequential into its kernel."""
+    fused = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            layer, act = seq[i], seq[i + 1]
+            if type(layer) is DynamicInt8Linear and isinstance(act, nn.ReLU):
+                layer.relu = True
+                seq[i + 1] = FusedAway()
+                fused += 1
+    return fused

@@ -9,7 +9,7 @@ from torch import nn
 
 from tasks.modules import (
     DynamicInt8Linear, HalfEmbedding, HalfLinear, RowWiseQuantEmbedding, StaticInt8Linear,
-    WeightOnlyLinear, set_submodule,
+    WeightOnlyLinear, fuse_relu, set_submodule,
 )
 from tasks.quant.mixed import Option, assign
 from tasks.stages.context import StageContext
@@ -96,5 +96,6 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Mod
             choice = plan.get(path, "none") if plan is not None else cfg.linear
             act = (ranges[f"{path}:input"], ranges[f"{path}:output"]) if ranges else None
             set_submodule(out, path, quantize_linear(module, choice, cfg.group_size, act, path))
-    ctx.log(f"{cfg.label()}: done")
+    fused = fuse_relu(out)
+    ctx.log(f"{cfg.label()}: done ({fused} ReLUs fused into int8 kernels)")
     return out
