@@ -47,11 +47,15 @@ SUITES: dict[str, tuple[StageConfig, ...]] = {
 
 
 def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
-              log: Callable[[str], None] = print) -> list[dict[str, object]]:
-    """One row per candidate of `suite` (leaderboard columns + the config)."""
+              log: Callable[[str], None] = print, data_seed: int = 0) -> list[dict[str, object]]:
+    """One row per candidate of `suite` (leaderboard columns + the config).
+
+    `seed` is the training seed (init, shuffling); the data stays the same (`data_seed`), so
+    rows of several seeds show the spread that training alone causes.
+    """
     if suite not in SUITES:
         raise ValueError(f"--suite must be one of {sorted(SUITES)} (got {suite!r})")
-    tables, data_spec = generate(size, seed)
+    tables, data_spec = generate(size, data_seed)
     spec = resolve(ModelSpec(), data_spec)
     train_arrays, test = to_arrays(tables["train"], data_spec), to_arrays(tables["test"], data_spec)
     valid = to_arrays(tables["valid"], data_spec)
