@@ -6,7 +6,6 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -67,8 +66,8 @@ def status(state_dir: Path = STATE) -> None:
 
 @app.command()
 def run(
-    request_file: Optional[Path] = typer.Option(None, "--request", help="CompressionRequest JSON"),
-    size: Optional[str] = typer.Option(None, help="built-in dataset size (tiny|small)"),
+    request_file: Path | None = typer.Option(None, "--request", help="CompressionRequest JSON"),
+    size: str | None = typer.Option(None, help="built-in dataset size (tiny|small)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on stdout"),
     state_dir: Path = STATE,
 ) -> None:
@@ -168,7 +167,7 @@ def registry_list(state_dir: Path = STATE) -> None:
 
 
 @registry_app.command("show")
-def registry_show(model: str, version: Optional[int] = None, state_dir: Path = STATE) -> None:
+def registry_show(model: str, version: int | None = None, state_dir: Path = STATE) -> None:
     """One version's record (default: production)."""
     from tasks.artifacts import ArtifactStore, Registry
 

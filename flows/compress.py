@@ -23,8 +23,14 @@ from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
 from tasks.gate import Champion, decide
 from tasks.run import (
-    calibrate_model, evaluate_baseline, evaluate_candidate, evaluate_champion, prepare_dataset, promote,
-    run_stage, train_baseline,
+    calibrate_model,
+    evaluate_baseline,
+    evaluate_candidate,
+    evaluate_champion,
+    prepare_dataset,
+    promote,
+    run_stage,
+    train_baseline,
 )
 from tasks.types import CandidateResult, CompressionRequest, GateReport
 

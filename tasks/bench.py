@@ -9,8 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import torch
-
 from tasks.artifacts import serialize_model
 from tasks.data import generate, to_arrays
 from tasks.evaluate import measure_latency, paired_deltas, predict
@@ -19,7 +17,12 @@ from tasks.models import build, resolve
 from tasks.stages import StageContext, apply_stage, calibrate
 from tasks.train import train
 from tasks.types import (
-    CalibrateConfig, MixedPrecision, ModelSpec, QuantizeConfig, StageConfig, TrainConfig,
+    CalibrateConfig,
+    MixedPrecision,
+    ModelSpec,
+    QuantizeConfig,
+    StageConfig,
+    TrainConfig,
 )
 
 BUDGET = 0.001  # relative AUC loss the suites judge "passed" against (upper 95% bound)

@@ -30,10 +30,20 @@ from tasks.stages import StageContext, apply_stage, calibrate
 from tasks.stages.calibrate import table_bytes
 from tasks.train import train
 from tasks.types import (
-    ArtifactRef, Budget, CalibrateConfig, CalibrationRefs, Candidate, CandidateResult,
-    DatasetRef, DatasetRequest, Metrics, ModelSpec, Promotion, StageConfig, TrainConfig,
+    ArtifactRef,
+    Budget,
+    CalibrateConfig,
+    CalibrationRefs,
+    Candidate,
+    CandidateResult,
+    DatasetRef,
+    DatasetRequest,
+    Metrics,
+    ModelSpec,
+    Promotion,
+    StageConfig,
+    TrainConfig,
 )
-
 
 
 def _transient(task: object, task_run: object, state: State) -> bool:

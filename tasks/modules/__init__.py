@@ -13,7 +13,12 @@ from torch import nn
 
 from tasks.modules.embedding import HalfEmbedding, RowWiseQuantEmbedding
 from tasks.modules.linear import (
-    DynamicInt8Linear, FusedAway, HalfLinear, StaticInt8Linear, WeightOnlyLinear, fuse_relu,
+    DynamicInt8Linear,
+    FusedAway,
+    HalfLinear,
+    StaticInt8Linear,
+    WeightOnlyLinear,
+    fuse_relu,
 )
 
 COMPRESSED_MODULES: dict[str, type[nn.Module]] = {

@@ -156,10 +156,8 @@ class WeightOnlyLinear(nn.Module):
         return module
 
     def dequantized_weight(self) -> torch.Tensor:
-        if self.bits == 4:
-            codes = unpack(self.codes, 4, self.in_features).to(torch.int8) - 8
-        else:
-            codes = self.codes
+        codes = (unpack(self.codes, 4, self.in_features).to(torch.int8) - 8
+                 if self.bits == 4 else self.codes)
         return symmetric_dequant(codes, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,14 @@ import pyarrow as pa
 from torch import nn
 
 from tasks.modules import (
-    DynamicInt8Linear, HalfEmbedding, HalfLinear, RowWiseQuantEmbedding, StaticInt8Linear,
-    WeightOnlyLinear, fuse_relu, set_submodule,
+    DynamicInt8Linear,
+    HalfEmbedding,
+    HalfLinear,
+    RowWiseQuantEmbedding,
+    StaticInt8Linear,
+    WeightOnlyLinear,
+    fuse_relu,
+    set_submodule,
 )
 from tasks.quant.mixed import Option, assign
 from tasks.stages.context import StageContext

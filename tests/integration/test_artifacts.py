@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tasks.artifacts import IntegrityError, Registry, UnsafeArtifactError
-from tasks.models import build, resolve
 from tasks.data import generate
+from tasks.models import build, resolve
 from tasks.types import ModelSpec
 
 pytestmark = pytest.mark.integration

@@ -2,8 +2,16 @@ import pytest
 
 from tasks.gate import Champion, decide
 from tasks.types import (
-    ArtifactRef, Budget, Candidate, CandidateResult, Estimate, Latency, MetricBudget, Metrics,
-    PairedDelta, QuantizeConfig,
+    ArtifactRef,
+    Budget,
+    Candidate,
+    CandidateResult,
+    Estimate,
+    Latency,
+    MetricBudget,
+    Metrics,
+    PairedDelta,
+    QuantizeConfig,
 )
 
 BASE_AUC = 0.8

@@ -5,7 +5,13 @@ import torch
 from tasks.quant.mixed import Option, assign
 from tasks.quant.observers import entropy_range, histogram, mse_range, percentile_range
 from tasks.quant.primitives import (
-    affine_codes, affine_dequant, mse_row_ranges, pack, symmetric_codes, symmetric_dequant, unpack,
+    affine_codes,
+    affine_dequant,
+    mse_row_ranges,
+    pack,
+    symmetric_codes,
+    symmetric_dequant,
+    unpack,
 )
 
 

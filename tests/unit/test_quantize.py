@@ -8,7 +8,11 @@ from tasks.data import Arrays, generate, to_arrays
 from tasks.evaluate import predict
 from tasks.models import build, resolve
 from tasks.modules import (
-    DynamicInt8Linear, HalfEmbedding, RowWiseQuantEmbedding, WeightOnlyLinear, manifest_of,
+    DynamicInt8Linear,
+    HalfEmbedding,
+    RowWiseQuantEmbedding,
+    WeightOnlyLinear,
+    manifest_of,
 )
 from tasks.stages import StageContext, apply_stage, calibrate
 from tasks.types import CalibrateConfig, MixedPrecision, ModelSpec, QuantizeConfig

@@ -4,7 +4,13 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.types import (
-    Budget, Candidate, CompressionRequest, DatasetRequest, MetricBudget, ModelSpec, QuantizeConfig,
+    Budget,
+    Candidate,
+    CompressionRequest,
+    DatasetRequest,
+    MetricBudget,
+    ModelSpec,
+    QuantizeConfig,
 )
 
 
