@@ -183,6 +183,7 @@ def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int,
     ctx = StageContext(
         device=device(), seed=seed, logger=get_run_logger(),  # type: ignore[arg-type]
         calibration=lambda: arrays(dataset, "valid"),
+        train_data=lambda: arrays(dataset, "train"),
         activations=(lambda: _table(store, calibration.activations)) if calibration else None,
         sensitivity=sensitivity,
         max_relative_auc_loss=_relative_auc_budget(budget, sensitivity) if budget else None,

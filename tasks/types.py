@@ -6,7 +6,7 @@ description (Prefect renders them in the run form) and every type round-trips th
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -205,8 +205,86 @@ class CalibrationRefs(Frozen):
     sensitivity: ArtifactRef = Field(description="Parquet: AUC change per layer and dtype")
 
 
-# One stage kind so far; becomes a discriminated union on `kind` as stages are added.
-StageConfig = QuantizeConfig
+class PruneConfig(Frozen):
+    """Pruning, then (optionally) fine-tuning on the train split.
+
+    Args:
+        method: ``structured`` removes whole hidden neurons of the MLPs (rows of one Linear,
+            columns of the next: fewer FLOPs); ``magnitude`` zeroes the smallest weights of the
+            Linear layers and stores them sparsely (CSR); ``embedding_rows`` keeps the most
+            frequent (or largest-norm) rows of every table and maps the rest to one shared
+            fallback row.
+        sparsity: fraction removed, in (0, 1).
+        scope: magnitude only: one global threshold or one per layer.
+        criterion: embedding_rows only: ``frequency`` (train split) or ``norm``.
+        finetune_epochs: epochs of fine-tuning after pruning (0 = none).
+
+    Example: ``PruneConfig(method="structured", sparsity=0.5, finetune_epochs=1)``
+    """
+
+    kind: Literal["prune"] = "prune"
+    method: Literal["structured", "magnitude", "embedding_rows"] = Field(
+        "structured", description="what to remove")
+    sparsity: float = Field(0.5, description="fraction removed, in (0, 1)")
+    scope: Literal["global", "layer"] = Field("global", description="magnitude threshold scope")
+    criterion: Literal["frequency", "norm"] = Field("frequency", description="row importance")
+    finetune_epochs: int = Field(1, ge=0, le=20, description="fine-tuning epochs afterwards")
+    finetune_lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(f"prune.sparsity must be in (0, 1) (got {v}); it is the fraction "
+                             "removed")
+        return v
+
+    def needs_calibration(self) -> bool:
+        return False
+
+    def label(self) -> str:
+        return f"prune({self.method}@{self.sparsity:g})"
+
+
+class FactorizeConfig(Frozen):
+    """Low-rank factorization, then (optionally) fine-tuning.
+
+    Args:
+        target: ``linear`` = truncated SVD of every Linear layer (W ~= U V);
+            ``embeddings`` = every table E ~= A B (A: rows x rank, B: rank x dim).
+        rank: fixed rank; or None and ``energy`` = keep the smallest rank holding this share
+            of the squared singular values.
+        energy: in (0, 1], used when rank is None.
+        finetune_epochs: epochs of fine-tuning afterwards (0 = none).
+
+    Example: ``FactorizeConfig(target="embeddings", rank=8)``
+    """
+
+    kind: Literal["factorize"] = "factorize"
+    target: Literal["linear", "embeddings"] = Field("embeddings", description="what to factor")
+    rank: int | None = Field(None, description="fixed rank (>= 1), or None to use energy")
+    energy: float = Field(0.9, gt=0, le=1, description="kept share of squared singular values")
+    finetune_epochs: int = Field(1, ge=0, le=20, description="fine-tuning epochs afterwards")
+    finetune_lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
+
+    @field_validator("rank")
+    @classmethod
+    def _positive_rank(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"factorize.rank must be >= 1 (got {v}); or leave it empty and "
+                             "set energy")
+        return v
+
+    def needs_calibration(self) -> bool:
+        return False
+
+    def label(self) -> str:
+        return f"factorize({self.target}@{self.rank if self.rank else f'e{self.energy:g}'})"
+
+
+StageConfig = Annotated[
+    Union[QuantizeConfig, PruneConfig, FactorizeConfig], Field(discriminator="kind")
+]
 
 
 class Candidate(Frozen):

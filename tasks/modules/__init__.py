@@ -21,9 +21,14 @@ from tasks.modules.linear import (
     fuse_relu,
 )
 
+from tasks.modules.structural import (
+    LowRankEmbedding, LowRankLinear, PrunedEmbedding, PrunedLinear, SparseLinear, energy_rank,
+)
+
 COMPRESSED_MODULES: dict[str, type[nn.Module]] = {
-    m.kind: m for m in (RowWiseQuantEmbedding, HalfEmbedding, DynamicInt8Linear,
-                        StaticInt8Linear, WeightOnlyLinear, HalfLinear, FusedAway)
+    m.kind: m for m in (RowWiseQuantEmbedding, HalfEmbedding, DynamicInt8Linear,  # type: ignore[attr-defined]
+                        StaticInt8Linear, WeightOnlyLinear, HalfLinear, FusedAway, PrunedLinear,
+                        SparseLinear, PrunedEmbedding, LowRankLinear, LowRankEmbedding)
 }
 
 
@@ -51,4 +56,5 @@ def apply_manifest(model: nn.Module, manifest: dict[str, dict[str, Any]]) -> nn.
 
 __all__ = ["COMPRESSED_MODULES", "DynamicInt8Linear", "FusedAway", "HalfEmbedding", "HalfLinear",
            "RowWiseQuantEmbedding", "StaticInt8Linear", "WeightOnlyLinear", "apply_manifest",
-           "fuse_relu", "manifest_of", "set_submodule"]
+           "LowRankEmbedding", "LowRankLinear", "PrunedEmbedding", "PrunedLinear", "SparseLinear",
+           "energy_rank", "fuse_relu", "manifest_of", "set_submodule"]

@@ -8,10 +8,14 @@ from torch import nn
 
 from tasks.stages.calibrate import Calibration, calibrate
 from tasks.stages.context import StageContext
+from tasks.stages.factorize import factorize
+from tasks.stages.prune import prune
 from tasks.stages.quantize import quantize
-from tasks.types import QuantizeConfig, StageConfig
+from tasks.types import FactorizeConfig, PruneConfig, QuantizeConfig, StageConfig
 
-STAGES: dict[type, Callable[..., nn.Module]] = {QuantizeConfig: quantize}
+STAGES: dict[type, Callable[..., nn.Module]] = {
+    QuantizeConfig: quantize, PruneConfig: prune, FactorizeConfig: factorize,
+}
 
 
 def apply_stage(model: nn.Module, cfg: StageConfig, ctx: StageContext) -> nn.Module:
@@ -22,4 +26,5 @@ def apply_stage(model: nn.Module, cfg: StageConfig, ctx: StageContext) -> nn.Mod
     return fn(model, cfg, ctx)
 
 
-__all__ = ["STAGES", "Calibration", "StageContext", "apply_stage", "calibrate", "quantize"]
+__all__ = ["STAGES", "Calibration", "StageContext", "apply_stage", "calibrate", "factorize",
+           "prune", "quantize"]

@@ -18,6 +18,7 @@ class StageContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     calibration: Callable[[], Arrays] | None = None  # calibration rows (valid split)
+    train_data: Callable[[], Arrays] | None = None  # fine-tuning rows (train split)
     activations: Callable[[], pa.Table] | None = None  # calibrate stage's range table
     sensitivity: Callable[[], pa.Table] | None = None  # calibrate stage's sensitivity table
     max_relative_auc_loss: float | None = None  # the run's AUC budget, as a fraction

@@ -18,14 +18,22 @@ from tasks.artifacts import ArtifactStore, Registry
 from tasks.data import read_split, to_arrays
 from tasks.evaluate import predict
 from tasks.metrics import auc
-from tasks.types import CompressionRequest, DatasetRequest, TrainConfig
+from tasks.types import (
+    Candidate, CompressionRequest, DatasetRequest, PruneConfig, QuantizeConfig, TrainConfig,
+    default_candidates,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def _request(name: str, **kw) -> CompressionRequest:
+    # the default candidates plus a chain sharing its first stage with another plan
+    pruned = PruneConfig(method="structured", sparsity=0.5)
+    candidates = (*default_candidates(), Candidate(id="pruned", plan=(pruned,)),
+                  Candidate(id="pruned-int8", plan=(pruned, QuantizeConfig())))
     return CompressionRequest(model_name=name, dataset=DatasetRequest(builtin="tiny"),
-                              train=TrainConfig(epochs=2, batch_size=512), **kw)
+                              train=TrainConfig(epochs=2, batch_size=512),
+                              candidates=candidates, **kw)
 
 
 class ConnectionSampler(threading.Thread):
@@ -83,7 +91,7 @@ def test_tiny_flow_promotes_a_model(first_run):
     report, _ = first_run
     assert report.status == "promoted", report.reason
     assert report.promoted.uri.startswith("s3://") and report.promoted.version == 1
-    assert len(report.leaderboard) == 4 and not report.failures
+    assert len(report.leaderboard) == 6 and not report.failures, report.failures
     int8 = {r.candidate: r for r in report.leaderboard}
     assert int8["int8-all"].size_ratio > 3.0  # measured artifact bytes, not a formula
     assert all(r.auc_delta > -0.01 for r in report.leaderboard)
@@ -120,7 +128,8 @@ def test_task_runs_are_visible_in_the_prefect_server(first_run, settings):
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[report.run_id])))
     names = [r.name.rsplit("-", 1)[0] for r in runs]
-    assert names.count("run-stage") == 4 and names.count("evaluate-candidate") == 4
+    # 4 single-stage plans + the shared prune (once) + the chain's quantize
+    assert names.count("run-stage") == 6 and names.count("evaluate-candidate") == 6
     assert names.count("calibrate") == 1  # once per run, whatever number of plans use it
     assert "train-baseline" in names and "promote" in names
     assert all(r.state_type.value == "COMPLETED" for r in runs)

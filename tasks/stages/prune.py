@@ -1,0 +1,97 @@
+"""prune: structured MLP neurons, unstructured magnitude (sparse storage), embedding rows."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.modules import PrunedEmbedding, PrunedLinear, SparseLinear, set_submodule
+from tasks.stages.context import StageContext
+from tasks.stages.finetune import finetune
+from tasks.types import PruneConfig
+
+
+def _hidden_pairs(model: nn.Module) -> list[tuple[nn.Sequential, int, int]]:
+    """(sequential, i, j): Linear i feeds Linear j through element-wise layers only, so the
+    hidden neurons between them can be removed (the model's input/output widths stay)."""
+    pairs = []
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        linears = [k for k, m in enumerate(seq) if isinstance(m, nn.Linear)]
+        for i, j in zip(linears, linears[1:]):
+            if all(isinstance(seq[k], (nn.ReLU, nn.Identity)) for k in range(i + 1, j)):
+                pairs.append((seq, i, j))
+    return pairs
+
+
+def prune_neurons(model: nn.Module, sparsity: float) -> int:
+    """Remove the `sparsity` share of hidden neurons with the smallest |in|*|out| weight norm.
+    Returns the number of neurons removed. A ReLU neuron is gone when its row and the next
+    layer's column are gone: outputs are unchanged for neurons that were already dead."""
+    removed = 0
+    for seq, i, j in _hidden_pairs(model):
+        first, second = seq[i], seq[j]
+        score = first.weight.detach().norm(dim=1) * second.weight.detach().norm(dim=0)
+        keep_n = max(1, round(first.out_features * (1 - sparsity)))
+        keep = torch.sort(torch.topk(score, keep_n).indices).values
+        new_first = PrunedLinear(first.in_features, keep_n, bias=first.bias is not None)
+        new_second = PrunedLinear(keep_n, second.out_features, bias=second.bias is not None)
+        with torch.no_grad():
+            new_first.weight.copy_(first.weight[keep])
+            if first.bias is not None:
+                new_first.bias.copy_(first.bias[keep])
+            new_second.weight.copy_(second.weight[:, keep])
+            if second.bias is not None:
+                new_second.bias.copy_(second.bias)
+        seq[i], seq[j] = new_first, new_second
+        removed += first.out_features - keep_n
+    return removed
+
+
+def prune_magnitude(model: nn.Module, sparsity: float, scope: str) -> None:
+    linears = [(p, m) for p, m in model.named_modules() if type(m) in (nn.Linear, PrunedLinear)]
+    if scope == "global":
+        flat = torch.cat([m.weight.detach().abs().flatten() for _, m in linears])
+        threshold = torch.quantile(flat.float(), sparsity) if flat.numel() < 2**24 else \
+            flat.kthvalue(max(1, int(sparsity * flat.numel()))).values
+    for path, m in linears:
+        w = m.weight.detach().abs()
+        t = threshold if scope == "global" else torch.quantile(w.flatten(), sparsity)
+        set_submodule(model, path, SparseLinear.from_dense(m, w > t))
+
+
+def prune_rows(model: nn.Module, sparsity: float, criterion: str,
+               counts: list[np.ndarray] | None) -> None:
+    tables = [(p, m) for p, m in model.named_modules() if type(m) is nn.Embedding]
+    for k, (path, table) in enumerate(tables):
+        rows = table.weight.shape[0]
+        keep_n = max(1, round(rows * (1 - sparsity)))
+        if criterion == "frequency":
+            assert counts is not None
+            score = torch.from_numpy(counts[k].astype(np.float64))
+        else:
+            score = table.weight.detach().norm(dim=1).double()
+        keep = torch.sort(torch.topk(score, keep_n).indices).values
+        set_submodule(model, path, PrunedEmbedding.from_table(table, keep))
+
+
+def prune(model: nn.Module, cfg: PruneConfig, ctx: StageContext) -> nn.Module:
+    """Return a pruned (and fine-tuned) copy of `model`."""
+    out = copy.deepcopy(model).cpu()
+    if cfg.method == "structured":
+        n = prune_neurons(out, cfg.sparsity)
+        if n == 0:
+            raise ValueError("prune(structured): the model has no hidden MLP neurons to remove")
+        ctx.log(f"{cfg.label()}: removed {n} neurons")
+    elif cfg.method == "magnitude":
+        prune_magnitude(out, cfg.sparsity, cfg.scope)
+    else:
+        counts = None
+        if cfg.criterion == "frequency":
+            data = ctx.need("train_data")
+            counts = [np.bincount(data.sparse[:, k], minlength=t.weight.shape[0])  # type: ignore[union-attr]
+                      for k, t in enumerate(m for m in out.modules() if type(m) is nn.Embedding)]
+        prune_rows(out, cfg.sparsity, cfg.criterion, counts)
+    return finetune(out.to(ctx.device), cfg.finetune_epochs, cfg.finetune_lr, ctx).cpu()
