@@ -6,7 +6,7 @@ description (Prefect renders them in the run form) and every type round-trips th
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -283,7 +283,7 @@ class FactorizeConfig(Frozen):
 
 
 StageConfig = Annotated[
-    Union[QuantizeConfig, PruneConfig, FactorizeConfig], Field(discriminator="kind")
+    QuantizeConfig | PruneConfig | FactorizeConfig, Field(discriminator="kind")
 ]
 
 

@@ -20,9 +20,13 @@ from tasks.modules.linear import (
     WeightOnlyLinear,
     fuse_relu,
 )
-
 from tasks.modules.structural import (
-    LowRankEmbedding, LowRankLinear, PrunedEmbedding, PrunedLinear, SparseLinear, energy_rank,
+    LowRankEmbedding,
+    LowRankLinear,
+    PrunedEmbedding,
+    PrunedLinear,
+    SparseLinear,
+    energy_rank,
 )
 
 COMPRESSED_MODULES: dict[str, type[nn.Module]] = {

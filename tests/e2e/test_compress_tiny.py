@@ -19,7 +19,12 @@ from tasks.data import read_split, to_arrays
 from tasks.evaluate import predict
 from tasks.metrics import auc
 from tasks.types import (
-    Candidate, CompressionRequest, DatasetRequest, PruneConfig, QuantizeConfig, TrainConfig,
+    Candidate,
+    CompressionRequest,
+    DatasetRequest,
+    PruneConfig,
+    QuantizeConfig,
+    TrainConfig,
     default_candidates,
 )
 

@@ -9,7 +9,11 @@ from tasks.data import generate, to_arrays
 from tasks.evaluate import predict
 from tasks.models import build, resolve
 from tasks.modules import (
-    LowRankEmbedding, LowRankLinear, PrunedEmbedding, PrunedLinear, RowWiseQuantEmbedding,
+    LowRankEmbedding,
+    LowRankLinear,
+    PrunedEmbedding,
+    PrunedLinear,
+    RowWiseQuantEmbedding,
     SparseLinear,
 )
 from tasks.stages import StageContext, apply_stage
