@@ -35,7 +35,8 @@ test: .venv
 
 bench: .venv
 	mkdir -p bench-results
-	$(BIN)/recsqueeze bench --suite quantize --size small --seeds 2 --json bench-results/quantize-small.json
+	for s in quantize prune factorize; do \
+	  $(BIN)/recsqueeze bench --suite $$s --size small --seeds 2 --json bench-results/$$s-small.json; done
 
 clean: down
 	rm -rf $(STATE)

@@ -11,15 +11,24 @@ from collections.abc import Callable
 
 from tasks.artifacts import serialize_model
 from tasks.data import generate, to_arrays
-from tasks.evaluate import measure_latency, paired_deltas, predict
+from tasks.evaluate import (
+    dense_flops,
+    embedding_bytes,
+    measure_latency,
+    paired_deltas,
+    predict,
+    stored_elements,
+)
 from tasks.metrics import auc
 from tasks.models import build, resolve
 from tasks.stages import StageContext, apply_stage, calibrate
 from tasks.train import train
 from tasks.types import (
     CalibrateConfig,
+    FactorizeConfig,
     MixedPrecision,
     ModelSpec,
+    PruneConfig,
     QuantizeConfig,
     StageConfig,
     TrainConfig,
@@ -27,7 +36,9 @@ from tasks.types import (
 
 BUDGET = 0.001  # relative AUC loss the suites judge "passed" against (upper 95% bound)
 
-SUITES: dict[str, tuple[StageConfig, ...]] = {
+Plan = StageConfig | tuple[StageConfig, ...]  # one stage, or a chain applied in order
+
+SUITES: dict[str, tuple[Plan, ...]] = {
     "quantize": (
         QuantizeConfig(linear="dynamic_int8", embeddings="none"),
         QuantizeConfig(linear="static_int8", embeddings="none"),
@@ -46,7 +57,32 @@ SUITES: dict[str, tuple[StageConfig, ...]] = {
         QuantizeConfig(linear="dynamic_int8", embeddings="rowwise_int4"),
         QuantizeConfig(mixed_precision=MixedPrecision()),
     ),
+    "prune": (
+        PruneConfig(method="structured", sparsity=0.5),
+        PruneConfig(method="structured", sparsity=0.75),
+        PruneConfig(method="magnitude", sparsity=0.8),
+        PruneConfig(method="embedding_rows", sparsity=0.5),
+        PruneConfig(method="embedding_rows", sparsity=0.9),
+        (PruneConfig(method="embedding_rows", sparsity=0.5),
+         QuantizeConfig(embeddings="rowwise_int4")),
+    ),
+    "factorize": (
+        FactorizeConfig(target="embeddings", rank=16),
+        FactorizeConfig(target="embeddings", rank=8),
+        FactorizeConfig(target="embeddings", rank=4),
+        FactorizeConfig(target="linear", energy=0.9),
+        (FactorizeConfig(target="embeddings", rank=8), QuantizeConfig(embeddings="rowwise_int8")),
+        (FactorizeConfig(target="embeddings", rank=16), QuantizeConfig(embeddings="rowwise_int4")),
+    ),
 }
+
+
+def _stages(plan: Plan) -> tuple[StageConfig, ...]:
+    return plan if isinstance(plan, tuple) else (plan,)
+
+
+def plan_label(plan: Plan) -> str:
+    return " -> ".join(stage.label() for stage in _stages(plan))
 
 
 def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
@@ -67,11 +103,21 @@ def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
     log(f"baseline trained in {time.perf_counter() - t0:.0f}s")
     base_bytes = len(serialize_model(baseline, spec))
     base_probs = predict(baseline, test)
-    cal = calibrate(baseline, CalibrateConfig(), StageContext(calibration=lambda: valid))
-    ctx = StageContext(seed=seed, calibration=lambda: valid, activations=lambda: cal.activations,
-                       sensitivity=lambda: cal.sensitivity, max_relative_auc_loss=BUDGET)
     configs = SUITES[suite]
-    candidates = [apply_stage(baseline, cfg, ctx) for cfg in configs]
+    cal = calibrate(baseline, CalibrateConfig(), StageContext(calibration=lambda: valid)) \
+        if any(st.needs_calibration() for plan in configs for st in _stages(plan)) else None
+    ctx = StageContext(seed=seed, calibration=lambda: valid, train_data=lambda: train_arrays,
+                       activations=(lambda: cal.activations) if cal else None,
+                       sensitivity=(lambda: cal.sensitivity) if cal else None,
+                       max_relative_auc_loss=BUDGET)
+    candidates = []
+    for plan in configs:
+        t0 = time.perf_counter()
+        model = baseline
+        for stage in _stages(plan):
+            model = apply_stage(model, stage, ctx)
+        candidates.append(model)
+        log(f"built {plan_label(plan)} in {time.perf_counter() - t0:.0f}s")
     latencies = measure_latency([baseline, *candidates], test, batch_sizes=(batch_size,))
     p99 = [lat[0].p99_ms for lat in latencies]
     rows: list[dict[str, object]] = []
@@ -81,8 +127,13 @@ def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
         auc_d, ll_d = paired_deltas(test.label, base_probs, probs)
         rel_high = auc_d.loss_ci_high / auc_d.baseline
         rows.append({
-            "suite": suite, "size": size, "seed": seed, "candidate": cfg.label(),
-            "config": cfg.model_dump(mode="json"), "plan": cfg.label(), "size_bytes": nbytes,
+            "suite": suite, "size": size, "seed": seed, "candidate": plan_label(cfg),
+            "config": [st.model_dump(mode="json") for st in _stages(cfg)],
+            "plan": plan_label(cfg), "size_bytes": nbytes,
+            "embedding_bytes": embedding_bytes(model), "dense_flops": dense_flops(model),
+            "baseline_embedding_bytes": embedding_bytes(baseline),
+            "baseline_dense_flops": dense_flops(baseline), "params": stored_elements(model),
+            "baseline_params": stored_elements(baseline),
             "baseline_bytes": base_bytes, "size_ratio": base_bytes / nbytes,
             "auc": auc(test.label, probs), "baseline_auc": auc_d.baseline,
             "auc_delta": auc_d.delta, "auc_loss_ci_high": auc_d.loss_ci_high,
@@ -93,6 +144,6 @@ def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
                 f"auc: relative loss upper bound {rel_high:.5f} > budget {BUDGET}"],
             "bayes_auc": data_spec.bayes_auc, "test_rows": len(test),
         })
-        log(f"{cfg.label():48s} size {base_bytes / nbytes:5.2f}x  auc {auc_d.delta:+.5f} "
+        log(f"{plan_label(cfg):48s} size {base_bytes / nbytes:5.2f}x  auc {auc_d.delta:+.5f} "
             f"(rel loss<= {rel_high:.5f})  p99 {p99[0] / cand_p99:4.2f}x")
     return rows

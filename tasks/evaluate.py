@@ -75,6 +75,29 @@ def stored_elements(model: nn.Module) -> int:
     return sum(t.numel() for t in model.state_dict().values())
 
 
+def _leaf_tensors_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def embedding_bytes(model: nn.Module) -> int:
+    """Stored bytes of the embedding tables (whatever form they now have)."""
+    tables = getattr(model, "embeddings", None)
+    return _leaf_tensors_bytes(tables) if isinstance(tables, nn.Module) else 0
+
+
+@torch.inference_mode()
+def dense_flops(model: nn.Module) -> int:
+    """Multiply-adds per example in Linear-like layers (counted from their weight shapes)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+        elif hasattr(m, "dense_weight") or hasattr(m, "dequantized_weight"):
+            w = m.dense_weight() if hasattr(m, "dense_weight") else m.dequantized_weight()
+            total += int((w != 0).sum()) if hasattr(m, "dense_weight") else w.numel()
+    return total
+
+
 def evaluate(model: nn.Module, test: Arrays, size_bytes: int,
              reference: nn.Module | None = None,
              ) -> tuple[Metrics, np.ndarray, tuple[Latency, ...] | None]:

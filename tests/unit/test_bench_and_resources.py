@@ -27,3 +27,13 @@ def test_quantize_suite_rows_are_measured_side_by_side():
 def test_unknown_suite_is_named():
     with pytest.raises(ValueError, match="--suite must be one of"):
         run_suite("nope", "tiny")
+
+
+def test_prune_suite_reports_flops_and_embedding_bytes():
+    rows = {r["plan"]: r for r in run_suite("prune", "tiny", log=lambda _: None)}
+    structured = rows["prune(structured@0.75)"]
+    assert structured["dense_flops"] < structured["baseline_dense_flops"] / 2
+    emb = rows["prune(embedding_rows@0.9)"]
+    assert emb["embedding_bytes"] < emb["baseline_embedding_bytes"] / 5
+    chain = rows["prune(embedding_rows@0.5) -> quantize(dynamic_int8+rowwise_int4)"]
+    assert chain["size_ratio"] > rows["prune(embedding_rows@0.5)"]["size_ratio"] * 3
