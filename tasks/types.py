@@ -230,8 +230,10 @@ class PruneConfig(Frozen):
     criterion: Literal["frequency", "norm"] = Field("frequency", description="row importance")
     finetune_epochs: int = Field(1, ge=0, le=20, description="fine-tuning epochs afterwards")
     finetune_lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
+    finetune_target: Literal["teacher", "labels"] = Field(
+        "teacher", description="fit the uncompressed model's probabilities, or the clicks")
     finetune_scope: Literal["dense", "all"] = Field(
-        "dense", description="dense = leave embedding tables frozen while fine-tuning")
+        "all", description="dense = leave embedding tables frozen while fine-tuning")
 
     @field_validator("sparsity")
     @classmethod
@@ -268,8 +270,10 @@ class FactorizeConfig(Frozen):
     energy: float = Field(0.9, gt=0, le=1, description="kept share of squared singular values")
     finetune_epochs: int = Field(1, ge=0, le=20, description="fine-tuning epochs afterwards")
     finetune_lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
+    finetune_target: Literal["teacher", "labels"] = Field(
+        "teacher", description="fit the uncompressed model's probabilities, or the clicks")
     finetune_scope: Literal["dense", "all"] = Field(
-        "dense", description="dense = leave embedding tables frozen while fine-tuning")
+        "all", description="dense = leave embedding tables frozen while fine-tuning")
 
     @field_validator("rank")
     @classmethod

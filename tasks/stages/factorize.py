@@ -34,5 +34,5 @@ def factorize(model: nn.Module, cfg: FactorizeConfig, ctx: StageContext) -> nn.M
         raise ValueError(f"{cfg.label()}: no layer gets smaller at this rank; lower the rank "
                          "or the energy")
     ctx.log(f"{cfg.label()}: factorized {changed} layers")
-    return finetune(out.to(ctx.device), cfg.finetune_epochs, cfg.finetune_lr, ctx,
-                    cfg.finetune_scope).cpu()
+    return finetune(out.to(ctx.device), model, cfg.finetune_epochs, cfg.finetune_lr, ctx,
+                    cfg.finetune_target, cfg.finetune_scope).cpu()

@@ -94,5 +94,5 @@ def prune(model: nn.Module, cfg: PruneConfig, ctx: StageContext) -> nn.Module:
             counts = [np.bincount(data.sparse[:, k], minlength=t.weight.shape[0])  # type: ignore[union-attr]
                       for k, t in enumerate(m for m in out.modules() if type(m) is nn.Embedding)]
         prune_rows(out, cfg.sparsity, cfg.criterion, counts)
-    return finetune(out.to(ctx.device), cfg.finetune_epochs, cfg.finetune_lr, ctx,
-                    cfg.finetune_scope).cpu()
+    return finetune(out.to(ctx.device), model, cfg.finetune_epochs, cfg.finetune_lr, ctx,
+                    cfg.finetune_target, cfg.finetune_scope).cpu()

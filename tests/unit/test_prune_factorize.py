@@ -150,3 +150,19 @@ def test_rank_that_saves_nothing_is_refused(setup):
     with pytest.raises(ValueError, match="no layer gets smaller"):
         apply_stage(model, FactorizeConfig(target="linear", rank=64, finetune_epochs=0),
                     StageContext())
+
+
+def test_teacher_finetuning_moves_the_pruned_model_toward_the_teacher(setup):
+    _, spec, valid, ctx = setup
+    from tasks.train import train
+    from tasks.types import TrainConfig
+
+    model = train(build(spec, 0), ctx.train_data(), TrainConfig(epochs=1, batch_size=256),
+                  valid=valid)
+    raw = apply_stage(model, PruneConfig(method="structured", sparsity=0.75, finetune_epochs=0),
+                      ctx)
+    tuned = apply_stage(model, PruneConfig(method="structured", sparsity=0.75,
+                                           finetune_epochs=1, finetune_lr=3e-3), ctx)
+    teacher = predict(model, valid)
+    gap = lambda m: float(np.mean((predict(m, valid) - teacher) ** 2))  # noqa: E731
+    assert gap(tuned) < gap(raw)
