@@ -205,7 +205,21 @@ class CalibrationRefs(Frozen):
     sensitivity: ArtifactRef = Field(description="Parquet: AUC change per layer and dtype")
 
 
-class PruneConfig(Frozen):
+class FineTuned(Frozen):
+    """Fine-tuning after a structural stage (fields shared by prune and factorize)."""
+
+    finetune_epochs: int = Field(1, ge=0, le=20, description="fine-tuning epochs afterwards")
+    finetune_lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
+    finetune_target: Literal["teacher", "labels"] = Field(
+        "teacher", description="fit the uncompressed model's probabilities, or the clicks")
+    finetune_scope: Literal["dense", "all"] = Field(
+        "all", description="dense = leave embedding tables frozen while fine-tuning")
+
+    def needs_calibration(self) -> bool:
+        return False
+
+
+class PruneConfig(FineTuned):
     """Pruning, then (optionally) fine-tuning on the train split.
 
     Args:
@@ -228,12 +242,6 @@ class PruneConfig(Frozen):
     sparsity: float = Field(0.5, description="fraction removed, in (0, 1)")
     scope: Literal["global", "layer"] = Field("global", description="magnitude threshold scope")
     criterion: Literal["frequency", "norm"] = Field("frequency", description="row importance")
-    finetune_epochs: int = Field(1, ge=0, le=20, description="fine-tuning epochs afterwards")
-    finetune_lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
-    finetune_target: Literal["teacher", "labels"] = Field(
-        "teacher", description="fit the uncompressed model's probabilities, or the clicks")
-    finetune_scope: Literal["dense", "all"] = Field(
-        "all", description="dense = leave embedding tables frozen while fine-tuning")
 
     @field_validator("sparsity")
     @classmethod
@@ -243,14 +251,11 @@ class PruneConfig(Frozen):
                              "removed")
         return v
 
-    def needs_calibration(self) -> bool:
-        return False
-
     def label(self) -> str:
         return f"prune({self.method}@{self.sparsity:g})"
 
 
-class FactorizeConfig(Frozen):
+class FactorizeConfig(FineTuned):
     """Low-rank factorization, then (optionally) fine-tuning.
 
     Args:
@@ -268,12 +273,6 @@ class FactorizeConfig(Frozen):
     target: Literal["linear", "embeddings"] = Field("embeddings", description="what to factor")
     rank: int | None = Field(None, description="fixed rank (>= 1), or None to use energy")
     energy: float = Field(0.9, gt=0, le=1, description="kept share of squared singular values")
-    finetune_epochs: int = Field(1, ge=0, le=20, description="fine-tuning epochs afterwards")
-    finetune_lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
-    finetune_target: Literal["teacher", "labels"] = Field(
-        "teacher", description="fit the uncompressed model's probabilities, or the clicks")
-    finetune_scope: Literal["dense", "all"] = Field(
-        "all", description="dense = leave embedding tables frozen while fine-tuning")
 
     @field_validator("rank")
     @classmethod
@@ -282,9 +281,6 @@ class FactorizeConfig(Frozen):
             raise ValueError(f"factorize.rank must be >= 1 (got {v}); or leave it empty and "
                              "set energy")
         return v
-
-    def needs_calibration(self) -> bool:
-        return False
 
     def label(self) -> str:
         return f"factorize({self.target}@{self.rank if self.rank else f'e{self.energy:g}'})"
