@@ -187,9 +187,10 @@ def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int,
         activations=(lambda: _table(store, calibration.activations)) if calibration else None,
         sensitivity=sensitivity,
         max_relative_auc_loss=_relative_auc_budget(budget, sensitivity) if budget else None,
+        spec=spec,
     )
     out = apply_stage(model, cfg, ctx)
-    ref = store.put_model(out.cpu(), spec)
+    ref = store.put_model(out.cpu(), getattr(out, "spec", spec))  # distill changes the spec
     return Built(ref, node_ip(), time.perf_counter() - start, (*parent.chain, cfg.label()))
 
 

@@ -286,8 +286,39 @@ class FactorizeConfig(FineTuned):
         return f"factorize({self.target}@{self.rank if self.rank else f'e{self.energy:g}'})"
 
 
+class DistillConfig(Frozen):
+    """Train a smaller student of the same family on the teacher's (the parent model's) click
+    probabilities, mixed with the clicks.
+
+    Args:
+        student: the student's hyperparameters (tables come from the teacher's data).
+        alpha: weight of the teacher's probabilities in the target (1 - alpha on the clicks);
+            BCE is linear in its target, so this is exactly alpha*soft + (1-alpha)*hard loss.
+        epochs, lr: student training (early stopping on valid).
+        require_smaller: refuse a student with as many parameters as the teacher or more.
+
+    Example: ``DistillConfig(student=ModelSpec(embedding_dim=16, bottom_mlp=(64, 16)))``
+    """
+
+    kind: Literal["distill"] = "distill"
+    student: ModelSpec = Field(
+        default_factory=lambda: ModelSpec(embedding_dim=16, bottom_mlp=(64, 16), top_mlp=(128, 64)),
+        description="student architecture")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the teacher's probabilities")
+    epochs: int = Field(2, ge=1, le=50, description="most student epochs (early stopping)")
+    lr: float = Field(2e-3, gt=0, description="student learning rate")
+    batch_size: int = Field(2048, ge=8, description="student rows per step")
+    require_smaller: bool = Field(True, description="refuse a student that is not smaller")
+
+    def needs_calibration(self) -> bool:
+        return False
+
+    def label(self) -> str:
+        return f"distill(d{self.student.embedding_dim})"
+
+
 StageConfig = Annotated[
-    QuantizeConfig | PruneConfig | FactorizeConfig, Field(discriminator="kind")
+    QuantizeConfig | PruneConfig | FactorizeConfig | DistillConfig, Field(discriminator="kind")
 ]
 
 

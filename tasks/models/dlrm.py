@@ -26,6 +26,7 @@ def mlp(widths: list[int], last_activation: bool) -> nn.Sequential:
 class DLRM(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
+        self.spec = spec  # the architecture this module was built from (stages may change it)
         d = spec.embedding_dim
         self.embeddings = nn.ModuleList(nn.Embedding(t.rows, d) for t in spec.tables)
         for table in self.embeddings:

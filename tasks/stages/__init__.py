@@ -8,13 +8,15 @@ from torch import nn
 
 from tasks.stages.calibrate import Calibration, calibrate
 from tasks.stages.context import StageContext
+from tasks.stages.distill import distill
 from tasks.stages.factorize import factorize
 from tasks.stages.prune import prune
 from tasks.stages.quantize import quantize
-from tasks.types import FactorizeConfig, PruneConfig, QuantizeConfig, StageConfig
+from tasks.types import DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig, StageConfig
 
 STAGES: dict[type, Callable[..., nn.Module]] = {
     QuantizeConfig: quantize, PruneConfig: prune, FactorizeConfig: factorize,
+    DistillConfig: distill,
 }
 
 
@@ -26,5 +28,5 @@ def apply_stage(model: nn.Module, cfg: StageConfig, ctx: StageContext) -> nn.Mod
     return fn(model, cfg, ctx)
 
 
-__all__ = ["STAGES", "Calibration", "StageContext", "apply_stage", "calibrate", "factorize",
+__all__ = ["STAGES", "Calibration", "StageContext", "apply_stage", "calibrate", "distill", "factorize",
            "prune", "quantize"]

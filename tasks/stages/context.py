@@ -11,6 +11,7 @@ import pyarrow as pa
 import torch
 
 from tasks.data import Arrays
+from tasks.types import ModelSpec
 
 
 @dataclass
@@ -22,6 +23,7 @@ class StageContext:
     activations: Callable[[], pa.Table] | None = None  # calibrate stage's range table
     sensitivity: Callable[[], pa.Table] | None = None  # calibrate stage's sensitivity table
     max_relative_auc_loss: float | None = None  # the run's AUC budget, as a fraction
+    spec: ModelSpec | None = None  # the input model's spec (distill builds its student from it)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("recsqueeze"))
 
     def generator(self) -> torch.Generator:

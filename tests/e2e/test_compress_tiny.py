@@ -22,6 +22,8 @@ from tasks.types import (
     Candidate,
     CompressionRequest,
     DatasetRequest,
+    DistillConfig,
+    ModelSpec,
     PruneConfig,
     QuantizeConfig,
     TrainConfig,
@@ -34,8 +36,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def _request(name: str, **kw) -> CompressionRequest:
     # the default candidates plus a chain sharing its first stage with another plan
     pruned = PruneConfig(method="structured", sparsity=0.5)
+    student = DistillConfig(student=ModelSpec(embedding_dim=16, bottom_mlp=(32, 16),
+                                              top_mlp=(64,)), batch_size=512)
     candidates = (*default_candidates(), Candidate(id="pruned", plan=(pruned,)),
-                  Candidate(id="pruned-int8", plan=(pruned, QuantizeConfig())))
+                  Candidate(id="pruned-int8", plan=(pruned, QuantizeConfig())),
+                  Candidate(id="student-int8", plan=(student, QuantizeConfig())))
     return CompressionRequest(model_name=name, dataset=DatasetRequest(builtin="tiny"),
                               train=TrainConfig(epochs=2, batch_size=512),
                               candidates=candidates, **kw)
@@ -96,7 +101,7 @@ def test_tiny_flow_promotes_a_model(first_run):
     report, _ = first_run
     assert report.status == "promoted", report.reason
     assert report.promoted.uri.startswith("s3://") and report.promoted.version == 1
-    assert len(report.leaderboard) == 6 and not report.failures, report.failures
+    assert len(report.leaderboard) == 7 and not report.failures, report.failures
     int8 = {r.candidate: r for r in report.leaderboard}
     assert int8["int8-all"].size_ratio > 3.0  # measured artifact bytes, not a formula
     assert all(r.auc_delta > -0.01 for r in report.leaderboard)
@@ -133,8 +138,8 @@ def test_task_runs_are_visible_in_the_prefect_server(first_run, settings):
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[report.run_id])))
     names = [r.name.rsplit("-", 1)[0] for r in runs]
-    # 4 single-stage plans + the shared prune (once) + the chain's quantize
-    assert names.count("run-stage") == 6 and names.count("evaluate-candidate") == 6
+    # 4 single-stage plans + the shared prune (once) + its chain's quantize + distill, quantize
+    assert names.count("run-stage") == 8 and names.count("evaluate-candidate") == 7
     assert names.count("calibrate") == 1  # once per run, whatever number of plans use it
     assert "train-baseline" in names and "promote" in names
     assert all(r.state_type.value == "COMPLETED" for r in runs)

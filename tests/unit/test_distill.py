@@ -1,0 +1,52 @@
+import pytest
+from pydantic import ValidationError
+
+from tasks.artifacts import deserialize_model, serialize_model
+from tasks.data import generate, to_arrays
+from tasks.evaluate import predict, stored_elements
+from tasks.metrics import auc
+from tasks.models import build, resolve
+from tasks.stages import StageContext, apply_stage
+from tasks.train import train
+from tasks.types import DistillConfig, ModelSpec, QuantizeConfig, TrainConfig
+
+TEACHER = ModelSpec(embedding_dim=32, bottom_mlp=(64, 32), top_mlp=(128, 64))
+STUDENT = ModelSpec(embedding_dim=8, bottom_mlp=(16, 8), top_mlp=(32,))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tables, data_spec = generate("tiny", 0)
+    spec = resolve(TEACHER, data_spec)
+    tr, va, te = (to_arrays(tables[s], data_spec) for s in ("train", "valid", "test"))
+    teacher = train(build(spec, 0), tr, TrainConfig(epochs=2, batch_size=256), valid=va)
+    ctx = StageContext(calibration=lambda: va, train_data=lambda: tr, spec=spec)
+    return teacher, spec, te, ctx
+
+
+def test_student_is_smaller_learns_and_round_trips(setup):
+    teacher, spec, test, ctx = setup
+    student = apply_stage(teacher, DistillConfig(student=STUDENT, epochs=2, batch_size=256), ctx)
+    assert stored_elements(student) < stored_elements(teacher) / 3
+    assert student.spec.embedding_dim == 8 and student.spec.tables == spec.tables
+    a_teacher, a_student = auc(test.label, predict(teacher, test)), auc(test.label, predict(student, test))
+    assert a_student > 0.6 and a_student > a_teacher - 0.05
+    blob = serialize_model(student, student.spec)
+    loaded, loaded_spec = deserialize_model(blob)
+    assert loaded_spec.embedding_dim == 8
+    assert (predict(loaded, test) == predict(student, test)).all()
+    q = apply_stage(student, QuantizeConfig(), ctx)  # distill -> quantize chain
+    assert len(serialize_model(q, student.spec)) < len(blob) / 1.5  # dim 8: 16 B/row vs 32
+
+
+def test_student_not_smaller_is_refused(setup):
+    teacher, _, _, ctx = setup
+    with pytest.raises(ValueError, match="not fewer than the teacher"):
+        apply_stage(teacher, DistillConfig(student=TEACHER), ctx)
+
+
+def test_distill_config_validation():
+    with pytest.raises(ValidationError, match="alpha"):
+        DistillConfig(alpha=1.5)
+    cfg = DistillConfig(student=STUDENT)
+    assert DistillConfig.model_validate_json(cfg.model_dump_json()) == cfg
