@@ -101,6 +101,13 @@ def arrays(ref: DatasetRef, split: str) -> Arrays:
     return _arrays(ref.model_dump_json(), split)
 
 
+@lru_cache(maxsize=2)
+def _reference_model(ref_json: str) -> torch.nn.Module:
+    # every candidate is timed next to the baseline: fetch and rebuild it once per worker
+    model, _ = ArtifactStore(Settings()).get_model(ArtifactRef.model_validate_json(ref_json))
+    return model
+
+
 @task(name="prepare-dataset", **_TASK)
 def prepare_dataset(request: DatasetRequest) -> DatasetRef:
     """Generate the built-in click log (idempotent) or open the dataset at request.uri."""
@@ -202,7 +209,7 @@ def evaluate_candidate(candidate: Candidate, built: Built, dataset: DatasetRef,
     by side with the baseline in this same process."""
     store = ArtifactStore(Settings())
     model, _ = store.get_model(built.model)
-    reference, _ = store.get_model(baseline_model.model)
+    reference = _reference_model(baseline_model.model.model_dump_json())
     test = arrays(dataset, "test")
     metrics, probs, base_latency = evaluate(model, test, built.model.size_bytes, reference)
     base = store.get_tensor(baseline.predictions).numpy()
