@@ -29,6 +29,16 @@ def predict(model: nn.Module, data: Arrays, batch_size: int = 8192,
     return np.concatenate(out)
 
 
+@torch.inference_mode()
+def predict_logits(model: nn.Module, data: Arrays, batch_size: int = 8192) -> np.ndarray:
+    """Logits for every row, float32, computed on CPU (teacher outputs for distillation)."""
+    model.eval()
+    out = [model(torch.from_numpy(data.dense[i:i + batch_size]),
+                 torch.from_numpy(data.sparse[i:i + batch_size])).float().numpy()
+           for i in range(0, len(data), batch_size)]
+    return np.concatenate(out)
+
+
 def measure_latency(models: list[nn.Module], data: Arrays,
                     batch_sizes: tuple[int, ...] = LATENCY_BATCHES, rounds: int = 20,
                     iters: int = 25, warmup: int = 10) -> list[tuple[Latency, ...]]:

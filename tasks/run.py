@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -24,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
 from tasks.data import Arrays, generate, read_dataset_ref, read_split, to_arrays, write_dataset
-from tasks.evaluate import evaluate, paired_deltas
+from tasks.evaluate import evaluate, paired_deltas, predict_logits
 from tasks.models import build, resolve
 from tasks.stages import StageContext, apply_stage, calibrate
 from tasks.stages.calibrate import table_bytes
@@ -178,6 +179,45 @@ def _relative_auc_budget(budget: Budget, sensitivity: Callable[[], pa.Table] | N
     return rule.max_drop / base
 
 
+def served_logits(store: ArtifactStore, model_sha: str, load: Callable[[], torch.nn.Module],
+                  dataset: DatasetRef) -> np.ndarray:
+    """A model's logits on the train rows, computed once per (model, dataset) and stored in S3
+    (teacher-outputs/...) for every later student and fine-tuning stage to reuse."""
+    key = "teacher-outputs/" + hashlib.sha256(
+        f"{model_sha}|{dataset.splits['train']}".encode()).hexdigest() + ".json"
+    cached = store.get_json(key)
+    if cached is not None:
+        return store.get_tensor(ArtifactRef.model_validate(cached)).numpy()
+    logits = predict_logits(load(), arrays(dataset, "train"))
+    ref = store.put_tensor(torch.from_numpy(logits))
+    store.put_json(key, ref.model_dump(mode="json"))
+    get_run_logger().info("teacher outputs of %s stored at %s", model_sha[:12], ref.uri)
+    return logits
+
+
+def registry_teacher(store: ArtifactStore, dataset: DatasetRef,
+                     name: str) -> tuple[torch.nn.Module, np.ndarray]:
+    """`MODEL@production`, `MODEL@previous` or `MODEL@v3` from the registry, with its logits."""
+    model_name, _, which = name.partition("@")
+    registry = Registry(store)
+    version = int(which[1:]) if which.startswith("v") else registry.alias(model_name, which)
+    if version is None or version not in registry.versions(model_name):
+        raise ValueError(f"distill.teacher: the registry has no {name} (versions of "
+                         f"{model_name}: {registry.versions(model_name)})")
+    model, spec = registry.load(model_name, version)
+    if spec != resolve(spec, dataset.spec):
+        raise ValueError(f"distill.teacher: {name} was built for other data (tables or dense "
+                         "features differ); choose a teacher trained on this dataset")
+    sha = str(registry.version_info(model_name, version)["model"]["sha256"])
+    return model, served_logits(store, sha, lambda: model, dataset)
+
+
+def query_column(dataset: DatasetRef) -> int | None:
+    names = [c.name for c in dataset.spec.categorical]
+    q = dataset.spec.query_id
+    return names.index(q) if q in names else None
+
+
 @task(name="run-stage", **_TASK)
 def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int,
               calibration: CalibrationRefs | None = None,
@@ -195,6 +235,9 @@ def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int,
         sensitivity=sensitivity,
         max_relative_auc_loss=_relative_auc_budget(budget, sensitivity) if budget else None,
         spec=spec,
+        teacher_logits=lambda: served_logits(store, parent.model.sha256, lambda: model, dataset),
+        registry_teacher=lambda name: registry_teacher(store, dataset, name),
+        query_column=query_column(dataset),
     )
     out = apply_stage(model, cfg, ctx)
     ref = store.put_model(out.cpu(), getattr(out, "spec", spec))  # distill changes the spec

@@ -260,9 +260,11 @@ class FactorizeConfig(FineTuned):
 
     Args:
         target: ``linear`` = truncated SVD of every Linear layer (W ~= U V);
-            ``embeddings`` = every table E ~= A B (A: rows x rank, B: rank x dim).
-        rank: fixed rank; or None and ``energy`` = keep the smallest rank holding this share
-            of the squared singular values.
+            ``embeddings`` = every table E ~= A B (A: rows x rank, B: rank x dim);
+            ``tt_embeddings`` = every table as tensor-train cores (TT-Rec), found by TT-SVD.
+        rank: fixed rank (for TT: the cap on every TT-rank); or None and ``energy`` = keep the
+            smallest rank holding this share of the squared singular values.
+        tt_cores: number of TT cores (tt_embeddings only).
         energy: in (0, 1], used when rank is None.
         finetune_epochs: epochs of fine-tuning afterwards (0 = none).
 
@@ -270,9 +272,11 @@ class FactorizeConfig(FineTuned):
     """
 
     kind: Literal["factorize"] = "factorize"
-    target: Literal["linear", "embeddings"] = Field("embeddings", description="what to factor")
+    target: Literal["linear", "embeddings", "tt_embeddings"] = Field(
+        "embeddings", description="what to factor")
     rank: int | None = Field(None, description="fixed rank (>= 1), or None to use energy")
     energy: float = Field(0.9, gt=0, le=1, description="kept share of squared singular values")
+    tt_cores: int = Field(3, ge=2, le=4, description="TT cores per table (tt_embeddings)")
 
     @field_validator("rank")
     @classmethod
@@ -283,18 +287,27 @@ class FactorizeConfig(FineTuned):
         return v
 
     def label(self) -> str:
-        return f"factorize({self.target}@{self.rank if self.rank else f'e{self.energy:g}'})"
+        target = "tt" if self.target == "tt_embeddings" else self.target
+        return f"factorize({target}@{self.rank if self.rank else f'e{self.energy:g}'})"
 
 
 class DistillConfig(Frozen):
-    """Train a smaller student of the same family on the teacher's (the parent model's) click
-    probabilities, mixed with the clicks.
+    """Train a smaller student of the same family to imitate a teacher.
+
+    The loss per batch is
+    ``alpha * soft + (1 - alpha) * hard + hint_weight * hint + listwise_weight * listwise``:
+    soft = T² · BCE(sigmoid(s/T), sigmoid(t/T)) on the teacher's logits t (T = temperature;
+    at T = 1, BCE on the teacher's click probabilities), hard = BCE on the clicks, hint = MSE
+    between a learned projection of the student's last hidden layer and the teacher's, listwise
+    = cross entropy between the teacher's and the student's softmax over the rows of each query
+    group in the batch (needs the dataset's query_id column). See tasks/losses.py.
 
     Args:
         student: the student's hyperparameters (tables come from the teacher's data).
-        alpha: weight of the teacher's probabilities in the target (1 - alpha on the clicks);
-            BCE is linear in its target, so this is exactly alpha*soft + (1-alpha)*hard loss.
-        epochs, lr: student training (early stopping on valid).
+        teacher: ``input`` = the model this stage receives (the baseline when distill comes
+            first), or a registry model ``NAME@production`` / ``NAME@previous`` / ``NAME@v3``.
+        temperature, alpha, hint_weight, listwise_weight: the loss above.
+        epochs, lr, batch_size: student training (early stopping on valid).
         require_smaller: refuse a student with as many parameters as the teacher or more.
 
     Example: ``DistillConfig(student=ModelSpec(embedding_dim=16, bottom_mlp=(64, 16)))``
@@ -304,7 +317,13 @@ class DistillConfig(Frozen):
     student: ModelSpec = Field(
         default_factory=lambda: ModelSpec(embedding_dim=16, bottom_mlp=(64, 16), top_mlp=(128, 64)),
         description="student architecture")
-    alpha: float = Field(0.9, ge=0, le=1, description="weight of the teacher's probabilities")
+    teacher: str = Field(
+        "input", pattern=r"^(input|[a-z0-9][a-z0-9_\-]*@(production|previous|v[1-9][0-9]*))$",
+        description="input, or a registry model NAME@ALIAS / NAME@vN")
+    temperature: float = Field(1.0, gt=0, le=100, description="softening of both sides (T)")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (teacher) term")
+    hint_weight: float = Field(0.0, ge=0, description="weight of the hidden-layer hint term")
+    listwise_weight: float = Field(0.0, ge=0, description="weight of the listwise ranking term")
     epochs: int = Field(2, ge=1, le=50, description="most student epochs (early stopping)")
     lr: float = Field(2e-3, gt=0, description="student learning rate")
     batch_size: int = Field(2048, ge=8, description="student rows per step")
@@ -314,7 +333,12 @@ class DistillConfig(Frozen):
         return False
 
     def label(self) -> str:
-        return f"distill(d{self.student.embedding_dim})"
+        s = self.student
+        extra = "".join([f",T{self.temperature:g}" if self.temperature != 1 else "",
+                         ",hint" if self.hint_weight else "",
+                         ",listwise" if self.listwise_weight else "",
+                         f",{self.teacher}" if self.teacher != "input" else ""])
+        return f"distill(d{s.embedding_dim},top{'x'.join(map(str, s.top_mlp))}{extra})"
 
 
 StageConfig = Annotated[

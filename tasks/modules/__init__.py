@@ -28,11 +28,13 @@ from tasks.modules.structural import (
     SparseLinear,
     energy_rank,
 )
+from tasks.modules.tt import TTEmbedding
 
 COMPRESSED_MODULES: dict[str, type[nn.Module]] = {
     m.kind: m for m in (RowWiseQuantEmbedding, HalfEmbedding, DynamicInt8Linear,  # type: ignore[attr-defined]
                         StaticInt8Linear, WeightOnlyLinear, HalfLinear, FusedAway, PrunedLinear,
-                        SparseLinear, PrunedEmbedding, LowRankLinear, LowRankEmbedding)
+                        SparseLinear, PrunedEmbedding, LowRankLinear, LowRankEmbedding,
+                        TTEmbedding)
 }
 
 
@@ -61,4 +63,4 @@ def apply_manifest(model: nn.Module, manifest: dict[str, dict[str, Any]]) -> nn.
 __all__ = ["COMPRESSED_MODULES", "DynamicInt8Linear", "FusedAway", "HalfEmbedding", "HalfLinear",
            "RowWiseQuantEmbedding", "StaticInt8Linear", "WeightOnlyLinear", "apply_manifest",
            "LowRankEmbedding", "LowRankLinear", "PrunedEmbedding", "PrunedLinear", "SparseLinear",
-           "energy_rank", "fuse_relu", "manifest_of", "set_submodule"]
+           "TTEmbedding", "energy_rank", "fuse_relu", "manifest_of", "set_submodule"]

@@ -7,8 +7,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import torch
+from torch import nn
 
 from tasks.data import Arrays
 from tasks.types import ModelSpec
@@ -24,6 +26,12 @@ class StageContext:
     sensitivity: Callable[[], pa.Table] | None = None  # calibrate stage's sensitivity table
     max_relative_auc_loss: float | None = None  # the run's AUC budget, as a fraction
     spec: ModelSpec | None = None  # the input model's spec (distill builds its student from it)
+    # the input model's logits on the train rows; the flow serves them from S3, computed once
+    # per (model, dataset). None: computed here when a stage needs them.
+    teacher_logits: Callable[[], np.ndarray] | None = None
+    # "NAME@ALIAS" / "NAME@vN" -> (registry model, its logits on the train rows)
+    registry_teacher: Callable[[str], tuple[nn.Module, np.ndarray]] | None = None
+    query_column: int | None = None  # index of the query-id column in the sparse inputs
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("recsqueeze"))
 
     def generator(self) -> torch.Generator:
@@ -31,6 +39,16 @@ class StageContext:
 
     def log(self, message: str) -> None:
         self.logger.info(message)
+
+    def input_logits(self, model: nn.Module) -> np.ndarray:
+        """Logits of `model` (the stage's input) on the train rows: served, or computed once."""
+        if self.teacher_logits is not None:
+            return self.teacher_logits()
+        from tasks.evaluate import predict_logits
+
+        data = self.need("train_data")
+        assert isinstance(data, Arrays)
+        return predict_logits(model, data)
 
     def need(self, name: str) -> object:
         value = getattr(self, name)

@@ -1,4 +1,4 @@
-"""factorize: truncated SVD of Linear layers, low-rank embedding tables."""
+"""factorize: truncated SVD of Linear layers, low-rank and tensor-train embedding tables."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import copy
 
 from torch import nn
 
-from tasks.modules import LowRankEmbedding, LowRankLinear, energy_rank, set_submodule
+from tasks.modules import (
+    LowRankEmbedding,
+    LowRankLinear,
+    TTEmbedding,
+    energy_rank,
+    set_submodule,
+)
 from tasks.stages.context import StageContext
 from tasks.stages.finetune import finetune
 from tasks.types import FactorizeConfig
@@ -29,6 +35,12 @@ def factorize(model: nn.Module, cfg: FactorizeConfig, ctx: StageContext) -> nn.M
             rank = min(cfg.rank or energy_rank(m.weight, cfg.energy), dim)
             if rank * (rows + dim) < rows * dim:
                 set_submodule(out, path, LowRankEmbedding.from_table(m, rank))
+                changed += 1
+        elif cfg.target == "tt_embeddings" and type(m) is nn.Embedding:
+            tt = TTEmbedding.from_table(m, cfg.rank, cfg.energy if cfg.rank is None else 1.0,
+                                        cfg.tt_cores)
+            if sum(c.numel() for c in tt.cores) < m.weight.numel():
+                set_submodule(out, path, tt)
                 changed += 1
     if changed == 0:
         raise ValueError(f"{cfg.label()}: no layer gets smaller at this rank; lower the rank "

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
+import torch
 from torch import nn
 
 from tasks.data import Arrays
-from tasks.evaluate import predict
 from tasks.stages.context import StageContext
 from tasks.train import train
 from tasks.types import TrainConfig
@@ -29,7 +28,7 @@ def finetune(model: nn.Module, teacher: nn.Module, epochs: int, lr: float, ctx: 
     data = ctx.need("train_data")
     assert isinstance(data, Arrays)
     if target == "teacher":
-        soft = predict(teacher, data).astype(np.float32)
+        soft = torch.sigmoid(torch.from_numpy(ctx.input_logits(teacher))).numpy()
         data = Arrays(data.dense, data.sparse, soft)
     valid = ctx.calibration() if ctx.calibration else None
     frozen = [p for m in model.modules() if isinstance(m, nn.Embedding)

@@ -1,3 +1,6 @@
+import dataclasses
+
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -41,7 +44,7 @@ def test_student_is_smaller_learns_and_round_trips(setup):
 
 def test_student_not_smaller_is_refused(setup):
     teacher, _, _, ctx = setup
-    with pytest.raises(ValueError, match="not fewer than the teacher"):
+    with pytest.raises(ValueError, match="not fewer than its input"):
         apply_stage(teacher, DistillConfig(student=TEACHER), ctx)
 
 
@@ -50,3 +53,40 @@ def test_distill_config_validation():
         DistillConfig(alpha=1.5)
     cfg = DistillConfig(student=STUDENT)
     assert DistillConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+def test_hint_listwise_and_temperature_losses_train_a_student(setup):
+    teacher, spec, test, ctx = setup
+    ctx = dataclasses.replace(ctx, query_column=[t.name for t in spec.tables].index("query_id"))
+    cfg = DistillConfig(student=STUDENT, epochs=2, batch_size=256, temperature=2.0,
+                        hint_weight=0.5, listwise_weight=0.5)
+    student = apply_stage(teacher, cfg, ctx)
+    assert auc(test.label, predict(student, test)) > 0.6
+    assert not any("weight" in k and "proj" in k for k in student.state_dict())  # hint head dropped
+    assert "T2" in cfg.label() and "hint" in cfg.label() and "listwise" in cfg.label()
+
+
+def test_served_teacher_outputs_are_used_and_checked(setup):
+    teacher, _, _, ctx = setup
+    calls = []
+
+    def served():
+        calls.append(1)
+        return np.zeros(7, np.float32)
+
+    with pytest.raises(ValueError, match="7 teacher outputs for"):
+        apply_stage(teacher, DistillConfig(student=STUDENT), dataclasses.replace(
+            ctx, teacher_logits=served))
+    assert calls == [1]
+
+
+def test_distill_input_errors_name_the_field(setup):
+    teacher, _, _, ctx = setup
+    with pytest.raises(ValueError, match="listwise_weight > 0 needs query groups"):
+        apply_stage(teacher, DistillConfig(student=STUDENT, listwise_weight=1.0), ctx)
+    with pytest.raises(ValueError, match="needs the model registry"):
+        apply_stage(teacher, DistillConfig(student=STUDENT, teacher="ctr-ranker@production"), ctx)
+    with pytest.raises(ValidationError, match="teacher"):
+        DistillConfig(teacher="production")
+    with pytest.raises(ValidationError, match="temperature"):
+        DistillConfig(temperature=0)

@@ -1,0 +1,139 @@
+"""Tensor-train embedding tables (TT-Rec, Yin et al., MLSys 2021).
+
+A rows x dim table is viewed as a K-way tensor with row index i = (i_1, ..., i_K) and column
+j = (j_1, ..., j_K) in mixed radix (rows <= n_1 ... n_K, dim = d_1 ... d_K), and stored as K cores
+G_k of shape [r_{k-1}, n_k, d_k, r_k] (r_0 = r_K = 1):
+
+    E[i, j] = G_1[:, i_1, j_1, :] @ G_2[:, i_2, j_2, :] @ ... @ G_K[:, i_K, j_K, :]
+
+so a row costs sum_k r_{k-1} n_k d_k r_k numbers instead of rows * dim. `from_table` finds the
+cores of a trained table by TT-SVD (sequential truncated SVDs of the unfoldings); at full
+TT-ranks it reproduces the table exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _factor(n: int, k: int) -> list[int]:
+    """k integers near n**(1/k), non-increasing, whose product is >= n (padding is small)."""
+    out, rest = [], n
+    for left in range(k, 0, -1):
+        f = math.ceil(rest ** (1 / left) - 1e-9)
+        out.append(f)
+        rest = math.ceil(rest / f)
+    return out
+
+
+def _dim_factors(dim: int, k: int) -> list[int]:
+    """k factors whose product is exactly `dim`, as even as the prime factors allow."""
+    primes, d, p = [], dim, 2
+    while d > 1:
+        while d % p == 0:
+            primes.append(p)
+            d //= p
+        p += 1
+    out = [1] * k
+    for prime in sorted(primes, reverse=True):
+        out[out.index(min(out))] *= prime
+    return sorted(out, reverse=True)
+
+
+def tt_shape(rows: int, dim: int, k: int = 3) -> tuple[list[int], list[int]]:
+    return _factor(rows, k), _dim_factors(dim, k)
+
+
+def full_ranks(row_factors: list[int], dim_factors: list[int]) -> list[int]:
+    """The TT-ranks at which the decomposition is exact (bounded by the unfolding sizes)."""
+    sizes = [n * d for n, d in zip(row_factors, dim_factors)]
+    return [min(math.prod(sizes[:k]), math.prod(sizes[k:])) for k in range(1, len(sizes))]
+
+
+class TTEmbedding(nn.Module):
+    """An embedding table (and embedding bag) stored as tensor-train cores."""
+
+    kind = "tt_embedding"
+
+    def __init__(self, rows: int, dim: int, row_factors: list[int], dim_factors: list[int],
+                 ranks: list[int]) -> None:
+        super().__init__()
+        if math.prod(row_factors) < rows or math.prod(dim_factors) != dim:
+            raise ValueError(f"TT shape {row_factors} x {dim_factors} does not cover a "
+                             f"{rows} x {dim} table")
+        if len(ranks) != len(row_factors) - 1 or min(ranks, default=1) < 1:
+            raise ValueError(f"factorize.rank: TT-ranks {ranks} must be {len(row_factors) - 1} "
+                             "values >= 1")
+        self.rows, self.dim = rows, dim
+        self.row_factors, self.dim_factors, self.ranks = list(row_factors), list(dim_factors), \
+            list(ranks)
+        r = [1, *ranks, 1]
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.zeros(r[k], n, d, r[k + 1]))
+            for k, (n, d) in enumerate(zip(row_factors, dim_factors)))
+        strides = [math.prod(row_factors[k + 1:]) for k in range(len(row_factors))]
+        self.register_buffer("strides", torch.tensor(strides), persistent=False)
+        self.register_buffer("radix", torch.tensor(row_factors), persistent=False)
+
+    @classmethod
+    def from_table(cls, table: nn.Embedding, rank: int | None = None, energy: float = 1.0,
+                   k: int = 3) -> TTEmbedding:
+        """TT-SVD of `table`: every TT-rank capped at `rank` (None: no cap) and at the smallest
+        rank holding `energy` of the unfolding's squared singular values."""
+        weight = table.weight.detach().double()
+        rows, dim = weight.shape
+        ns, ds = tt_shape(rows, dim, k)
+        padded = torch.zeros(math.prod(ns), dim, dtype=torch.float64)
+        padded[:rows] = weight
+        # [n_1..n_K, d_1..d_K] -> [n_1, d_1, n_2, d_2, ...]: unfoldings split (n_k d_k) pairs
+        t = padded.reshape(*ns, *ds).permute(*[a for p in zip(range(k), range(k, 2 * k))
+                                                for a in p])
+        cores, ranks, carry, r_prev = [], [], t.reshape(-1), 1
+        for i in range(k - 1):
+            mat = carry.reshape(r_prev * ns[i] * ds[i], -1)
+            u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+            share = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-300)
+            r = int(torch.searchsorted(share, torch.tensor(energy - 1e-12, dtype=s.dtype))) + 1
+            r = max(1, min(r, rank or r, s.numel()))
+            cores.append(u[:, :r].reshape(r_prev, ns[i], ds[i], r))
+            carry = s[:r, None] * vh[:r]
+            ranks.append(r)
+            r_prev = r
+        cores.append(carry.reshape(r_prev, ns[-1], ds[-1], 1))
+        module = cls(rows, dim, ns, ds, ranks)
+        with torch.no_grad():
+            for param, core in zip(module.cores, cores):
+                param.copy_(core.float())
+        return module
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (1-D), each distinct id computed once (ids in a batch repeat a lot)."""
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        digits = (unique[:, None] // self.strides) % self.radix  # [U, K]
+        out = self.cores[0][0, digits[:, 0]]  # [U, d_1, r_1]
+        for k in range(1, len(self.cores)):
+            core = self.cores[k].permute(1, 0, 2, 3)[digits[:, k]]  # [U, r_{k-1}, d_k, r_k]
+            out = torch.einsum("upr,urds->upds", out, core).reshape(len(unique), -1,
+                                                                    core.shape[-1])
+        return out.reshape(len(unique), self.dim)[inverse]
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Like nn.Embedding(ids) without `offsets`; like nn.EmbeddingBag(mode="sum") with
+        `offsets` (1-D ids, bag b = ids[offsets[b]:offsets[b+1]])."""
+        if offsets is None:
+            return self.lookup(ids.reshape(-1)).reshape(*ids.shape, self.dim)
+        rows = self.lookup(ids)
+        if per_sample_weights is not None:
+            rows = rows * per_sample_weights[:, None]
+        bag = torch.bucketize(torch.arange(len(ids), device=ids.device), offsets, right=True) - 1
+        return rows.new_zeros(len(offsets), self.dim).index_add(0, bag, rows)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rows": self.rows, "dim": self.dim,
+                "row_factors": self.row_factors, "dim_factors": self.dim_factors,
+                "ranks": self.ranks}
