@@ -94,7 +94,7 @@ def run(
                "bayes_auc": report.dataset.spec.bayes_auc,
                "leaderboard": [r.model_dump(mode="json") for r in report.leaderboard],
                "promoted": report.promoted.model_dump(mode="json") if report.promoted else None,
-               "failures": report.failures, "prefect_ui": ui}
+               "failures": report.failures, "skipped": report.skipped, "prefect_ui": ui}
         print(json.dumps(out, indent=2))
         return
     print_report(report, ui)
@@ -118,6 +118,8 @@ def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
     console.print(table)
     for cand, error in report.failures.items():
         console.print(f"[red]failed[/red] {cand}: {error}")
+    for cand, why in report.skipped.items():
+        console.print(f"[yellow]skipped[/yellow] {cand}: {why}")
     if report.promoted:
         console.print(f"promoted: {report.promoted.uri} (version {report.promoted.version})")
     else:

@@ -7,6 +7,7 @@ the Ray cluster, with its resources at the call site; shared plan prefixes run o
 from __future__ import annotations
 
 import subprocess
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from tasks.run import (
     run_stage,
     train_baseline,
 )
+from tasks.stages.context import StageSkipped
 from tasks.types import CandidateResult, CompressionRequest, GateReport
 
 
@@ -72,6 +74,7 @@ def compress(request: CompressionRequest) -> GateReport:
         with remote_options(**cpu_opts):
             calibration = calibrate_model.submit(baseline, dataset, request.calibrate)
     builds: dict[tuple[str, ...], Any] = {}
+    chains: list[list[Any]] = []  # each candidate's stage futures, in order
     evaluations = []
     for i, cand in enumerate(request.candidates):
         node = nodes[i % len(nodes)]  # deal candidates round-robin over the nodes
@@ -85,6 +88,7 @@ def compress(request: CompressionRequest) -> GateReport:
                         parent, stage, dataset, request.train.seed,
                         calibration if stage.needs_calibration() else None, request.budget)
             parent = builds[prefix]
+        chains.append([builds[p] for p in accumulate((s.model_dump_json(),) for s in cand.plan)])
         with remote_options(**stage_options(res.cpus_per_stage, 0, 0, node)):
             evaluations.append(evaluate_candidate.submit(
                 cand, parent, dataset, baseline, base_eval, request.budget.confidence))
@@ -102,13 +106,21 @@ def compress(request: CompressionRequest) -> GateReport:
 
     results: list[CandidateResult] = []
     failures: dict[str, str] = {}
-    for cand, fut in zip(request.candidates, evaluations):
+    skipped: dict[str, str] = {}
+    for cand, fut, chain in zip(request.candidates, evaluations, chains):
         out = fut.result(raise_on_failure=False)
-        if isinstance(out, BaseException):
-            failures[cand.id] = f"{type(out).__name__}: {out}"
-            log.error("candidate %s failed: %s", cand.id, out)
-        else:
+        if not isinstance(out, BaseException):
             results.append(out)
+            continue
+        # the first stage that did not finish says why (a later task only saw its upstream fail)
+        stage_errors = (f.result(raise_on_failure=False) for f in chain)
+        cause = next((e for e in stage_errors if isinstance(e, BaseException)), out)
+        if isinstance(cause, StageSkipped):
+            skipped[cand.id] = str(cause)
+            log.warning("candidate %s skipped: %s", cand.id, cause)
+        else:
+            failures[cand.id] = f"{type(cause).__name__}: {cause}"
+            log.error("candidate %s failed: %s", cand.id, cause)
 
     # 4. gate, then promote at most one
     verdict = decide(base_evaluated.metrics, champion, results, request.budget)
@@ -117,6 +129,7 @@ def compress(request: CompressionRequest) -> GateReport:
         run_id=run_id, model_name=request.model_name, dataset=dataset,
         baseline=base_evaluated.metrics, leaderboard=rows, chosen=verdict.chosen, promoted=None,
         status="not_promoted", reason=verdict.reason, failures=failures,
+        skipped=skipped,
     )
     if verdict.promote and request.promote and verdict.chosen is not None:
         chosen = next(r for r in results if r.candidate.id == verdict.chosen)

@@ -48,7 +48,8 @@ def markdown(report: GateReport) -> str:
     bayes = report.dataset.spec.bayes_auc
     promoted = (f"**Promoted** `{report.promoted.uri}` (v{report.promoted.version})"
                 if report.promoted else f"**Not promoted**: {report.reason}")
-    failures = "".join(f"\n- `{c}` failed: {e}" for c, e in report.failures.items())
+    failures = "".join(f"\n- `{c}` failed: {e}" for c, e in report.failures.items()) + "".join(
+        f"\n- `{c}` skipped: {e}" for c, e in report.skipped.items())
     return (
         f"# recsqueeze run {report.run_id}\n\nModel `{report.model_name}` on "
         f"`{report.dataset.uri}` ({report.dataset.rows['test']} test rows)\n\n"

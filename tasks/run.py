@@ -29,6 +29,7 @@ from tasks.evaluate import evaluate, paired_deltas, predict_logits
 from tasks.models import build, resolve
 from tasks.stages import StageContext, apply_stage, calibrate
 from tasks.stages.calibrate import table_bytes
+from tasks.stages.context import StageSkipped
 from tasks.train import train
 from tasks.types import (
     ArtifactRef,
@@ -50,7 +51,7 @@ from tasks.types import (
 def _transient(task: object, task_run: object, state: State) -> bool:
     """Retry S3/network/lost-worker failures; bad input fails at once (retrying cannot fix it)."""
     exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, (ValueError, TypeError, KeyError, AssertionError))
+    return not isinstance(exc, (ValueError, TypeError, KeyError, AssertionError, StageSkipped))
 
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2,

@@ -227,8 +227,13 @@ class PruneConfig(FineTuned):
             columns of the next: fewer FLOPs); ``magnitude`` zeroes the smallest weights of the
             Linear layers and stores them sparsely (CSR); ``embedding_rows`` keeps the most
             frequent (or largest-norm) rows of every table and maps the rest to one shared
-            fallback row.
-        sparsity: fraction removed, in (0, 1).
+            fallback row; ``semi_structured`` keeps 2 of every 4 weights of each Linear (2:4,
+            NVIDIA sparse tensor cores; needs a CUDA worker, skipped on CPU).
+            Hybrid pruning is a chain: ``[structured, magnitude]``.
+        sparsity: fraction removed, in (0, 1) (0.5 for semi_structured).
+        steps: prune -> fine-tune cycles (structured, magnitude): the sparsity rises over the
+            cycles on the cubic schedule s_k = s * (1 - (1 - k/steps)^3) (Zhu & Gupta, 2017),
+            with finetune_epochs of fine-tuning after each; 1 = one shot.
         scope: magnitude only: one global threshold or one per layer.
         criterion: embedding_rows only: ``frequency`` (train split) or ``norm``.
         finetune_epochs: epochs of fine-tuning after pruning (0 = none).
@@ -237,11 +242,12 @@ class PruneConfig(FineTuned):
     """
 
     kind: Literal["prune"] = "prune"
-    method: Literal["structured", "magnitude", "embedding_rows"] = Field(
+    method: Literal["structured", "magnitude", "embedding_rows", "semi_structured"] = Field(
         "structured", description="what to remove")
     sparsity: float = Field(0.5, description="fraction removed, in (0, 1)")
     scope: Literal["global", "layer"] = Field("global", description="magnitude threshold scope")
     criterion: Literal["frequency", "norm"] = Field("frequency", description="row importance")
+    steps: int = Field(1, ge=1, le=20, description="prune -> fine-tune cycles (gradual)")
 
     @field_validator("sparsity")
     @classmethod
@@ -251,8 +257,20 @@ class PruneConfig(FineTuned):
                              "removed")
         return v
 
+    @model_validator(mode="after")
+    def _method_fits(self) -> PruneConfig:
+        if self.method == "semi_structured" and self.sparsity != 0.5:
+            raise ValueError(f"prune.sparsity must be 0.5 for semi_structured (2 of every 4 "
+                             f"weights kept; got {self.sparsity})")
+        if self.steps > 1 and self.method in ("embedding_rows", "semi_structured"):
+            raise ValueError(f"prune.steps > 1 works with structured and magnitude pruning; "
+                             f"{self.method} is one-shot (set steps to 1)")
+        return self
+
     def label(self) -> str:
-        return f"prune({self.method}@{self.sparsity:g})"
+        steps = f",{self.steps}steps" if self.steps > 1 else ""
+        method = "2:4" if self.method == "semi_structured" else self.method
+        return f"prune({method}@{self.sparsity:g}{steps})"
 
 
 class FactorizeConfig(FineTuned):
@@ -515,3 +533,5 @@ class GateReport(Frozen):
     status: Literal["promoted", "not_promoted"]
     reason: str
     failures: dict[str, str] = Field(default_factory=dict, description="candidate -> error")
+    skipped: dict[str, str] = Field(
+        default_factory=dict, description="candidate -> why it cannot run on these workers")

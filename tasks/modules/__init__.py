@@ -25,8 +25,10 @@ from tasks.modules.structural import (
     LowRankLinear,
     PrunedEmbedding,
     PrunedLinear,
+    SemiSparseLinear,
     SparseLinear,
     energy_rank,
+    semi_structured_ok,
 )
 from tasks.modules.tt import TTEmbedding
 
@@ -34,7 +36,7 @@ COMPRESSED_MODULES: dict[str, type[nn.Module]] = {
     m.kind: m for m in (RowWiseQuantEmbedding, HalfEmbedding, DynamicInt8Linear,  # type: ignore[attr-defined]
                         StaticInt8Linear, WeightOnlyLinear, HalfLinear, FusedAway, PrunedLinear,
                         SparseLinear, PrunedEmbedding, LowRankLinear, LowRankEmbedding,
-                        TTEmbedding)
+                        TTEmbedding, SemiSparseLinear)
 }
 
 
@@ -63,4 +65,5 @@ def apply_manifest(model: nn.Module, manifest: dict[str, dict[str, Any]]) -> nn.
 __all__ = ["COMPRESSED_MODULES", "DynamicInt8Linear", "FusedAway", "HalfEmbedding", "HalfLinear",
            "RowWiseQuantEmbedding", "StaticInt8Linear", "WeightOnlyLinear", "apply_manifest",
            "LowRankEmbedding", "LowRankLinear", "PrunedEmbedding", "PrunedLinear", "SparseLinear",
-           "TTEmbedding", "energy_rank", "fuse_relu", "manifest_of", "set_submodule"]
+           "SemiSparseLinear", "TTEmbedding",
+           "energy_rank", "semi_structured_ok", "fuse_relu", "manifest_of", "set_submodule"]

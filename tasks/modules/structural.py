@@ -161,3 +161,63 @@ def energy_rank(matrix: torch.Tensor, energy: float) -> int:
     s = torch.linalg.svdvals(matrix.detach().double())
     share = torch.cumsum(s**2, 0) / (s**2).sum().clamp_min(1e-30)
     return int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype)).item()) + 1
+
+
+class SemiSparseLinear(nn.Module):
+    """2:4 semi-structured sparse Linear: in every group of 4 inputs of a row, 2 weights are
+    kept. Stored compressed (the kept values + one byte of two 2-bit positions per group:
+    9/16 of the fp32 bytes). On a CUDA device at inference it runs NVIDIA's sparse tensor cores
+    through `torch.sparse.to_sparse_semi_structured` (fp16); elsewhere it runs dense."""
+
+    kind = "semi_sparse_linear"
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        if in_features % 4:
+            raise ValueError(f"2:4 sparsity needs in_features divisible by 4 (got {in_features})")
+        self.in_features, self.out_features = in_features, out_features
+        self.values = nn.Parameter(torch.zeros(out_features, in_features // 2))
+        self.register_buffer("positions", torch.zeros(out_features, in_features // 4,
+                                                      dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self._sparse: tuple[int, torch.Tensor] | None = None  # (values version, GPU weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> SemiSparseLinear:
+        """Keep the 2 largest-magnitude weights of every group of 4."""
+        out_f, in_f = linear.weight.shape
+        module = cls(in_f, out_f)
+        groups = linear.weight.detach().reshape(out_f, in_f // 4, 4)
+        keep = groups.abs().topk(2, dim=-1).indices.sort(dim=-1).values  # [out, g, 2]
+        with torch.no_grad():
+            module.values.copy_(groups.gather(-1, keep).reshape(out_f, in_f // 2))
+            module.positions.copy_((keep[..., 0] | (keep[..., 1] << 2)).to(torch.uint8))
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach())
+        return module
+
+    def dense_weight(self) -> torch.Tensor:
+        pos = self.positions.long()
+        keep = torch.stack([pos & 3, pos >> 2], dim=-1)  # [out, g, 2]
+        w = self.values.new_zeros(self.out_features, self.in_features // 4, 4)
+        w = w.scatter(-1, keep, self.values.reshape(self.out_features, -1, 2))
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not torch.is_grad_enabled():
+            from torch.sparse import to_sparse_semi_structured
+
+            version = self.values._version
+            if self._sparse is None or self._sparse[0] != version:
+                self._sparse = (version, to_sparse_semi_structured(self.dense_weight().half()))
+            return F.linear(x.half(), self._sparse[1], self.bias.half()).to(x.dtype)
+        return F.linear(x, self.dense_weight(), self.bias)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features,
+                "out_features": self.out_features}
+
+
+def semi_structured_ok(linear: nn.Linear) -> bool:
+    """Shapes NVIDIA's 2:4 fp16 kernels take (CUTLASS: rows % 32, columns % 64)."""
+    return linear.out_features % 32 == 0 and linear.in_features % 64 == 0

@@ -16,6 +16,11 @@ from tasks.data import Arrays
 from tasks.types import ModelSpec
 
 
+class StageSkipped(Exception):  # noqa: N818 (a verdict, not an error)
+    """The stage cannot run on this worker (e.g. 2:4 sparsity without a CUDA GPU). The flow
+    reports the candidate as skipped, with this message, and goes on with the others."""
+
+
 @dataclass
 class StageContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

@@ -1,4 +1,5 @@
-"""prune: structured MLP neurons, unstructured magnitude (sparse storage), embedding rows."""
+"""prune: structured MLP neurons, unstructured magnitude (sparse storage), embedding rows,
+2:4 semi-structured (GPU); one shot or gradual (prune -> fine-tune cycles)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ import copy
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
-from tasks.modules import PrunedEmbedding, PrunedLinear, SparseLinear, set_submodule
-from tasks.stages.context import StageContext
+from tasks.modules import (
+    PrunedEmbedding,
+    PrunedLinear,
+    SemiSparseLinear,
+    SparseLinear,
+    semi_structured_ok,
+    set_submodule,
+)
+from tasks.stages.context import StageContext, StageSkipped
 from tasks.stages.finetune import finetune
 from tasks.types import PruneConfig
 
@@ -50,7 +59,11 @@ def prune_neurons(model: nn.Module, sparsity: float) -> int:
     return removed
 
 
-def prune_magnitude(model: nn.Module, sparsity: float, scope: str) -> None:
+def prune_magnitude(model: nn.Module, sparsity: float, scope: str, store: bool = True) -> None:
+    """Zero the `sparsity` share of Linear weights with the smallest magnitude. `store=True`
+    swaps in CSR-stored SparseLinear modules; `store=False` only masks the weights
+    (torch.nn.utils.prune), so fine-tuning keeps them at zero and a later call prunes further
+    (the cycles of a gradual schedule); `finish_masks` then stores them sparsely."""
     linears = [(p, m) for p, m in model.named_modules() if type(m) in (nn.Linear, PrunedLinear)]
     if scope == "global":
         flat = torch.cat([m.weight.detach().abs().flatten() for _, m in linears])
@@ -59,7 +72,34 @@ def prune_magnitude(model: nn.Module, sparsity: float, scope: str) -> None:
     for path, m in linears:
         w = m.weight.detach().abs()
         t = threshold if scope == "global" else torch.quantile(w.flatten(), sparsity)
-        set_submodule(model, path, SparseLinear.from_dense(m, w > t))
+        if store:
+            set_submodule(model, path, SparseLinear.from_dense(m, w > t))
+        else:  # masks multiply: weights pruned in an earlier cycle stay pruned
+            torch_prune.custom_from_mask(m, "weight", w > t)
+
+
+def finish_masks(model: nn.Module) -> None:
+    """Make masked weights permanent and store them sparsely."""
+    for path, m in list(model.named_modules()):
+        if hasattr(m, "weight_mask"):
+            mask = m.weight_mask.bool()
+            torch_prune.remove(m, "weight")
+            set_submodule(model, path, SparseLinear.from_dense(m, mask))
+
+
+def prune_semi_structured(model: nn.Module) -> int:
+    """2:4 on every Linear whose shape the sparse kernels take; returns how many."""
+    done = 0
+    for path, m in list(model.named_modules()):
+        if type(m) in (nn.Linear, PrunedLinear) and semi_structured_ok(m):
+            set_submodule(model, path, SemiSparseLinear.from_linear(m))
+            done += 1
+    return done
+
+
+def schedule(sparsity: float, steps: int) -> list[float]:
+    """Cumulative sparsity after each cycle: s * (1 - (1 - k/steps)^3), k = 1..steps."""
+    return [sparsity * (1 - (1 - k / steps) ** 3) for k in range(1, steps + 1)]
 
 
 def prune_rows(model: nn.Module, sparsity: float, criterion: str,
@@ -79,20 +119,45 @@ def prune_rows(model: nn.Module, sparsity: float, criterion: str,
 
 def prune(model: nn.Module, cfg: PruneConfig, ctx: StageContext) -> nn.Module:
     """Return a pruned (and fine-tuned) copy of `model`."""
+    if cfg.method == "semi_structured":
+        if ctx.device.type != "cuda":
+            raise StageSkipped("prune(2:4): semi-structured sparsity needs a CUDA worker "
+                               "(sparse tensor cores, compute capability >= 8.0); this one has "
+                               "none: set resources.gpus_per_stage on a GPU cluster")
+        cap = torch.cuda.get_device_capability(ctx.device)
+        if cap < (8, 0):
+            raise StageSkipped(f"prune(2:4): the GPU has compute capability {cap}, sparse "
+                               "tensor cores need >= 8.0 (Ampere or newer)")
     out = copy.deepcopy(model).cpu()
-    if cfg.method == "structured":
-        n = prune_neurons(out, cfg.sparsity)
+    if cfg.method == "semi_structured":
+        n = prune_semi_structured(out)
         if n == 0:
-            raise ValueError("prune(structured): the model has no hidden MLP neurons to remove")
-        ctx.log(f"{cfg.label()}: removed {n} neurons")
-    elif cfg.method == "magnitude":
-        prune_magnitude(out, cfg.sparsity, cfg.scope)
-    else:
+            raise ValueError("prune(2:4): no Linear layer has a shape the sparse kernels take "
+                             "(out_features % 32 == 0 and in_features % 64 == 0)")
+        ctx.log(f"{cfg.label()}: {n} layers made 2:4 sparse")
+    elif cfg.method == "embedding_rows":
         counts = None
         if cfg.criterion == "frequency":
             data = ctx.need("train_data")
             counts = [np.bincount(data.sparse[:, k], minlength=t.weight.shape[0])  # type: ignore[union-attr]
                       for k, t in enumerate(m for m in out.modules() if type(m) is nn.Embedding)]
         prune_rows(out, cfg.sparsity, cfg.criterion, counts)
+    else:  # structured / magnitude, one shot or in cycles
+        done = 0.0
+        for k, target in enumerate(schedule(cfg.sparsity, cfg.steps)):
+            last = k == cfg.steps - 1
+            if cfg.method == "structured":
+                n = prune_neurons(out, 1 - (1 - target) / (1 - done))  # share of what is left
+                if n == 0 and k == 0:
+                    raise ValueError("prune(structured): the model has no hidden MLP neurons "
+                                     "to remove")
+                ctx.log(f"{cfg.label()}: cycle {k + 1}: removed {n} neurons")
+            else:
+                prune_magnitude(out, target, cfg.scope, store=cfg.steps == 1)
+            done = target
+            if not last:
+                out = finetune(out.to(ctx.device), model, cfg.finetune_epochs, cfg.finetune_lr,
+                               ctx, cfg.finetune_target, cfg.finetune_scope).cpu()
+        finish_masks(out)
     return finetune(out.to(ctx.device), model, cfg.finetune_epochs, cfg.finetune_lr, ctx,
                     cfg.finetune_target, cfg.finetune_scope).cpu()
