@@ -6,6 +6,8 @@ slow moment of a shared machine hits every model alike; ratios are taken within 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -17,6 +19,7 @@ from tasks.evaluate import (
     measure_latency,
     paired_deltas,
     predict,
+    predict_logits,
     stored_elements,
 )
 from tasks.metrics import auc
@@ -25,6 +28,7 @@ from tasks.stages import StageContext, apply_stage, calibrate
 from tasks.train import train
 from tasks.types import (
     CalibrateConfig,
+    DistillConfig,
     FactorizeConfig,
     MixedPrecision,
     ModelSpec,
@@ -37,6 +41,11 @@ from tasks.types import (
 BUDGET = 0.001  # relative AUC loss the suites judge "passed" against (upper 95% bound)
 
 Plan = StageConfig | tuple[StageConfig, ...]  # one stage, or a chain applied in order
+
+# TT cores start from a truncated TT-SVD far from the table: they need more fine-tuning
+_TT_FINETUNE = {"finetune_epochs": 3, "finetune_lr": 3e-3}
+_HALF = ModelSpec(embedding_dim=32, bottom_mlp=(128, 32), top_mlp=(128, 64))  # < 1/2 params
+_QUARTER = ModelSpec(embedding_dim=16, bottom_mlp=(64, 16), top_mlp=(128, 64))  # < 1/4
 
 SUITES: dict[str, tuple[Plan, ...]] = {
     "quantize": (
@@ -60,19 +69,33 @@ SUITES: dict[str, tuple[Plan, ...]] = {
     "prune": (
         PruneConfig(method="structured", sparsity=0.5),
         PruneConfig(method="structured", sparsity=0.75),
+        PruneConfig(method="structured", sparsity=0.75, steps=3),
         PruneConfig(method="magnitude", sparsity=0.8),
+        PruneConfig(method="magnitude", sparsity=0.8, steps=3),
+        (PruneConfig(method="structured", sparsity=0.5), PruneConfig(method="magnitude")),
         PruneConfig(method="embedding_rows", sparsity=0.5),
-        PruneConfig(method="embedding_rows", sparsity=0.9),
         (PruneConfig(method="embedding_rows", sparsity=0.5),
          QuantizeConfig(embeddings="rowwise_int4")),
     ),
     "factorize": (
         FactorizeConfig(target="embeddings", rank=16),
         FactorizeConfig(target="embeddings", rank=8),
-        FactorizeConfig(target="embeddings", rank=4),
         FactorizeConfig(target="linear", energy=0.9),
-        (FactorizeConfig(target="embeddings", rank=8), QuantizeConfig(embeddings="rowwise_int8")),
+        FactorizeConfig(target="tt_embeddings", rank=32, **_TT_FINETUNE),
+        FactorizeConfig(target="tt_embeddings", rank=16, **_TT_FINETUNE),
         (FactorizeConfig(target="embeddings", rank=16), QuantizeConfig(embeddings="rowwise_int4")),
+        (FactorizeConfig(target="tt_embeddings", rank=32, **_TT_FINETUNE), QuantizeConfig()),
+        (FactorizeConfig(target="tt_embeddings", rank=16, **_TT_FINETUNE), QuantizeConfig()),
+    ),
+    "distill": (
+        DistillConfig(student=_HALF),
+        DistillConfig(student=_QUARTER),
+        DistillConfig(student=_QUARTER, temperature=2.0),
+        DistillConfig(student=_QUARTER, hint_weight=0.5),
+        DistillConfig(student=_QUARTER, listwise_weight=0.5),
+        (DistillConfig(student=_HALF), QuantizeConfig(embeddings="rowwise_int4")),
+        (DistillConfig(student=_QUARTER), QuantizeConfig()),
+        (DistillConfig(student=_QUARTER), QuantizeConfig(embeddings="rowwise_int4")),
     ),
 }
 
@@ -106,16 +129,23 @@ def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
     configs = SUITES[suite]
     cal = calibrate(baseline, CalibrateConfig(), StageContext(calibration=lambda: valid)) \
         if any(st.needs_calibration() for plan in configs for st in _stages(plan)) else None
+    names = [c.name for c in data_spec.categorical]
     ctx = StageContext(seed=seed, calibration=lambda: valid, train_data=lambda: train_arrays,
                        activations=(lambda: cal.activations) if cal else None,
                        sensitivity=(lambda: cal.sensitivity) if cal else None,
-                       max_relative_auc_loss=BUDGET)
+                       max_relative_auc_loss=BUDGET,
+                       query_column=names.index(data_spec.query_id)
+                       if data_spec.query_id in names else None)
+    # the baseline's outputs on the train rows: computed once, for every first stage to reuse
+    first = dataclasses.replace(ctx, spec=spec, teacher_logits=functools.cache(
+        lambda: predict_logits(baseline, train_arrays)))
     candidates = []
     for plan in configs:
         t0 = time.perf_counter()
         model = baseline
-        for stage in _stages(plan):
-            model = apply_stage(model, stage, ctx)
+        for k, stage in enumerate(_stages(plan)):
+            model = apply_stage(model, stage, first if k == 0 else dataclasses.replace(
+                ctx, spec=getattr(model, "spec", spec)))
         candidates.append(model)
         log(f"built {plan_label(plan)} in {time.perf_counter() - t0:.0f}s")
     latencies = measure_latency([baseline, *candidates], test, batch_sizes=(batch_size,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -12,6 +13,7 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from flows.driver import run_compress
 from tasks.artifacts import ArtifactStore, Registry
@@ -33,14 +35,19 @@ from tasks.types import (
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-def _request(name: str, **kw) -> CompressionRequest:
-    # the default candidates plus a chain sharing its first stage with another plan
+STUDENT = ModelSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64,))
+
+
+def _request(name: str, *extra: Candidate, **kw) -> CompressionRequest:
+    # the default candidates, a chain sharing its first stage with another plan, a student,
+    # and 2:4 sparsity (skipped on CPU workers, run on GPU ones)
     pruned = PruneConfig(method="structured", sparsity=0.5)
-    student = DistillConfig(student=ModelSpec(embedding_dim=16, bottom_mlp=(32, 16),
-                                              top_mlp=(64,)), batch_size=512)
+    student = DistillConfig(student=STUDENT, batch_size=512)
     candidates = (*default_candidates(), Candidate(id="pruned", plan=(pruned,)),
                   Candidate(id="pruned-int8", plan=(pruned, QuantizeConfig())),
-                  Candidate(id="student-int8", plan=(student, QuantizeConfig())))
+                  Candidate(id="student-int8", plan=(student, QuantizeConfig())),
+                  Candidate(id="sparse-2of4", plan=(PruneConfig(method="semi_structured"),)),
+                  *extra)
     return CompressionRequest(model_name=name, dataset=DatasetRequest(builtin="tiny"),
                               train=TrainConfig(epochs=2, batch_size=512),
                               candidates=candidates, **kw)
@@ -101,7 +108,12 @@ def test_tiny_flow_promotes_a_model(first_run):
     report, _ = first_run
     assert report.status == "promoted", report.reason
     assert report.promoted.uri.startswith("s3://") and report.promoted.version == 1
-    assert len(report.leaderboard) == 7 and not report.failures, report.failures
+    assert not report.failures, report.failures
+    if torch.cuda.is_available():
+        assert len(report.leaderboard) == 8
+    else:  # no GPU: 2:4 is reported as skipped, with the reason, and the rest goes on
+        assert len(report.leaderboard) == 7 and "needs a CUDA worker" in report.skipped[
+            "sparse-2of4"]
     int8 = {r.candidate: r for r in report.leaderboard}
     assert int8["int8-all"].size_ratio > 3.0  # measured artifact bytes, not a formula
     assert all(r.auc_delta > -0.01 for r in report.leaderboard)
@@ -139,10 +151,12 @@ def test_task_runs_are_visible_in_the_prefect_server(first_run, settings):
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[report.run_id])))
     names = [r.name.rsplit("-", 1)[0] for r in runs]
     # 4 single-stage plans + the shared prune (once) + its chain's quantize + distill, quantize
-    assert names.count("run-stage") == 8 and names.count("evaluate-candidate") == 7
+    # + the 2:4 prune
+    assert names.count("run-stage") == 9
     assert names.count("calibrate") == 1  # once per run, whatever number of plans use it
     assert "train-baseline" in names and "promote" in names
-    assert all(r.state_type.value == "COMPLETED" for r in runs)
+    not_done = {r.name.rsplit("-", 1)[0] for r in runs if r.state_type.value != "COMPLETED"}
+    assert not_done <= ({"run-stage", "evaluate-candidate"} if report.skipped else set())
 
 
 def test_all_stack_traffic_stays_on_loopback(first_run):
@@ -152,16 +166,36 @@ def test_all_stack_traffic_stays_on_loopback(first_run):
     assert not outside, f"connections leaving 127.0.0.0/8: {outside}"
 
 
-def test_second_run_does_not_overwrite_and_says_why(first_run, settings):
+def _teacher_key(model_sha: str, report) -> str:
+    digest = hashlib.sha256(f"{model_sha}|{report.dataset.splits['train']}".encode()).hexdigest()
+    return f"teacher-outputs/{digest}.json"
+
+
+def test_second_run_is_deterministic_does_not_overwrite_and_says_why(first_run, settings):
     report, _ = first_run
-    again = run_compress(_request("e2e-ranker"), settings)
     reg = Registry(ArtifactStore(settings))
+    prod_sha = reg.version_info("e2e-ranker", 1)["model"]["sha256"]
+    from_prod = Candidate(id="student-of-prod", plan=(DistillConfig(
+        student=STUDENT, batch_size=512, teacher="e2e-ranker@production"),))
+    again = run_compress(_request("e2e-ranker", from_prod), settings)
     assert again.status == "not_promoted"
     assert "does not beat production v1" in again.reason
     assert reg.versions("e2e-ranker") == [1] and reg.alias("e2e-ranker") == 1
-    # same seed -> same baseline bytes -> the calibration tables come from the S3 cache
+    # same request, same seed: every candidate is bit-for-bit the same model, same metrics
+    first = {r.candidate: r for r in report.leaderboard}
+    for row in again.leaderboard:
+        if row.candidate in first:
+            assert (row.size_bytes, row.auc, row.logloss_delta, row.auc_delta) == (
+                first[row.candidate].size_bytes, first[row.candidate].auc,
+                first[row.candidate].logloss_delta, first[row.candidate].auc_delta), row.candidate
+    assert "student-of-prod" in {r.candidate for r in again.leaderboard}
+    # the calibration tables and the teachers' outputs come from the S3 caches: one entry per
+    # (model, data) -- the baseline's, plus production v1's for the registry teacher
     keys = reg.s3.list_objects_v2(Bucket=reg.store.bucket, Prefix="calibration/")["Contents"]
     assert len(keys) == 1
+    teachers = {o["Key"] for o in reg.s3.list_objects_v2(
+        Bucket=reg.store.bucket, Prefix="teacher-outputs/")["Contents"]}
+    assert _teacher_key(prod_sha, report) in teachers and len(teachers) == 2, teachers
 
 
 def test_missing_dataset_fails_clearly_and_leaves_registry_untouched(first_run, settings):
