@@ -46,6 +46,14 @@ def code_version() -> str:
         return "unknown"
 
 
+def _first_error(futures: list[Any]) -> BaseException | None:
+    for fut in futures:
+        out = fut.result(raise_on_failure=False)
+        if isinstance(out, BaseException):
+            return out
+    return None
+
+
 @flow(name="compress", validate_parameters=True)
 def compress(request: CompressionRequest) -> GateReport:
     log = get_run_logger()
@@ -108,13 +116,12 @@ def compress(request: CompressionRequest) -> GateReport:
     failures: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for cand, fut, chain in zip(request.candidates, evaluations, chains):
-        out = fut.result(raise_on_failure=False)
+        cause = _first_error(chain)  # tasks after a failed one never run: ask in order
+        out = fut.result(raise_on_failure=False) if cause is None else cause
         if not isinstance(out, BaseException):
             results.append(out)
             continue
-        # the first stage that did not finish says why (a later task only saw its upstream fail)
-        stage_errors = (f.result(raise_on_failure=False) for f in chain)
-        cause = next((e for e in stage_errors if isinstance(e, BaseException)), out)
+        cause = out
         if isinstance(cause, StageSkipped):
             skipped[cand.id] = str(cause)
             log.warning("candidate %s skipped: %s", cand.id, cause)
