@@ -280,8 +280,9 @@ class FactorizeConfig(FineTuned):
         target: ``linear`` = truncated SVD of every Linear layer (W ~= U V);
             ``embeddings`` = every table E ~= A B (A: rows x rank, B: rank x dim);
             ``tt_embeddings`` = every table as tensor-train cores (TT-Rec), found by TT-SVD.
-        rank: fixed rank (for TT: the cap on every TT-rank); or None and ``energy`` = keep the
-            smallest rank holding this share of the squared singular values.
+        rank: fixed rank (for TT: the cap on every TT-rank); or None and ``param_budget`` = the
+            largest rank keeping at most this share of each layer's parameters; or neither and
+            ``energy`` = the smallest rank holding this share of the squared singular values.
         tt_cores: number of TT cores (tt_embeddings only).
         energy: in (0, 1], used when rank is None.
         finetune_epochs: epochs of fine-tuning afterwards (0 = none).
@@ -294,6 +295,8 @@ class FactorizeConfig(FineTuned):
         "embeddings", description="what to factor")
     rank: int | None = Field(None, description="fixed rank (>= 1), or None to use energy")
     energy: float = Field(0.9, gt=0, le=1, description="kept share of squared singular values")
+    param_budget: float | None = Field(
+        None, gt=0, lt=1, description="most kept share of each layer's parameters (sets the rank)")
     tt_cores: int = Field(3, ge=2, le=4, description="TT cores per table (tt_embeddings)")
 
     @field_validator("rank")
@@ -304,9 +307,18 @@ class FactorizeConfig(FineTuned):
                              "set energy")
         return v
 
+    @model_validator(mode="after")
+    def _one_rule(self) -> FactorizeConfig:
+        if self.rank is not None and self.param_budget is not None:
+            raise ValueError("factorize: set rank or param_budget, not both (rank "
+                             f"{self.rank}, param_budget {self.param_budget})")
+        return self
+
     def label(self) -> str:
         target = "tt" if self.target == "tt_embeddings" else self.target
-        return f"factorize({target}@{self.rank if self.rank else f'e{self.energy:g}'})"
+        rule = self.rank if self.rank else (f"p{self.param_budget:g}" if self.param_budget
+                                            else f"e{self.energy:g}")
+        return f"factorize({target}@{rule})"
 
 
 class DistillConfig(Frozen):

@@ -126,3 +126,25 @@ def test_tt_factorize_stage_shrinks_tables_and_round_trips(setup):
     loaded, _ = deserialize_model(serialize_model(out, spec))
     assert (predict(loaded, valid) == predict(out, valid)).all()
     assert FactorizeConfig(target="tt_embeddings", rank=4).label() == "factorize(tt@4)"
+
+
+@pytest.mark.parametrize("target", ["linear", "embeddings", "tt_embeddings"])
+def test_parameter_budget_sets_the_rank(setup, target):
+    model, _, _, ctx = setup
+    out = apply_stage(model, FactorizeConfig(target=target, param_budget=0.3,
+                                             finetune_epochs=0), ctx)
+    changed = [(name, m) for name, m in out.named_modules()
+               if type(m).__name__ in ("LowRankLinear", "LowRankEmbedding", "TTEmbedding")]
+    assert changed
+    for name, m in changed:
+        before = model.get_submodule(name)
+        n_before = sum(p.numel() for p in before.parameters())
+        n_after = sum(p.numel() for p in m.parameters())
+        assert n_after <= 0.3 * n_before + (m.second.bias.numel() if target == "linear" else 0)
+
+
+def test_rank_and_parameter_budget_are_exclusive():
+    with pytest.raises(ValidationError, match="rank or param_budget, not both"):
+        FactorizeConfig(rank=4, param_budget=0.5)
+    with pytest.raises(ValidationError, match="param_budget"):
+        FactorizeConfig(param_budget=1.0)
