@@ -11,6 +11,8 @@ import functools
 import time
 from collections.abc import Callable
 
+from torch import nn
+
 from tasks.artifacts import serialize_model
 from tasks.data import generate, to_arrays
 from tasks.evaluate import (
@@ -79,12 +81,14 @@ SUITES: dict[str, tuple[Plan, ...]] = {
     ),
     "factorize": (
         FactorizeConfig(target="embeddings", rank=16),
-        FactorizeConfig(target="embeddings", rank=8),
         FactorizeConfig(target="linear", energy=0.9),
         FactorizeConfig(target="tt_embeddings", rank=32, **_TT_FINETUNE),
         FactorizeConfig(target="tt_embeddings", rank=16, **_TT_FINETUNE),
+        FactorizeConfig(target="tt_embeddings", rank=16, finetune_epochs=8, finetune_lr=3e-3),
         (FactorizeConfig(target="embeddings", rank=16), QuantizeConfig(embeddings="rowwise_int4")),
         (FactorizeConfig(target="tt_embeddings", rank=32, **_TT_FINETUNE), QuantizeConfig()),
+        (FactorizeConfig(target="tt_embeddings", rank=32, **_TT_FINETUNE),
+         QuantizeConfig(linear="int8_weight_only")),
         (FactorizeConfig(target="tt_embeddings", rank=16, **_TT_FINETUNE), QuantizeConfig()),
     ),
     "distill": (
@@ -140,12 +144,16 @@ def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
     first = dataclasses.replace(ctx, spec=spec, teacher_logits=functools.cache(
         lambda: predict_logits(baseline, train_arrays)))
     candidates = []
+    built: dict[tuple[str, ...], nn.Module] = {}  # a prefix shared by plans is built once
     for plan in configs:
         t0 = time.perf_counter()
-        model = baseline
+        model, prefix = baseline, ()
         for k, stage in enumerate(_stages(plan)):
-            model = apply_stage(model, stage, first if k == 0 else dataclasses.replace(
-                ctx, spec=getattr(model, "spec", spec)))
+            prefix = (*prefix, stage.model_dump_json())
+            if prefix not in built:
+                built[prefix] = apply_stage(model, stage, first if k == 0 else dataclasses.replace(
+                    ctx, spec=getattr(model, "spec", spec)))
+            model = built[prefix]
         candidates.append(model)
         log(f"built {plan_label(plan)} in {time.perf_counter() - t0:.0f}s")
     latencies = measure_latency([baseline, *candidates], test, batch_sizes=(batch_size,))
