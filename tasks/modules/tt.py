@@ -2,11 +2,17 @@
 
 A rows x dim table is viewed as a K-way tensor with row index i = (i_1, ..., i_K) and column
 j = (j_1, ..., j_K) in mixed radix (rows <= n_1 ... n_K, dim = d_1 ... d_K), and stored as K cores
-G_k of shape [r_{k-1}, n_k, d_k, r_k] (r_0 = r_K = 1):
+G_k of shape [n_k, r_{k-1}, d_k, r_k] (r_0 = r_K = 1; the row digit first, so a lookup gathers
+contiguous slices):
 
-    E[i, j] = G_1[:, i_1, j_1, :] @ G_2[:, i_2, j_2, :] @ ... @ G_K[:, i_K, j_K, :]
+    E[i, j] = G_1[i_1, :, j_1, :] @ G_2[i_2, :, j_2, :] @ ... @ G_K[i_K, :, j_K, :]
 
-so a row costs sum_k r_{k-1} n_k d_k r_k numbers instead of rows * dim. `from_table` finds the
+so a row costs sum_k r_{k-1} n_k d_k r_k numbers instead of rows * dim.
+
+Inference (no autograd) contracts the first two cores for every (i_1, i_2) pair once and keeps
+that product in memory while the cores stay unchanged (`pair_cache`, never stored): a lookup
+then gathers d_1 d_2 r_2 numbers instead of r_1 d_2 r_2 per core-2 slice and runs one small
+matmul. It is built only when it holds at most a quarter of the dense table's numbers. `from_table` finds the
 cores of a trained table by TT-SVD (sequential truncated SVDs of the unfoldings); at full
 TT-ranks it reproduces the table exactly.
 """
@@ -73,11 +79,12 @@ class TTEmbedding(nn.Module):
             list(ranks)
         r = [1, *ranks, 1]
         self.cores = nn.ParameterList(
-            nn.Parameter(torch.zeros(r[k], n, d, r[k + 1]))
+            nn.Parameter(torch.zeros(n, r[k], d, r[k + 1]))
             for k, (n, d) in enumerate(zip(row_factors, dim_factors)))
         strides = [math.prod(row_factors[k + 1:]) for k in range(len(row_factors))]
         self.register_buffer("strides", torch.tensor(strides), persistent=False)
         self.register_buffer("radix", torch.tensor(row_factors), persistent=False)
+        self._pairs: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     @classmethod
     def from_table(cls, table: nn.Embedding, rank: int | None = None, energy: float = 1.0,
@@ -107,18 +114,40 @@ class TTEmbedding(nn.Module):
         module = cls(rows, dim, ns, ds, ranks)
         with torch.no_grad():
             for param, core in zip(module.cores, cores):
-                param.copy_(core.float())
+                param.copy_(core.permute(1, 0, 2, 3).float())  # [r, n, d, r] -> [n, r, d, r]
         return module
+
+    def pair_cache_numbers(self) -> int:
+        n, d = self.row_factors, self.dim_factors
+        return n[0] * n[1] * d[0] * d[1] * self.ranks[1] if len(n) > 2 else self.rows * self.dim
+
+    def _pair_cache(self) -> torch.Tensor | None:
+        if torch.is_grad_enabled() or 4 * self.pair_cache_numbers() > self.rows * self.dim:
+            return None
+        key = (self.cores[0]._version, self.cores[1]._version, self.cores[0].data_ptr(),
+               self.cores[1].data_ptr())
+        if self._pairs is None or self._pairs[0] != key:
+            g1, g2 = self.cores[0][:, 0], self.cores[1]  # [n1, d1, r1], [n2, r1, d2, r2]
+            pairs = torch.einsum("apr,brds->abpds", g1, g2)
+            n, d = self.row_factors, self.dim_factors
+            self._pairs = (key, pairs.reshape(n[0] * n[1], d[0] * d[1], g2.shape[-1]))
+        return self._pairs[1]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (1-D), each distinct id computed once (ids in a batch repeat a lot)."""
         unique, inverse = torch.unique(ids, return_inverse=True)
         digits = (unique[:, None] // self.strides) % self.radix  # [U, K]
-        out = self.cores[0][0, digits[:, 0]]  # [U, d_1, r_1]
-        for k in range(1, len(self.cores)):
-            core = self.cores[k].permute(1, 0, 2, 3)[digits[:, k]]  # [U, r_{k-1}, d_k, r_k]
-            out = torch.einsum("upr,urds->upds", out, core).reshape(len(unique), -1,
-                                                                    core.shape[-1])
+        pairs, start = self._pair_cache(), 1
+        if pairs is not None:
+            out = pairs[digits[:, 0] * self.row_factors[1] + digits[:, 1]]  # [U, d1 d2, r_2]
+            start = 2
+        else:
+            out = self.cores[0][digits[:, 0], 0]  # [U, d_1, r_1]
+        for k in range(start, len(self.cores)):
+            core = self.cores[k][digits[:, k]]  # [U, r_{k-1}, d_k, r_k]
+            r_in, r_out = core.shape[1], core.shape[3]
+            out = torch.bmm(out, core.reshape(len(unique), r_in, -1)).reshape(
+                len(unique), -1, r_out)  # [U, d_1..d_k, r_k]
         return out.reshape(len(unique), self.dim)[inverse]
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor | None = None,

@@ -64,3 +64,17 @@ def test_bad_tt_shapes_are_refused():
         TTEmbedding(100, 8, [5, 5, 4], [2, 2, 2], [0, 2])
     ns, ds = tt_shape(100_000, 64)
     assert math.prod(ns) >= 100_000 and math.prod(ns) < 1.05 * 100_000 and ds == [4, 4, 4]
+
+
+def test_inference_pair_cache_matches_and_follows_updates():
+    table = nn.Embedding(20_000, 16)
+    tt = TTEmbedding.from_table(table, rank=8)
+    assert 4 * tt.pair_cache_numbers() <= 20_000 * 16  # small enough to be cached
+    ids = torch.randint(0, 20_000, (300,))
+    with torch.no_grad():
+        cached = tt(ids)
+    assert tt._pairs is not None
+    torch.testing.assert_close(cached, tt(ids), atol=1e-5, rtol=1e-5)  # autograd path: no cache
+    with torch.no_grad():
+        tt.cores[1].mul_(2.0)  # an update bumps the version: the cache is rebuilt
+        torch.testing.assert_close(tt(ids), 2 * cached, atol=1e-5, rtol=1e-5)
