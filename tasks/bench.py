@@ -97,9 +97,12 @@ SUITES: dict[str, tuple[Plan, ...]] = {
         DistillConfig(student=_QUARTER, temperature=2.0),
         DistillConfig(student=_QUARTER, hint_weight=0.5),
         DistillConfig(student=_QUARTER, listwise_weight=0.5),
+        DistillConfig(student=_QUARTER, temperature=2.0, hint_weight=0.5),
         (DistillConfig(student=_HALF), QuantizeConfig(embeddings="rowwise_int4")),
-        (DistillConfig(student=_QUARTER), QuantizeConfig()),
-        (DistillConfig(student=_QUARTER), QuantizeConfig(embeddings="rowwise_int4")),
+        (DistillConfig(student=_QUARTER, temperature=2.0),
+         QuantizeConfig(linear="int8_weight_only")),
+        (DistillConfig(student=_QUARTER, temperature=2.0),
+         QuantizeConfig(embeddings="rowwise_int4")),
     ),
 }
 
