@@ -82,7 +82,7 @@ def compress(request: CompressionRequest) -> GateReport:
         with remote_options(**cpu_opts):
             calibration = calibrate_model.submit(baseline, dataset, request.calibrate)
     builds: dict[tuple[str, ...], Any] = {}
-    chains: list[list[Any]] = []  # each candidate's stage futures, in order
+    chains: list[list[Any]] = []  # each candidate's upstream futures, in order
     evaluations = []
     for i, cand in enumerate(request.candidates):
         node = nodes[i % len(nodes)]  # deal candidates round-robin over the nodes
@@ -96,7 +96,9 @@ def compress(request: CompressionRequest) -> GateReport:
                         parent, stage, dataset, request.train.seed,
                         calibration if stage.needs_calibration() else None, request.budget)
             parent = builds[prefix]
-        chains.append([builds[p] for p in accumulate((s.model_dump_json(),) for s in cand.plan)])
+        chain = [builds[p] for p in accumulate((s.model_dump_json(),) for s in cand.plan)]
+        needs_calibration = any(s.needs_calibration() for s in cand.plan)
+        chains.append([calibration, *chain] if needs_calibration else chain)
         with remote_options(**stage_options(res.cpus_per_stage, 0, 0, node)):
             evaluations.append(evaluate_candidate.submit(
                 cand, parent, dataset, baseline, base_eval, request.budget.confidence))

@@ -36,8 +36,9 @@ def hint_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
 def listwise_loss(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor,
                   temperature: float = 1.0) -> torch.Tensor:
     """ListNet-style ranking distillation: within each query group, cross entropy between the
-    teacher's softmax over the group's items and the student's, averaged over the groups with
-    two or more rows (a one-row group has nothing to rank). `groups` labels rows by group.
+    teacher's softmax over the group's items and the student's (both over logits / T), averaged
+    over the groups with two or more rows (a one-row group has nothing to rank), times T².
+    `groups` labels rows by group.
     """
     _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
     n = counts.numel()
@@ -56,19 +57,32 @@ def listwise_loss(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Te
     ranked = counts >= 2
     if not ranked.any():
         return s.sum() * 0.0  # keeps the graph; no group to rank in this batch
-    return per_group[ranked].mean()
+    # times T², like soft_label_bce, so the temperature does not scale the gradient down
+    return temperature * temperature * per_group[ranked].mean()
 
 
-def penultimate(model: nn.Module) -> nn.Module:
-    """The model's last module with `in_features` (its output layer): its input is the hidden
-    layer the hint loss matches."""
-    last = None
-    for m in model.modules():
-        if hasattr(m, "in_features") and not list(m.children()):
-            last = m
-    if last is None:
-        raise ValueError("hint loss: the model has no Linear output layer to take a hint from")
-    return last
+def output_layer(model: nn.Module, *probe: torch.Tensor) -> tuple[nn.Module, int]:
+    """The last leaf module a forward pass on `probe` runs (the output layer, whatever its
+    kind: Linear, quantized, low-rank part) and the width of its input: the hidden layer the
+    hint loss matches."""
+    order: list[tuple[nn.Module, int]] = []
+
+    def record(module: nn.Module, args: tuple[object, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+            order.append((module, args[0].shape[-1]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
+             if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(*probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not order:
+        raise ValueError("hint loss: the model runs no layer on a [batch, features] input to "
+                         "take a hint from; set hint_weight to 0")
+    return order[-1]
 
 
 class HiddenCapture:

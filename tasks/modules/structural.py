@@ -180,7 +180,7 @@ class SemiSparseLinear(nn.Module):
         self.register_buffer("positions", torch.zeros(out_features, in_features // 4,
                                                       dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features))
-        self._sparse: tuple[int, torch.Tensor] | None = None  # (values version, GPU weight)
+        self._sparse: tuple[tuple[object, ...], torch.Tensor] | None = None  # (key, GPU weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> SemiSparseLinear:
@@ -207,11 +207,17 @@ class SemiSparseLinear(nn.Module):
         if x.is_cuda and not torch.is_grad_enabled():
             from torch.sparse import to_sparse_semi_structured
 
-            version = self.values._version
-            if self._sparse is None or self._sparse[0] != version:
-                self._sparse = (version, to_sparse_semi_structured(self.dense_weight().half()))
+            key = (self.values._version, self.values.data_ptr(), self.values.device)
+            if self._sparse is None or self._sparse[0] != key:
+                self._sparse = (key, to_sparse_semi_structured(self.dense_weight().half()))
             return F.linear(x.half(), self._sparse[1], self.bias.half()).to(x.dtype)
+        self._sparse = None  # off the GPU: do not hold its memory
         return F.linear(x, self.dense_weight(), self.bias)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> SemiSparseLinear:
+        clone = SemiSparseLinear(self.in_features, self.out_features)
+        clone.load_state_dict(self.state_dict())
+        return clone.to(self.values.device)
 
     def manifest(self) -> dict[str, Any]:
         return {"kind": self.kind, "in_features": self.in_features,

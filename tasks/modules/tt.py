@@ -154,6 +154,9 @@ class TTEmbedding(nn.Module):
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Like nn.Embedding(ids) without `offsets`; like nn.EmbeddingBag(mode="sum") with
         `offsets` (1-D ids, bag b = ids[offsets[b]:offsets[b+1]])."""
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.rows):
+            raise IndexError(f"TT embedding: ids must be in [0, {self.rows}) (got "
+                             f"{int(ids.min())}..{int(ids.max())})")
         if offsets is None:
             return self.lookup(ids.reshape(-1)).reshape(*ids.shape, self.dim)
         rows = self.lookup(ids)

@@ -16,7 +16,7 @@ from tasks.losses import (
     hard_label_bce,
     hint_loss,
     listwise_loss,
-    penultimate,
+    output_layer,
     soft_label_bce,
 )
 from tasks.models import build
@@ -66,16 +66,18 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: StageContext) -> nn.Modul
     t_logits, labels = torch.from_numpy(logits.astype(np.float32)), torch.from_numpy(data.label)
     dense, sparse = torch.from_numpy(data.dense), torch.from_numpy(data.sparse)
     projection, teacher_out = None, None
+    student_out = None
     if cfg.hint_weight:
-        teacher_out = penultimate(teacher)
-        projection = nn.Linear(penultimate(student).in_features, teacher_out.in_features,
-                               bias=False).to(device)
+        probe = dense[:2], sparse[:2]
         teacher.eval()
+        teacher_out, teacher_width = output_layer(teacher, *probe)
+        student_out, student_width = output_layer(student, *probe)
+        projection = nn.Linear(student_width, teacher_width, bias=False).to(device)
     temperature = cfg.temperature
 
     with contextlib.ExitStack() as stack:
-        student_hidden = stack.enter_context(HiddenCapture(penultimate(student))) \
-            if projection is not None else None
+        student_hidden = stack.enter_context(HiddenCapture(student_out)) \
+            if student_out is not None else None
         teacher_hidden = stack.enter_context(HiddenCapture(teacher_out)) \
             if teacher_out is not None else None
 

@@ -59,6 +59,14 @@ def prune_neurons(model: nn.Module, sparsity: float) -> int:
     return removed
 
 
+def _effective(m: nn.Module) -> torch.Tensor:
+    """The weight as it stands, on CPU. A masked layer's `weight` attribute is refreshed only by
+    a forward pass (it may hold a rejected epoch's values or sit on another device)."""
+    if hasattr(m, "weight_mask"):
+        return (m.weight_orig * m.weight_mask).detach().cpu()
+    return m.weight.detach().cpu()
+
+
 def prune_magnitude(model: nn.Module, sparsity: float, scope: str, store: bool = True) -> None:
     """Zero the `sparsity` share of Linear weights with the smallest magnitude. `store=True`
     swaps in CSR-stored SparseLinear modules; `store=False` only masks the weights
@@ -66,11 +74,11 @@ def prune_magnitude(model: nn.Module, sparsity: float, scope: str, store: bool =
     (the cycles of a gradual schedule); `finish_masks` then stores them sparsely."""
     linears = [(p, m) for p, m in model.named_modules() if type(m) in (nn.Linear, PrunedLinear)]
     if scope == "global":
-        flat = torch.cat([m.weight.detach().abs().flatten() for _, m in linears])
+        flat = torch.cat([_effective(m).abs().flatten() for _, m in linears])
         threshold = torch.quantile(flat.float(), sparsity) if flat.numel() < 2**24 else \
             flat.kthvalue(max(1, int(sparsity * flat.numel()))).values
     for path, m in linears:
-        w = m.weight.detach().abs()
+        w = _effective(m).abs()
         t = threshold if scope == "global" else torch.quantile(w.flatten(), sparsity)
         if store:
             set_submodule(model, path, SparseLinear.from_dense(m, w > t))
@@ -147,10 +155,10 @@ def prune(model: nn.Module, cfg: PruneConfig, ctx: StageContext) -> nn.Module:
         for k, target in enumerate(schedule(cfg.sparsity, cfg.steps)):
             last = k == cfg.steps - 1
             if cfg.method == "structured":
-                n = prune_neurons(out, 1 - (1 - target) / (1 - done))  # share of what is left
-                if n == 0 and k == 0:
+                if not _hidden_pairs(out):
                     raise ValueError("prune(structured): the model has no hidden MLP neurons "
                                      "to remove")
+                n = prune_neurons(out, 1 - (1 - target) / (1 - done))  # share of what is left
                 ctx.log(f"{cfg.label()}: cycle {k + 1}: removed {n} neurons")
             else:
                 prune_magnitude(out, target, cfg.scope, store=cfg.steps == 1)

@@ -90,3 +90,11 @@ def test_distill_input_errors_name_the_field(setup):
         DistillConfig(teacher="production")
     with pytest.raises(ValidationError, match="temperature"):
         DistillConfig(temperature=0)
+
+
+def test_hint_from_a_quantized_teacher_uses_its_real_output_layer(setup):
+    teacher, _, test, ctx = setup
+    quantized = apply_stage(teacher, QuantizeConfig(), ctx)  # int8 Linear: no nn.Linear left
+    student = apply_stage(quantized, DistillConfig(student=STUDENT, epochs=1, batch_size=256,
+                                                   hint_weight=1.0), ctx)
+    assert auc(test.label, predict(student, test)) > 0.6

@@ -11,7 +11,7 @@ from tasks.losses import (
     hard_label_bce,
     hint_loss,
     listwise_loss,
-    penultimate,
+    output_layer,
     soft_label_bce,
 )
 
@@ -66,10 +66,11 @@ def test_listwise_loss_per_query_group():
     assert close(loss, (g7 + math.log(3)) / 2)
     loss.backward()
     assert student.grad[2] == 0 and student.grad[:2].abs().sum() > 0
-    # temperature divides both: teacher [0, 2 ln 2, 0] at T=2 is the same distribution
+    # temperature divides both: teacher [0, 2 ln 2, 0] at T=2 is the same distribution; the
+    # loss is then scaled by T² = 4
     loss_t = listwise_loss(torch.zeros(3), torch.tensor([0.0, 2 * math.log(2), 0.0]),
                            torch.tensor([4, 4, 4]), temperature=2.0)
-    assert close(loss_t, math.log(3))
+    assert close(loss_t, 4 * math.log(3))
 
 
 def test_listwise_loss_without_groups_to_rank_is_zero_with_a_graph():
@@ -79,11 +80,12 @@ def test_listwise_loss_without_groups_to_rank_is_zero_with_a_graph():
     loss.backward()  # still differentiable
 
 
-def test_penultimate_and_capture():
+def test_output_layer_is_the_last_layer_run_and_capture():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
-    assert penultimate(model) is model[2]
-    with HiddenCapture(penultimate(model)) as cap:
+    layer, width = output_layer(model, torch.ones(2, 3))
+    assert layer is model[2] and width == 4
+    with HiddenCapture(layer) as cap:
         model(torch.ones(2, 3))
     assert cap.value.shape == (2, 4)
-    with pytest.raises(ValueError, match="no Linear output layer"):
-        penultimate(nn.ReLU())
+    with pytest.raises(ValueError, match="no layer on a"):
+        output_layer(nn.Flatten(0), torch.ones(3))

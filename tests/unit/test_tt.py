@@ -78,3 +78,9 @@ def test_inference_pair_cache_matches_and_follows_updates():
     with torch.no_grad():
         tt.cores[1].mul_(2.0)  # an update bumps the version: the cache is rebuilt
         torch.testing.assert_close(tt(ids), 2 * cached, atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_range_ids_raise_like_nn_embedding():
+    tt = TTEmbedding.from_table(nn.Embedding(100, 8), rank=2)
+    with pytest.raises(IndexError, match=r"ids must be in \[0, 100\)"):
+        tt(torch.tensor([3, 100]))
