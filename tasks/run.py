@@ -273,7 +273,12 @@ def evaluate_champion(model_name: str, version: int, dataset: DatasetRef,
     comparable champion, and the caller says so.
     """
     store = ArtifactStore(Settings())
-    model, spec = Registry(store).load(model_name, version)
+    try:
+        model, spec = Registry(store).load(model_name, version)
+    except ValueError as exc:  # written by an incompatible version of this code
+        get_run_logger().warning("production v%d cannot be loaded (%s); not comparable",
+                                 version, exc)
+        return None
     if spec != resolve(spec, dataset.spec):
         get_run_logger().warning("production v%d was built for other data; not comparable",
                                  version)

@@ -458,11 +458,19 @@ class Resources(Frozen):
 
 
 def default_candidates() -> tuple[Candidate, ...]:
+    """One or two plans per family: quantization, pruning, distillation, factorization (the
+    tensor-train chain is the smallest passing candidate in docs/benchmarks.md)."""
+    half = ModelSpec(embedding_dim=32, bottom_mlp=(128, 32), top_mlp=(128, 64))
+    tt = FactorizeConfig(target="tt_embeddings", rank=32, finetune_epochs=3, finetune_lr=3e-3)
     return (
         Candidate(id="int8-all", plan=(QuantizeConfig(),)),
         Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),
         Candidate(id="int4-emb", plan=(QuantizeConfig(embeddings="rowwise_int4"),)),
         Candidate(id="mixed", plan=(QuantizeConfig(mixed_precision=MixedPrecision()),)),
+        Candidate(id="pruned-int8", plan=(PruneConfig(method="structured", sparsity=0.5),
+                                          QuantizeConfig())),
+        Candidate(id="student-half", plan=(DistillConfig(student=half),)),
+        Candidate(id="tt-int8", plan=(tt, QuantizeConfig(linear="int8_weight_only"))),
     )
 
 
