@@ -1,4 +1,4 @@
-"""`recsqueeze` command line: up | down | status | run | dataset | registry."""
+"""`recsqueeze` command line: up | down | status | run | bench | dataset | registry."""
 
 from __future__ import annotations
 
@@ -179,6 +179,34 @@ def registry_show(model: str, version: int | None = None, state_dir: Path = STAT
         err.print(f"{model} has no production version")
         raise typer.Exit(1)
     print(json.dumps(reg.version_info(model, n), indent=2))
+
+
+@registry_app.command("promote")
+def registry_promote(model: str, version: int, state_dir: Path = STATE) -> None:
+    """Point `production` at VERSION (the version it replaces becomes `previous`)."""
+    from tasks.artifacts import ArtifactStore, Registry
+
+    reg = Registry(ArtifactStore(settings_for(state_dir)))
+    try:
+        reg.set_alias(model, "production", version)
+    except ValueError as exc:
+        err.print(str(exc))
+        raise typer.Exit(1) from None
+    print(f"{model}: production={reg.alias(model)} previous={reg.alias(model, 'previous')}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(model: str, state_dir: Path = STATE) -> None:
+    """Swap `production` and `previous` (run it again to roll forward)."""
+    from tasks.artifacts import ArtifactStore, Registry
+
+    reg = Registry(ArtifactStore(settings_for(state_dir)))
+    try:
+        production, previous = reg.rollback(model)
+    except ValueError as exc:
+        err.print(str(exc))
+        raise typer.Exit(1) from None
+    print(f"{model}: production={production} previous={previous}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import boto3
@@ -241,18 +242,77 @@ class Registry:
             self.set_alias(model, "production", n)
         return Promotion(model_name=model, version=n, uri=uri, candidate_id=candidate_id)
 
+    def _alias_key(self, model: str, alias: str) -> str:
+        return f"{self._prefix(model)}/aliases/{alias}.json"
+
+    def _read_alias(self, model: str, alias: str) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            obj = self.s3.get_object(Bucket=self.store.bucket, Key=self._alias_key(model, alias))
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey"):
+                return None, None
+            raise
+        return json.loads(obj["Body"].read()), obj["ETag"]
+
+    def _swap_production(self, model: str, move: Callable[[dict[str, Any] | None],
+                                                          dict[str, Any]]) -> dict[str, Any]:
+        """Compare-and-swap of aliases/production.json: read it with its ETag, write
+        `move(current)` only if nobody wrote in between (If-Match / If-None-Match), else retry.
+        The document holds both `version` and `previous`, so the two aliases move together
+        and concurrent promotions leave a consistent pair."""
+        key = self._alias_key(model, "production")
+        for _ in range(50):
+            current, etag = self._read_alias(model, "production")
+            doc = move(current)
+            cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+            try:
+                self.s3.put_object(Bucket=self.store.bucket, Key=key,
+                                   Body=json.dumps(doc).encode(),
+                                   ContentType="application/json", **cond)
+                return doc
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] not in ("PreconditionFailed", "412"):
+                    raise
+        raise RuntimeError(f"registry {model}: the production alias kept changing; retry")
+
     def set_alias(self, model: str, alias: str, version: int) -> None:
+        """Point `alias` at `version`. Moving `production` keeps the version it replaced as
+        `previous` (in the same object, swapped atomically)."""
         if version not in self.versions(model):
-            raise ValueError(f"registry {model}: version {version} does not exist")
-        current = self.alias(model, alias)
-        if alias == "production" and current is not None and current != version:
-            self.store.put_json(f"{self._prefix(model)}/aliases/previous.json",
-                                {"version": current})
-        self.store.put_json(f"{self._prefix(model)}/aliases/{alias}.json", {"version": version})
+            raise ValueError(f"registry {model}: version {version} does not exist (versions: "
+                             f"{self.versions(model)})")
+        if alias == "previous":
+            raise ValueError("registry: `previous` follows `production`; use rollback to swap "
+                             "them")
+        if alias != "production":
+            self.store.put_json(self._alias_key(model, alias), {"version": version})
+            return
+
+        def move(current: dict[str, Any] | None) -> dict[str, Any]:
+            if current is None:
+                return {"version": version, "previous": None}
+            if current["version"] == version:
+                return current
+            return {"version": version, "previous": current["version"]}
+
+        self._swap_production(model, move)
+
+    def rollback(self, model: str) -> tuple[int, int]:
+        """Swap `production` and `previous`; returns (new production, new previous)."""
+        def move(current: dict[str, Any] | None) -> dict[str, Any]:
+            if current is None or current.get("previous") is None:
+                raise ValueError(f"registry {model}: no previous version to roll back to")
+            return {"version": current["previous"], "previous": current["version"]}
+
+        doc = self._swap_production(model, move)
+        return int(doc["version"]), int(doc["previous"])
 
     def alias(self, model: str, alias: str = "production") -> int | None:
-        raw = self.store.get_json(f"{self._prefix(model)}/aliases/{alias}.json")
-        return None if raw is None else int(raw["version"])
+        if alias == "previous":
+            doc, _ = self._read_alias(model, "production")
+            return None if doc is None or doc.get("previous") is None else int(doc["previous"])
+        doc, _ = self._read_alias(model, alias)
+        return None if doc is None else int(doc["version"])
 
     def version_info(self, model: str, version: int) -> dict[str, Any]:
         raw = self.store.get_json(f"{self._prefix(model)}/versions/{version}/version.json")

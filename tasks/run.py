@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from prefect import State, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
@@ -300,4 +301,11 @@ def promote(model_name: str, result: CandidateResult, files: dict[str, object],
     promotion = registry.publish(model_name, result.model, files, owner=run_id,
                                  candidate_id=result.candidate.id)
     get_run_logger().info("promoted %s v%d: %s", model_name, promotion.version, promotion.uri)
+    # for Prefect automations (e.g. roll a serving fleet): event name, resource = the version
+    emit_event(event="recsqueeze.model.promoted",
+               resource={"prefect.resource.id": f"recsqueeze.model.{model_name}.v{promotion.version}",
+                         "prefect.resource.name": f"{model_name} v{promotion.version}"},
+               payload={"model": model_name, "version": promotion.version, "uri": promotion.uri,
+                        "candidate": result.candidate.id, "run_id": run_id,
+                        "size_bytes": result.metrics.size_bytes, "auc": result.metrics.auc.value})
     return promotion

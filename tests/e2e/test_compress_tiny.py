@@ -226,3 +226,39 @@ def test_cli_refuses_malformed_request_before_touching_anything(raw, needle, sta
     assert out.returncode == 2, out.stderr
     assert needle in " ".join(out.stderr.split()), out.stderr
     assert {m: reg.versions(m) for m in reg.models()} == before
+
+
+def test_promotion_emits_a_prefect_event(first_run, settings):
+    report, _ = first_run
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    payloads = []
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+        with get_client(sync_client=True) as client:
+            for _ in range(60):  # events reach the server asynchronously
+                # a new filter each time: its default time window ends when it is made; the
+                # server caps a page at 50 (the client's default of 100 is refused)
+                wanted = EventFilter(event=EventNameFilter(name=["recsqueeze.model.promoted"]))
+                payloads = [e.payload for e in client.read_events(filter=wanted, limit=50).events]
+                if any(p.get("run_id") == report.run_id for p in payloads):
+                    break
+                time.sleep(0.5)
+    event = next(p for p in payloads if p.get("run_id") == report.run_id)
+    assert event["model"] == "e2e-ranker" and event["version"] == report.promoted.version
+    assert event["uri"] == report.promoted.uri
+
+
+def test_registry_cli_refuses_bad_moves_clearly(first_run, stack):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "flows.cli", "registry", *args,
+                               "--state-dir", stack.state_dir],
+                              capture_output=True, text=True, timeout=120)
+
+    out = cli("promote", "e2e-ranker", "99")
+    assert out.returncode == 1 and "version 99 does not exist" in out.stderr
+    out = cli("rollback", "e2e-ranker")
+    assert out.returncode == 1 and "no previous version to roll back to" in out.stderr
+    out = cli("promote", "e2e-ranker", "1")
+    assert out.returncode == 0 and "production=1" in out.stdout

@@ -78,6 +78,8 @@ def test_registry_versions_are_immutable_and_concurrent_promotions_distinct(stor
     assert versions == [1, 2, 3, 4]
     assert reg.versions("concurrent") == [1, 2, 3, 4]
     assert reg.alias("concurrent") in versions
+    # the alias pair is consistent: previous is another promoted version, never production
+    assert reg.alias("concurrent", "previous") in set(versions) - {reg.alias("concurrent")}
     notes = {store.get_json(f"registry/concurrent/versions/{v}/note.json")["i"] for v in versions}
     assert notes == {0, 1, 2, 3}  # nobody overwrote anybody
     loaded, _ = reg.load("concurrent", 2)
@@ -94,3 +96,43 @@ def test_half_written_version_is_never_listed_or_reused(store):
     assert reg.versions("crashy") == []
     promo = reg.publish("crashy", ref, {}, "t", "c")
     assert promo.version == 2 and reg.versions("crashy") == [2]
+
+
+def test_promote_and_rollback_move_production_and_previous_together(store):
+    model, spec = _model()
+    ref = store.put_model(model, spec)
+    reg = Registry(store)
+    for _ in range(3):
+        reg.publish("rolly", ref, {}, "t", "c")
+    assert (reg.alias("rolly"), reg.alias("rolly", "previous")) == (3, 2)
+    assert reg.rollback("rolly") == (2, 3)
+    assert (reg.alias("rolly"), reg.alias("rolly", "previous")) == (2, 3)
+    assert reg.rollback("rolly") == (3, 2)  # roll forward again
+    reg.set_alias("rolly", "production", 1)
+    assert (reg.alias("rolly"), reg.alias("rolly", "previous")) == (1, 3)
+    reg.set_alias("rolly", "production", 1)  # already there: nothing moves
+    assert reg.alias("rolly", "previous") == 3
+    assert reg.versions("rolly") == [1, 2, 3]  # versions themselves never change
+    with pytest.raises(ValueError, match="version 9 does not exist"):
+        reg.set_alias("rolly", "production", 9)
+    reg.publish("single", ref, {}, "t", "c")
+    with pytest.raises(ValueError, match="no previous version to roll back to"):
+        reg.rollback("single")
+
+
+def test_concurrent_alias_moves_leave_a_consistent_pair(store):
+    model, spec = _model()
+    ref = store.put_model(model, spec)
+    reg = Registry(store)
+    for _ in range(5):
+        reg.publish("racy", ref, {}, "t", "c", set_production=False)
+    threads = [threading.Thread(target=reg.set_alias, args=("racy", "production", v))
+               for v in range(1, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    production, previous = reg.alias("racy"), reg.alias("racy", "previous")
+    # every move read the alias it replaced under a compare-and-swap: the last writer's
+    # previous is the version the second-to-last move set, so the two always differ
+    assert production in range(1, 6) and previous in range(1, 6) and previous != production
