@@ -157,6 +157,24 @@ def dataset_generate(size: str = typer.Option("small"), seed: int = 0,
     err.print(f"rows {ref.rows}; Bayes-optimal test AUC {spec.bayes_auc:.5f}")
 
 
+@app.command("gate-sim")
+def gate_sim(margins: str = typer.Option("-0.5,0,0.1,0.25,0.5", help="true loss = budget*(1+m)"),
+             rows: int = 200_000, trials: int = 200, budget: float = 0.001,
+             confidence: float = 0.95, json_out: Path | None = typer.Option(None, "--json")) -> None:
+    """Simulate the gate's false-promotion rate on candidates just over the AUC budget."""
+    from tasks.simulate import pass_rate
+
+    out = []
+    for m in (float(x) for x in margins.split(",")):
+        row = pass_rate(m, rows, trials, budget, confidence)
+        out.append(row)
+        print(f"true relative loss {row['true_relative_loss']:.5f} (budget x {1 + m:.2f}): "
+              f"passed {row['pass_rate']:.3f} of {trials} trials")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(out, indent=2))
+
+
 @registry_app.command("list")
 def registry_list(state_dir: Path = STATE) -> None:
     """Models, their versions and aliases."""

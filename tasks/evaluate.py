@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from tasks.data import Arrays
-from tasks.metrics import auc_with_ci, logloss, paired_auc_loss
+from tasks.metrics import (
+    auc_with_ci,
+    logloss,
+    paired_auc_loss,
+    paired_bootstrap_upper,
+    row_logloss,
+)
 from tasks.types import Latency, Metrics, PairedDelta
 
 LATENCY_BATCHES = (1, 512)
@@ -127,12 +133,15 @@ def evaluate(model: nn.Module, test: Arrays, size_bytes: int,
 
 def paired_deltas(label: np.ndarray, base: np.ndarray, cand: np.ndarray,
                   confidence: float = 0.95) -> tuple[PairedDelta, ...]:
-    """Candidate vs baseline on the same rows (AUC via paired DeLong; logloss as a point)."""
+    """Candidate vs baseline on the same rows: AUC by paired DeLong, logloss by the paired
+    bootstrap of the per-row loss difference (both one-sided upper `confidence` bounds)."""
     base_auc, delta, loss_high = paired_auc_loss(label, base, cand, confidence)
-    base_ll = logloss(label, base)
-    ll_delta = logloss(label, cand) - base_ll
+    base_rows, cand_rows = row_logloss(label, base), row_logloss(label, cand)
+    base_ll = float(base_rows.mean())
+    ll_delta = float(cand_rows.mean()) - base_ll
+    ll_high = paired_bootstrap_upper(cand_rows - base_rows, confidence)
     return (
         PairedDelta(metric="auc", delta=delta, loss_ci_high=loss_high, baseline=base_auc),
         # lower logloss is better: a loss is an increase
-        PairedDelta(metric="logloss", delta=ll_delta, loss_ci_high=ll_delta, baseline=base_ll),
+        PairedDelta(metric="logloss", delta=ll_delta, loss_ci_high=ll_high, baseline=base_ll),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tasks.types import Budget, CandidateResult, GateDecision, Metrics
@@ -33,10 +34,15 @@ def check(c: CandidateResult, baseline: Metrics, budget: Budget) -> GateDecision
     reasons: list[str] = []
     deltas = {d.metric: d for d in c.deltas}
     for metric, rule in budget.metrics.items():
+        if metric not in deltas:
+            reasons.append(f"{metric}: not measured for this candidate")
+            continue
         d = deltas[metric]
         loss_high = d.loss_ci_high / d.baseline if rule.relative else d.loss_ci_high
         unit = " (relative)" if rule.relative else ""
-        if loss_high > rule.max_drop:
+        if math.isnan(loss_high):  # a degenerate interval proves nothing: never a pass
+            reasons.append(f"{metric}: loss upper bound is undefined (NaN)")
+        elif loss_high > rule.max_drop:
             reasons.append(f"{metric}: loss upper bound {loss_high:.5f}{unit} > budget "
                            f"{rule.max_drop:.5f} (over by {loss_high - rule.max_drop:.5f})")
     m = c.metrics

@@ -80,6 +80,25 @@ def paired_auc_loss(
     return float(aucs[0]), float(aucs[1] - aucs[0]), float(upper)
 
 
-def logloss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
+def row_logloss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
     q = np.clip(p.astype(np.float64), eps, 1 - eps)
-    return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+    return -(y * np.log(q) + (1 - y) * np.log(1 - q))
+
+
+def logloss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
+    return float(np.mean(row_logloss(y, p, eps)))
+
+
+def paired_bootstrap_upper(diff: np.ndarray, confidence: float = 0.95, resamples: int = 1000,
+                           seed: int = 0, chunk: int = 50) -> float:
+    """One-sided upper `confidence` bound of mean(diff) by the paired percentile bootstrap:
+    rows are resampled with replacement, the same rows for both models (`diff` is per-row
+    candidate minus baseline), so their correlation is kept. Seeded: the same inputs give the
+    same bound."""
+    rng = np.random.default_rng(seed)
+    n = len(diff)
+    means = np.empty(resamples)
+    for start in range(0, resamples, chunk):
+        k = min(chunk, resamples - start)
+        means[start:start + k] = diff[rng.integers(0, n, (k, n))].mean(axis=1)
+    return float(np.quantile(means, confidence))

@@ -436,9 +436,10 @@ class MetricBudget(Frozen):
 class Budget(Frozen):
     """What a candidate must satisfy to be promoted (see `tasks.gate.decide`)."""
 
-    metrics: dict[Literal["auc"], MetricBudget] = Field(
+    metrics: dict[Literal["auc", "logloss"], MetricBudget] = Field(
         default_factory=lambda: {"auc": MetricBudget(max_drop=0.001, relative=True)},
-        description="per-metric loss budgets, judged on the upper confidence bound",
+        description="per-metric loss budgets (auc: a drop, paired DeLong bound; logloss: a "
+                    "rise, paired bootstrap bound), judged on the upper confidence bound",
     )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="one-sided confidence level")
     max_size_bytes: int | None = Field(None, gt=0, description="size constraint")

@@ -17,19 +17,20 @@ from tasks.types import (
 BASE_AUC = 0.8
 
 
-def metrics(size: int, auc: float = BASE_AUC, p99: float = 2.0) -> Metrics:
+def metrics(size: int, auc: float = BASE_AUC, p99: float | None = 2.0) -> Metrics:
     return Metrics(auc=Estimate(value=auc, ci_low=auc - 0.01, ci_high=auc + 0.01), logloss=0.4,
                    rows=1000, size_bytes=size, params=10,
-                   latency=(Latency(batch_size=512, p50_ms=p99 / 2, p99_ms=p99),))
+                   latency=(Latency(batch_size=512, p50_ms=p99 / 2, p99_ms=p99),) if p99 else ())
 
 
-def result(cid: str, size: int, loss: float, loss_high: float, p99: float = 2.0) -> CandidateResult:
+def result(cid: str, size: int, loss: float, loss_high: float, p99: float | None = 2.0,
+           ll_high: float = 0.0) -> CandidateResult:
     return CandidateResult(
         candidate=Candidate(id=cid, plan=(QuantizeConfig(),)),
         model=ArtifactRef(uri="s3://b/objects/x", sha256="0" * 64, size_bytes=size, kind="model"),
         metrics=metrics(size, BASE_AUC - loss, p99),
         deltas=(PairedDelta(metric="auc", delta=-loss, loss_ci_high=loss_high, baseline=BASE_AUC),
-                PairedDelta(metric="logloss", delta=0.0, loss_ci_high=0.0, baseline=0.4)),
+                PairedDelta(metric="logloss", delta=0.0, loss_ci_high=ll_high, baseline=0.4)),
         node_ip="127.0.0.3", wall_s=1.0,
     )
 
@@ -97,3 +98,30 @@ def test_nothing_passes_is_not_an_error():
     verdict = decide(metrics(40), None, [result("a", 10, 0.01, 0.02)], REL)
     assert verdict.chosen is None and not verdict.promote
     assert verdict.reason == "no candidate passed the budget"
+
+
+LL_REL = Budget(metrics={"logloss": MetricBudget(max_drop=0.01, relative=True)})
+BOTH = Budget(metrics={"auc": MetricBudget(max_drop=0.001, relative=True),
+                       "logloss": MetricBudget(max_drop=0.002)})
+
+
+@pytest.mark.parametrize("budget, auc_high, ll_high, failed", [
+    (LL_REL, 0.5, 0.0039, []),                  # logloss alone: 0.0039/0.4 < 1% (auc unbudgeted)
+    (LL_REL, 0.0, 0.0041, ["logloss"]),         # 1.025% relative rise
+    (BOTH, 0.0008, 0.002, []),                  # both exactly at their budgets
+    (BOTH, 0.0009, 0.002, ["auc"]),
+    (BOTH, 0.0009, 0.0021, ["auc", "logloss"]),  # every failed budget is listed
+    (BOTH, float("nan"), 0.0, ["auc"]),         # an undefined bound never passes
+    (BOTH, -0.002, -0.01, []),                  # certain gains
+])
+def test_every_budgeted_metric_is_judged_and_reported(budget, auc_high, ll_high, failed):
+    d = decide(metrics(40), None, [result("a", 10, 0.0, auc_high, ll_high=ll_high)],
+               budget).decisions[0]
+    assert d.passed is (not failed)
+    assert [r.split(":")[0] for r in d.reasons] == failed
+
+
+def test_latency_constraint_without_a_measurement_fails():
+    budget = Budget(max_p99_ms=5.0)
+    d = decide(metrics(40), None, [result("a", 10, 0.0, 0.0, p99=None)], budget).decisions[0]
+    assert not d.passed and "p99@512: None ms > max 5.0 ms" in d.reasons[0]
