@@ -19,6 +19,7 @@ from prefect.context import get_run_context
 from prefect_ray.context import remote_options
 
 from cluster.resources import cluster_gpus, stage_options, worker_nodes
+from cluster.runner import ray_task_runner
 from flows.report import leaderboard, markdown, model_card
 from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
@@ -54,7 +55,17 @@ def _first_error(futures: list[Any]) -> BaseException | None:
     return None
 
 
-@flow(name="compress", validate_parameters=True)
+def cluster_runner() -> Any:
+    """The Ray cluster the settings name (RECSQUEEZE_RAY_ADDRESS), if any: deployed runs
+    (subprocesses of `flows.deployments`) run their tasks there. Without one, Prefect's
+    default; `flows.driver.run_compress` always passes its own runner."""
+    settings = Settings()
+    if not settings.ray_address:
+        return None
+    return ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.s3_env())
+
+
+@flow(name="compress", validate_parameters=True, task_runner=cluster_runner())
 def compress(request: CompressionRequest) -> GateReport:
     log = get_run_logger()
     run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]

@@ -6,16 +6,20 @@ environment variable taking precedence (that is how a user points at real servic
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cluster.local import LocalRayCluster, start_local_cluster, stop_local_cluster
 from infra.prefect_server import PrefectServer, start_prefect
-from infra.process import alive, stop
+from infra.process import alive, spawn, stop
 from infra.s3server import S3Server, start_s3
 from infra.settings import QUIET_ENV, Settings
+
+REPO = Path(__file__).resolve().parent.parent  # deployments' entrypoints are relative to it
 
 
 @dataclass(frozen=True)
@@ -24,9 +28,11 @@ class Stack:
     s3: S3Server
     prefect: PrefectServer
     ray: LocalRayCluster
+    deployments_pid: int | None = None  # `python -m flows.deployments`: serves the deployments
 
     def pids(self) -> list[int]:
-        return [self.s3.pid, self.prefect.pid, *(n.pid for n in self.ray.nodes)]
+        extra = [self.deployments_pid] if self.deployments_pid else []
+        return [self.s3.pid, self.prefect.pid, *(n.pid for n in self.ray.nodes), *extra]
 
     def settings(self) -> Settings:
         return Settings(
@@ -44,11 +50,12 @@ def _stack_file(state_dir: Path) -> Path:
 
 def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
                 worker_ips: tuple[str, ...] = ("127.0.0.3",), cpus_per_node: int = 1,
-                well_known_ports: bool = False) -> Stack:
+                well_known_ports: bool = False, serve_deployments: bool = True) -> Stack:
     """Start S3, Prefect and Ray (head + workers); stop what was started if any part fails.
 
     With `well_known_ports`, S3 and Prefect take 8333 and 4200 when those are free (the demo's
-    stable UI address); tests leave it off and get free ports.
+    stable UI address); tests leave it off and get free ports. `serve_deployments` also starts
+    the process serving the `on-demand` and `nightly` deployments (flows/deployments.py).
     """
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -68,9 +75,20 @@ def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
             stop(pid)
         raise
     stack = Stack(str(state_dir), s3, prefect, ray)
-    _stack_file(state_dir).write_text(json.dumps(asdict(stack), indent=2))
-    os.chmod(_stack_file(state_dir), 0o600)  # holds the S3 secret
+    _write(stack)
+    if serve_deployments:
+        pid = spawn([sys.executable, "-m", "flows.deployments", "--state-dir", str(state_dir)],
+                    os.environ | QUIET_ENV | {"PREFECT_API_URL": prefect.api_url},
+                    state_dir / "deployments.log", cwd=REPO)
+        stack = dataclasses.replace(stack, deployments_pid=pid)
+        _write(stack)
     return stack
+
+
+def _write(stack: Stack) -> None:
+    path = _stack_file(Path(stack.state_dir))
+    path.write_text(json.dumps(asdict(stack), indent=2))
+    os.chmod(path, 0o600)  # holds the S3 secret
 
 
 def load_stack(state_dir: Path) -> Stack | None:
@@ -79,15 +97,18 @@ def load_stack(state_dir: Path) -> Stack | None:
         return None
     raw = json.loads(path.read_text())
     return Stack(raw["state_dir"], S3Server(**raw["s3"]), PrefectServer(**raw["prefect"]),
-                 LocalRayCluster.from_json(json.dumps(raw["ray"])))
+                 LocalRayCluster.from_json(json.dumps(raw["ray"])), raw.get("deployments_pid"))
 
 
 def stack_alive(stack: Stack) -> dict[str, bool]:
-    return {"s3": alive(stack.s3.pid), "prefect": alive(stack.prefect.pid),
+    served = {"deployments": alive(stack.deployments_pid)} if stack.deployments_pid else {}
+    return {"s3": alive(stack.s3.pid), "prefect": alive(stack.prefect.pid), **served,
             **{f"ray {n.ip}": alive(n.pid) for n in stack.ray.nodes}}
 
 
 def stop_stack(stack: Stack) -> None:
+    if stack.deployments_pid:
+        stop(stack.deployments_pid)
     stop_local_cluster(stack.ray)
     stop(stack.prefect.pid)
     stop(stack.s3.pid)

@@ -1,0 +1,85 @@
+"""The deployments users trigger: `compress/on-demand` (the Prefect UI's run form, the REST API,
+`run_deployment`) and `compress/nightly` (a cron schedule with a time zone).
+
+`python -m flows.deployments --state-dir DIR` registers both with the Prefect server and serves
+them: every flow run executes in a subprocess of this process, whose environment names the S3
+store and the Ray cluster, so its tasks run on the cluster (see `flows.compress.cluster_runner`).
+`recsqueeze up` starts it with the stack.
+
+Each deployment has a concurrency limit of 1 with the ENQUEUE strategy: a second run of it waits
+for the first instead of competing for the same workers (or being refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import EntrypointType
+from prefect.schedules import Cron
+
+from flows.driver import driver_env, require_prefect_server
+from infra.settings import Settings
+
+NIGHTLY_CRON = os.environ.get("RECSQUEEZE_NIGHTLY_CRON", "0 2 * * *")
+NIGHTLY_TIMEZONE = os.environ.get("RECSQUEEZE_NIGHTLY_TIMEZONE", "UTC")
+NIGHTLY_PARAMETERS = {"request": {"dataset": {"builtin": "small"}}}
+
+
+def one_at_a_time() -> ConcurrencyLimitConfig:
+    return ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+
+
+def deployments() -> list:  # type: ignore[type-arg]
+    from flows.compress import compress
+
+    # imported as `flows.compress` (not loaded from its file as a top-level `compress`): what
+    # Ray pickles for the workers must name modules they can import
+
+    on_demand = compress.to_deployment(
+        name="on-demand", concurrency_limit=one_at_a_time(), tags=["recsqueeze"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        description="Compress, gate and promote; triggered from the UI form, the REST API or "
+                    "run_deployment. Every request field is described in the form.")
+    nightly = compress.to_deployment(
+        name="nightly", schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE)],
+        parameters=NIGHTLY_PARAMETERS, concurrency_limit=one_at_a_time(), tags=["recsqueeze"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        description=f"The default candidates on the built-in `small` click log, "
+                    f"{NIGHTLY_CRON} ({NIGHTLY_TIMEZONE}).")
+    return [on_demand, nightly]
+
+
+def cluster_env(settings: Settings) -> dict[str, str]:
+    """What a served flow run needs to find the Prefect API, S3 and the Ray cluster."""
+    env = driver_env(settings) | settings.s3_env() | {
+        "RECSQUEEZE_PREFECT_API_URL": settings.prefect_api_url,
+        "RECSQUEEZE_RAY_ADDRESS": settings.ray_address,
+        "RECSQUEEZE_RAY_NODE_IP": settings.ray_node_ip,
+        "RECSQUEEZE_RAY_AUTH_TOKEN_PATH": settings.ray_auth_token_path,
+    }
+    return {k: v for k, v in env.items() if v}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--state-dir", type=Path, default=Path(".recsqueeze"))
+    args = parser.parse_args()
+    from flows.stack import settings_for
+
+    settings = settings_for(args.state_dir)
+    require_prefect_server(settings)
+    os.environ.update(cluster_env(settings))
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # the server this process registers with and its flow runs report to (never a temporary
+    # one): settings read at import time may predate the variables set above
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+        serve(*deployments(), print_starting_message=False)
+
+
+if __name__ == "__main__":
+    main()

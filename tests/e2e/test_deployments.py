@@ -1,0 +1,112 @@
+"""The deployments users trigger, on the real stack: the REST API, run_deployment with an
+idempotency key, the UI form's schema, the nightly schedule, the concurrency limit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import boto3
+import httpx
+import pytest
+
+from tasks.types import Candidate, CompressionRequest, DatasetRequest, QuantizeConfig, TrainConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _tiny(name: str) -> dict:
+    request = CompressionRequest(
+        model_name=name, dataset=DatasetRequest(builtin="tiny"),
+        train=TrainConfig(epochs=1, batch_size=512),
+        candidates=(Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),))
+    return request.model_dump(mode="json")
+
+
+@pytest.fixture(scope="module")
+def api(stack, settings):
+    """httpx client on the Prefect REST API, once the served deployments are registered."""
+    client = httpx.Client(base_url=settings.prefect_api_url, timeout=30)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        got = client.get("/deployments/name/compress/on-demand")
+        if got.status_code == 200:
+            break
+        time.sleep(1)
+    else:
+        log = f"{stack.state_dir}/deployments.log"
+        pytest.fail(f"deployments never registered; see {log}")
+    yield client
+    client.close()
+
+
+def _wait(api: httpx.Client, run_id: str, timeout_s: float = 420) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = api.get(f"/flow_runs/{run_id}").json()
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} still {run['state']['type']} after {timeout_s}s")
+
+
+def test_rest_triggered_run_completes_and_promotes_a_version_plain_boto3_reads(api, settings):
+    deployment = api.get("/deployments/name/compress/on-demand").json()
+    # what `curl -X POST $PREFECT_API_URL/deployments/$ID/create_flow_run -d '{...}'` sends
+    created = api.post(f"/deployments/{deployment['id']}/create_flow_run",
+                       json={"parameters": {"request": _tiny("rest-ranker")}})
+    assert created.status_code == 201, created.text
+    run = _wait(api, created.json()["id"])
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
+                      aws_access_key_id=settings.s3_access_key.get_secret_value(),
+                      aws_secret_access_key=settings.s3_secret_key.get_secret_value())
+    bucket = settings.s3_bucket
+
+    def read(key: str) -> bytes:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    version = json.loads(read("registry/rest-ranker/aliases/production.json"))["version"]
+    info = json.loads(read(f"registry/rest-ranker/versions/{version}/version.json"))
+    weights = read(f"registry/rest-ranker/versions/{version}/model.safetensors")
+    assert hashlib.sha256(weights).hexdigest() == info["model"]["sha256"]
+    lineage = json.loads(read(f"registry/rest-ranker/versions/{version}/lineage.json"))
+    assert lineage["run_id"] == created.json()["id"]
+
+
+def test_run_deployment_with_an_idempotency_key_starts_one_run(api, settings):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+        first = run_deployment("compress/on-demand", parameters={"request": _tiny("idem-ranker")},
+                               idempotency_key="nightly-2026-11-28", timeout=0)
+        again = run_deployment("compress/on-demand", parameters={"request": _tiny("idem-ranker")},
+                               idempotency_key="nightly-2026-11-28", timeout=0)
+    assert first.id == again.id
+    assert _wait(api, str(first.id))["state"]["type"] == "COMPLETED"
+
+
+def test_deployments_carry_the_form_schedule_and_concurrency_limit(api, settings):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+        with get_client(sync_client=True) as client:
+            for name in ("compress/on-demand", "compress/nightly"):
+                d = client.read_deployment_by_name(name)
+                assert d.global_concurrency_limit is not None, name
+                assert d.global_concurrency_limit.limit == 1
+                assert d.concurrency_options.collision_strategy.value == "ENQUEUE"
+    on_demand = api.get("/deployments/name/compress/on-demand").json()
+    nightly = api.get("/deployments/name/compress/nightly").json()
+    cron = nightly["schedules"][0]["schedule"]
+    assert cron["cron"] == "0 2 * * *" and cron["timezone"] == "UTC"
+    assert nightly["parameters"]["request"]["dataset"]["builtin"] == "small"
+    # the UI form: every field of the request (and of its nested types) has a description
+    schema = on_demand["parameter_openapi_schema"]
+    undocumented = [f"{name}.{field}" for name, d in schema["definitions"].items()
+                    for field, prop in d.get("properties", {}).items()
+                    if "description" not in prop and field != "kind"]
+    assert not undocumented, undocumented
