@@ -25,12 +25,14 @@ from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
 from tasks.gate import Champion, decide
 from tasks.run import (
+    cached,
     calibrate_model,
     evaluate_baseline,
     evaluate_candidate,
     evaluate_champion,
     prepare_dataset,
     promote,
+    result_storage,
     run_stage,
     train_baseline,
 )
@@ -69,9 +71,16 @@ def cluster_runner() -> Any:
 def compress(request: CompressionRequest) -> GateReport:
     log = get_run_logger()
     run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
-    store = ArtifactStore(Settings())
+    settings = Settings()
+    store = ArtifactStore(settings)
     registry = Registry(store)
     store.put_json(f"runs/{run_id}/request.json", request.model_dump(mode="json"))
+    # every task but `promote` is cached in S3 by its inputs and code (see tasks.run.cached)
+    storage = result_storage(settings)
+    prepare, train_base, eval_base, calibrate_, stage_task, eval_cand, eval_champion = (
+        cached(t, storage, refresh=not request.reuse_results)
+        for t in (prepare_dataset, train_baseline, evaluate_baseline, calibrate_model, run_stage,
+                  evaluate_candidate, evaluate_champion))
     res = request.resources
     gpus = cluster_gpus()
     opts = stage_options(res.cpus_per_stage, res.gpus_per_stage, gpus)
@@ -80,18 +89,18 @@ def compress(request: CompressionRequest) -> GateReport:
 
     # 1. data and baseline
     with remote_options(**cpu_opts):
-        dataset = prepare_dataset.submit(request.dataset).result()
+        dataset = prepare.submit(request.dataset).result()
     with remote_options(**opts):
-        baseline = train_baseline.submit(request.model, dataset, request.train)
+        baseline = train_base.submit(request.model, dataset, request.train)
     with remote_options(**cpu_opts):
-        base_eval = evaluate_baseline.submit(baseline, dataset)
+        base_eval = eval_base.submit(baseline, dataset)
 
     # 2. calibrate once (if any plan needs it), then every candidate's stages, chained; a
     #    prefix shared by several plans runs once
     calibration = None
     if any(stage.needs_calibration() for cand in request.candidates for stage in cand.plan):
         with remote_options(**cpu_opts):
-            calibration = calibrate_model.submit(baseline, dataset, request.calibrate)
+            calibration = calibrate_.submit(baseline, dataset, request.calibrate)
     builds: dict[tuple[str, ...], Any] = {}
     chains: list[list[Any]] = []  # each candidate's upstream futures, in order
     evaluations = []
@@ -103,7 +112,7 @@ def compress(request: CompressionRequest) -> GateReport:
             if prefix not in builds:
                 placed = stage_options(res.cpus_per_stage, res.gpus_per_stage, gpus, node)
                 with remote_options(**placed):
-                    builds[prefix] = run_stage.submit(
+                    builds[prefix] = stage_task.submit(
                         parent, stage, dataset, request.train.seed,
                         calibration if stage.needs_calibration() else None, request.budget)
             parent = builds[prefix]
@@ -111,7 +120,7 @@ def compress(request: CompressionRequest) -> GateReport:
         needs_calibration = any(s.needs_calibration() for s in cand.plan)
         chains.append([calibration, *chain] if needs_calibration else chain)
         with remote_options(**stage_options(res.cpus_per_stage, 0, 0, node)):
-            evaluations.append(evaluate_candidate.submit(
+            evaluations.append(eval_cand.submit(
                 cand, parent, dataset, baseline, base_eval, request.budget.confidence))
 
     # 3. the production champion, measured on the same rows
@@ -120,7 +129,7 @@ def compress(request: CompressionRequest) -> GateReport:
     base_evaluated = base_eval.result()
     if version is not None:
         with remote_options(**cpu_opts):
-            scored = evaluate_champion.submit(request.model_name, version, dataset,
+            scored = eval_champion.submit(request.model_name, version, dataset,
                                               base_evaluated).result()
         if scored is not None:
             champion = Champion(version=version, metrics=scored[0], auc_loss=scored[1])

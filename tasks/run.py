@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from prefect import State, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.events import emit_event
 
 from infra.settings import Settings
@@ -57,6 +58,34 @@ def _transient(task: object, task_run: object, state: State) -> bool:
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2,
              retry_condition_fn=_transient)
+
+
+def result_storage(settings: Settings) -> object:
+    """Prefect task results in the artifact bucket (prefect-results/), through prefect-aws;
+    saved as the block `s3-bucket/recsqueeze-results`."""
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    credentials = AwsCredentials(
+        aws_access_key_id=settings.s3_access_key.get_secret_value(),
+        aws_secret_access_key=settings.s3_secret_key.get_secret_value(),
+        region_name=settings.s3_region,
+        aws_client_parameters=AwsClientParameters(endpoint_url=settings.s3_endpoint))
+    block = S3Bucket(bucket_name=settings.s3_bucket, credentials=credentials,
+                     bucket_folder="prefect-results")
+    # Prefect keeps result-storage configuration server-side (results name their storage
+    # block); the keys live in the Prefect server's block store, as Prefect intends secrets to
+    block.save("recsqueeze-results", overwrite=True)
+    return block
+
+
+def cached(task_: Any, storage: object, refresh: bool) -> Any:
+    """`task_` with its result persisted to S3 and cached by (inputs, task source): a later
+    call with equal inputs -- in this run or any other -- is served from the cache (state
+    Cached) instead of recomputed. `refresh` recomputes and overwrites the cache entry.
+    Every task input is a content-addressed ref, so equal inputs mean equal data and models."""
+    return task_.with_options(cache_policy=INPUTS + TASK_SOURCE, persist_result=True,
+                              result_storage=storage, refresh_cache=refresh)
 
 
 @dataclass(frozen=True)

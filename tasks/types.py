@@ -487,6 +487,10 @@ class CompressionRequest(Frozen):
     candidates: tuple[Candidate, ...] = Field(
         default_factory=default_candidates, min_length=1, description="compression plans to try"
     )
+    reuse_results: bool = Field(
+        True, description="serve tasks whose inputs and code are unchanged from the S3 result "
+                          "cache (an identical rerun is nearly free); false recomputes them and "
+                          "refreshes the cache")
     budget: Budget = Field(default_factory=Budget, description="promotion rule")
     calibrate: CalibrateConfig = Field(
         default_factory=CalibrateConfig, description="calibration (run once, if a plan needs it)")

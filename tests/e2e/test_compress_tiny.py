@@ -179,7 +179,10 @@ def test_second_run_is_deterministic_does_not_overwrite_and_says_why(first_run, 
     prod_sha = reg.version_info("e2e-ranker", 1)["model"]["sha256"]
     from_prod = Candidate(id="student-of-prod", plan=(DistillConfig(
         student=STUDENT, batch_size=512, teacher="e2e-ranker@production"),))
-    again = run_compress(_request("e2e-ranker", from_prod), settings)
+    # reuse_results=False: every task recomputes (and refreshes the cache) -- determinism,
+    # not the cache, must make the numbers equal
+    again = run_compress(_request("e2e-ranker", from_prod).model_copy(
+        update={"reuse_results": False}), settings)
     assert again.status == "not_promoted"
     assert "does not beat production v1" in again.reason
     assert reg.versions("e2e-ranker") == [1] and reg.alias("e2e-ranker") == 1
@@ -198,6 +201,33 @@ def test_second_run_is_deterministic_does_not_overwrite_and_says_why(first_run, 
     teachers = {o["Key"] for o in reg.s3.list_objects_v2(
         Bucket=reg.store.bucket, Prefix="teacher-outputs/")["Contents"]}
     assert _teacher_key(prod_sha, report) in teachers and len(teachers) == 2, teachers
+
+
+def test_identical_rerun_is_served_from_the_s3_result_cache(first_run, settings):
+    report, _ = first_run
+    again = run_compress(_request("e2e-ranker"), settings)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[again.run_id])))
+    states = {}
+    for r in runs:
+        states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
+    for name in ("prepare-dataset", "train-baseline", "evaluate-baseline", "calibrate"):
+        assert set(states[name]) == {"Cached"}, (name, states[name])
+    # every stage and evaluation but the 2:4 one's (skipped on CPU: a skip is not a result, so
+    # never cached, and its evaluation never becomes ready)
+    assert states["run-stage"].count("Cached") == 11, states["run-stage"]
+    assert states["evaluate-candidate"].count("Cached") == 9, states["evaluate-candidate"]
+    first = {r.candidate: (r.size_bytes, r.auc) for r in report.leaderboard}
+    assert {r.candidate: (r.size_bytes, r.auc) for r in again.leaderboard} == first
+    keys = Registry(ArtifactStore(settings)).s3.list_objects_v2(
+        Bucket=settings.s3_bucket, Prefix="prefect-results/")
+    assert keys.get("KeyCount", 0) > 0  # the results live in S3, not on a worker's disk
 
 
 def test_missing_dataset_fails_clearly_and_leaves_registry_untouched(first_run, settings):
