@@ -25,6 +25,7 @@ from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
 from tasks.gate import Champion, decide
 from tasks.run import (
+    Built,
     cached,
     calibrate_model,
     evaluate_baseline,
@@ -162,6 +163,7 @@ def compress(request: CompressionRequest) -> GateReport:
     )
     if verdict.promote and request.promote and verdict.chosen is not None:
         chosen = next(r for r in results if r.candidate.id == verdict.chosen)
+        chosen_index = next(i for i, c in enumerate(request.candidates) if c.id == chosen.candidate.id)
         row = next(r for r in rows if r.candidate == verdict.chosen)
         files = {
             "spec.json": {"candidate": chosen.candidate.model_dump(mode="json"),
@@ -177,6 +179,12 @@ def compress(request: CompressionRequest) -> GateReport:
                 "seeds": {"train": request.train.seed, "data": request.dataset.seed},
                 "parent": baseline.result().model.model_dump(mode="json"),
                 "ray_node": chosen.node_ip, "wall_s": chosen.wall_s,
+                # every model from the baseline to this one: where, how long, on what
+                "chain": [baseline.result().lineage(), *(
+                    b.lineage() for b in (f.result() for f in chains[chosen_index])
+                    if isinstance(b, Built))],
+                "metrics": chosen.metrics.model_dump(mode="json"),
+                "deltas": [d.model_dump(mode="json") for d in chosen.deltas],
             },
             "card.md": model_card(report, row),
         }

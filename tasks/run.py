@@ -96,6 +96,13 @@ class Built:
     node_ip: str
     wall_s: float
     chain: tuple[str, ...]  # stage labels from the baseline to this model
+    cpu_s: float = 0.0  # CPU seconds of the task's process
+    device: str = "cpu"  # where it trained: "cpu" or "cuda"
+
+    def lineage(self) -> dict[str, object]:
+        return {"stage": self.chain[-1], "model": self.model.model_dump(mode="json"),
+                "ray_node": self.node_ip, "wall_s": round(self.wall_s, 3),
+                "cpu_s": round(self.cpu_s, 3), "device": self.device}
 
 
 @dataclass(frozen=True)
@@ -156,13 +163,14 @@ def prepare_dataset(request: DatasetRequest) -> DatasetRef:
 
 @task(name="train-baseline", **_TASK)
 def train_baseline(spec: ModelSpec, dataset: DatasetRef, cfg: TrainConfig) -> Built:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     resolved = resolve(spec, dataset.spec)
     model = train(build(resolved, cfg.seed), arrays(dataset, "train"), cfg, device(),
                   valid=arrays(dataset, "valid"))
     ref = ArtifactStore(Settings()).put_model(model.cpu(), resolved)
     get_run_logger().info("baseline %s (%d bytes) on %s", ref.uri, ref.size_bytes, node_ip())
-    return Built(ref, node_ip(), time.perf_counter() - start, ("baseline",))
+    return Built(ref, node_ip(), time.perf_counter() - start, ("baseline",),
+                 time.process_time() - cpu, device().type)
 
 
 @task(name="evaluate-baseline", **_TASK)
@@ -254,7 +262,7 @@ def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int,
               calibration: CalibrationRefs | None = None,
               budget: Budget | None = None) -> Built:
     """Apply one stage to the parent model and store the result."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     store = ArtifactStore(Settings())
     model, spec = store.get_model(parent.model)
     sensitivity = (lambda: _table(store, calibration.sensitivity)) if calibration else None
@@ -272,7 +280,8 @@ def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int,
     )
     out = apply_stage(model, cfg, ctx)
     ref = store.put_model(out.cpu(), getattr(out, "spec", spec))  # distill changes the spec
-    return Built(ref, node_ip(), time.perf_counter() - start, (*parent.chain, cfg.label()))
+    return Built(ref, node_ip(), time.perf_counter() - start, (*parent.chain, cfg.label()),
+                 time.process_time() - cpu, ctx.device.type)
 
 
 @task(name="evaluate-candidate", **_TASK)

@@ -138,6 +138,15 @@ def test_candidates_ran_on_two_ray_nodes_and_lineage_records_it(first_run, setti
     store = ArtifactStore(settings)
     lineage = store.get_json(f"registry/e2e-ranker/versions/{report.promoted.version}/lineage.json")
     assert lineage["ray_node"] in nodes and lineage["dataset"]["sha256"] == report.dataset.sha256
+    chain = lineage["chain"]
+    plan = next(r.plan for r in report.leaderboard if r.candidate == report.promoted.candidate_id)
+    assert [c["stage"] for c in chain] == ["baseline", *plan.split(" -> ")]
+    assert all(c["cpu_s"] > 0 and c["device"] in ("cpu", "cuda") and c["ray_node"] in nodes
+               for c in chain)
+    promoted = Registry(store).version_info("e2e-ranker", report.promoted.version)
+    assert chain[-1]["model"]["sha256"] == promoted["model"]["sha256"]
+    assert lineage["metrics"]["auc"]["ci_low"] <= lineage["metrics"]["auc"]["value"]
+    assert {d["metric"] for d in lineage["deltas"]} == {"auc", "logloss"}
     assert store.get_json(f"runs/{report.run_id}/report.json")["status"] == "promoted"
 
 
