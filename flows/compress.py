@@ -14,13 +14,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.context import get_run_context
 from prefect_ray.context import remote_options
 
 from cluster.resources import cluster_gpus, stage_options, worker_nodes
 from cluster.runner import ray_task_runner
-from flows.report import leaderboard, markdown, model_card
+from flows.report import leaderboard, markdown, model_card, pareto_png
 from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
 from tasks.gate import Champion, decide
@@ -187,6 +191,7 @@ def compress(request: CompressionRequest) -> GateReport:
                 "deltas": [d.model_dump(mode="json") for d in chosen.deltas],
             },
             "card.md": model_card(report, row),
+            "pareto.png": pareto_png(report),
         }
         promotion = promote(request.model_name, chosen, files, run_id)
         report = report.model_copy(update={"promoted": promotion, "status": "promoted"})
@@ -211,6 +216,14 @@ def publish(store: ArtifactStore, report: GateReport) -> None:
                             Body=sink.getvalue().to_pybytes())
     store.put_json(f"{base}/report.json", report.model_dump(mode="json"))
     text = markdown(report)
+    if rows:
+        store.s3.put_object(Bucket=store.bucket, Key=f"{base}/pareto.png",
+                            Body=pareto_png(report), ContentType="image/png")
+        url = store.s3.generate_presigned_url("get_object", ExpiresIn=7 * 24 * 3600, Params={
+            "Bucket": store.bucket, "Key": f"{base}/pareto.png"})
+        create_image_artifact(image_url=url, key="pareto",
+                              description=f"{report.model_name}: size vs AUC (link valid 7 days)")
+        text += f"\n![size vs AUC, Pareto front]({url})\n"
     store.put_text(f"{base}/report.md", text)
     if rows:
         create_table_artifact(key="leaderboard", table=rows,

@@ -60,6 +60,50 @@ def markdown(report: GateReport) -> str:
     )
 
 
+def pareto_front(rows: tuple[LeaderboardRow, ...]) -> list[LeaderboardRow]:
+    """Candidates no other candidate beats on both size and AUC (smaller and better)."""
+    return [r for r in rows if not any(
+        o.size_bytes <= r.size_bytes and o.auc >= r.auc and (o.size_bytes, o.auc) != (
+            r.size_bytes, r.auc) for o in rows)]
+
+
+def pareto_png(report: GateReport) -> bytes:
+    """Size ratio (log) vs AUC delta of every candidate; passing ones filled, the Pareto front
+    joined, the AUC budget drawn where it is one number."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = report.leaderboard
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for passed, style in ((True, dict(c="tab:green", label="passed")),
+                          (False, dict(facecolors="none", edgecolors="tab:red", label="failed"))):
+        sel = [r for r in rows if r.passed is passed]
+        if sel:
+            ax.scatter([r.size_ratio for r in sel], [r.auc_delta for r in sel], s=40, **style)
+    front = sorted(pareto_front(rows), key=lambda r: r.size_ratio)
+    if front:
+        ax.plot([r.size_ratio for r in front], [r.auc_delta for r in front], "k--", lw=1,
+                label="Pareto front")
+    for r in rows:
+        ax.annotate(r.candidate, (r.size_ratio, r.auc_delta), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("size ratio (baseline bytes / candidate bytes)")
+    ax.set_ylabel("AUC delta vs baseline (paired, same rows)")
+    ax.set_title(f"{report.model_name} — run {report.run_id[:8]}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out.getvalue()
+
+
 def model_card(report: GateReport, row: LeaderboardRow) -> str:
     return (
         f"# {report.model_name}: candidate `{row.candidate}`\n\n"
@@ -70,4 +114,5 @@ def model_card(report: GateReport, row: LeaderboardRow) -> str:
         f"| AUC loss, upper 95% bound | {row.auc_loss_ci_high:.5f} |\n"
         f"| logloss delta | {row.logloss_delta:+.5f} |\n| size | {row.size_bytes} bytes "
         f"({row.size_ratio:.2f}x smaller) |\n| p99 latency @512 | {row.p99_ms_bs512} ms |\n"
+        "\n![size vs AUC of every candidate of the run](pareto.png)\n"
     )

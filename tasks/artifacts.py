@@ -232,6 +232,10 @@ class Registry:
         for name, content in files.items():
             if isinstance(content, str):
                 self.store.put_text(f"{base}/{name}", content)
+            elif isinstance(content, bytes):
+                self.s3.put_object(Bucket=self.store.bucket, Key=f"{base}/{name}", Body=content,
+                                   ContentType="image/png" if name.endswith(".png") else
+                                   "application/octet-stream")
             else:
                 self.store.put_json(f"{base}/{name}", content)
         uri = self.store.uri(f"{base}/model.safetensors")

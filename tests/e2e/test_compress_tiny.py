@@ -143,6 +143,10 @@ def test_candidates_ran_on_two_ray_nodes_and_lineage_records_it(first_run, setti
     assert [c["stage"] for c in chain] == ["baseline", *plan.split(" -> ")]
     assert all(c["cpu_s"] > 0 and c["device"] in ("cpu", "cuda") and c["ray_node"] in nodes
                for c in chain)
+    for key in (f"registry/e2e-ranker/versions/{report.promoted.version}/pareto.png",
+                f"runs/{report.run_id}/pareto.png"):
+        png = store.s3.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+        assert png.startswith(b"\x89PNG"), key
     promoted = Registry(store).version_info("e2e-ranker", report.promoted.version)
     assert chain[-1]["model"]["sha256"] == promoted["model"]["sha256"]
     assert lineage["metrics"]["auc"]["ci_low"] <= lineage["metrics"]["auc"]["value"]
@@ -160,6 +164,8 @@ def test_task_runs_are_visible_in_the_prefect_server(first_run, settings):
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[report.run_id])))
+            artifacts = {a.key for a in client.read_artifacts()}
+    assert {"leaderboard", "compression-report", "pareto"} <= artifacts
     names = [r.name.rsplit("-", 1)[0] for r in runs]
     # 4 quantize plans + the shared prune (once) + its chain's quantize + the half student +
     # TT and its quantize + the small student and its quantize + the 2:4 prune

@@ -125,3 +125,23 @@ def test_latency_constraint_without_a_measurement_fails():
     budget = Budget(max_p99_ms=5.0)
     d = decide(metrics(40), None, [result("a", 10, 0.0, 0.0, p99=None)], budget).decisions[0]
     assert not d.passed and "p99@512: None ms > max 5.0 ms" in d.reasons[0]
+
+
+def test_pareto_front_and_plot():
+    from flows.report import pareto_front, pareto_png
+    from tasks.types import LeaderboardRow
+
+    def row(cid, size, auc, passed=True):
+        return LeaderboardRow(candidate=cid, plan="p", size_bytes=size, size_ratio=40 / size,
+                              auc=auc, auc_delta=auc - 0.8, auc_loss_ci_high=0.0,
+                              logloss_delta=0.0, p99_ms_bs512=1.0, latency_ratio=1.0,
+                              passed=passed, reasons=(), node_ip="127.0.0.3")
+
+    rows = (row("a", 10, 0.80), row("b", 5, 0.79), row("c", 12, 0.78, False), row("d", 5, 0.795))
+    assert {r.candidate for r in pareto_front(rows)} == {"a", "d"}  # c and b are dominated
+
+    class Report:
+        leaderboard, model_name, run_id = rows, "m", "0123456789"
+
+    png = pareto_png(Report())  # type: ignore[arg-type]
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
