@@ -24,10 +24,13 @@ from prefect_ray.context import remote_options
 
 from cluster.resources import cluster_gpus, stage_options, worker_nodes
 from cluster.runner import ray_task_runner
+from flows.nas import run_search
 from flows.report import leaderboard, markdown, model_card, pareto_png
 from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
 from tasks.gate import Champion, decide
+from tasks.models import resolve
+from tasks.nas import pareto
 from tasks.run import (
     Built,
     cached,
@@ -107,7 +110,7 @@ def compress(request: CompressionRequest) -> GateReport:
         with remote_options(**cpu_opts):
             calibration = calibrate_.submit(baseline, dataset, request.calibrate)
     builds: dict[tuple[str, ...], Any] = {}
-    chains: list[list[Any]] = []  # each candidate's upstream futures, in order
+    chains: dict[str, list[Any]] = {}  # each candidate's upstream futures, in order
     evaluations = []
     for i, cand in enumerate(request.candidates):
         node = nodes[i % len(nodes)]  # deal candidates round-robin over the nodes
@@ -123,7 +126,7 @@ def compress(request: CompressionRequest) -> GateReport:
             parent = builds[prefix]
         chain = [builds[p] for p in accumulate((s.model_dump_json(),) for s in cand.plan)]
         needs_calibration = any(s.needs_calibration() for s in cand.plan)
-        chains.append([calibration, *chain] if needs_calibration else chain)
+        chains[cand.id] = [calibration, *chain] if needs_calibration else chain
         with remote_options(**stage_options(res.cpus_per_stage, 0, 0, node)):
             evaluations.append(eval_cand.submit(
                 cand, parent, dataset, baseline, base_eval, request.budget.confidence))
@@ -142,7 +145,8 @@ def compress(request: CompressionRequest) -> GateReport:
     results: list[CandidateResult] = []
     failures: dict[str, str] = {}
     skipped: dict[str, str] = {}
-    for cand, fut, chain in zip(request.candidates, evaluations, chains):
+    for cand, fut in zip(request.candidates, evaluations):
+        chain = chains[cand.id]
         cause = _first_error(chain)  # tasks after a failed one never run: ask in order
         out = fut.result(raise_on_failure=False) if cause is None else cause
         if not isinstance(out, BaseException):
@@ -156,6 +160,21 @@ def compress(request: CompressionRequest) -> GateReport:
             failures[cand.id] = f"{type(cause).__name__}: {cause}"
             log.error("candidate %s failed: %s", cand.id, cause)
 
+    # 3b. architecture search: its Pareto front (AUC, size, p99) joins the candidates
+    if request.nas is not None:
+        trials = run_search(request, resolve(request.model, dataset.spec).tables, baseline,
+                            dataset, base_eval, base_evaluated.metrics.size_bytes, stage_task,
+                            eval_cand, nodes, gpus, chains)
+        front = pareto(trials)
+        log.info("NAS: %d trials, Pareto front %s", len(trials), [r.candidate.id for r in front])
+        if trials:
+            create_table_artifact(key="nas-trials", table=[{
+                "trial": r.candidate.id, "architecture": r.candidate.label(),
+                "params": r.metrics.params, "size_bytes": r.metrics.size_bytes,
+                "auc": r.metrics.auc.value, "p99_ms": r.metrics.p99_ms(512),
+                "on_front": r in front} for r in trials], description="every NAS trial")
+        results.extend(front)
+
     # 4. gate, then promote at most one
     verdict = decide(base_evaluated.metrics, champion, results, request.budget)
     rows = leaderboard(base_evaluated.metrics, results, verdict)
@@ -167,7 +186,6 @@ def compress(request: CompressionRequest) -> GateReport:
     )
     if verdict.promote and request.promote and verdict.chosen is not None:
         chosen = next(r for r in results if r.candidate.id == verdict.chosen)
-        chosen_index = next(i for i, c in enumerate(request.candidates) if c.id == chosen.candidate.id)
         row = next(r for r in rows if r.candidate == verdict.chosen)
         files = {
             "spec.json": {"candidate": chosen.candidate.model_dump(mode="json"),
@@ -185,7 +203,7 @@ def compress(request: CompressionRequest) -> GateReport:
                 "ray_node": chosen.node_ip, "wall_s": chosen.wall_s,
                 # every model from the baseline to this one: where, how long, on what
                 "chain": [baseline.result().lineage(), *(
-                    b.lineage() for b in (f.result() for f in chains[chosen_index])
+                    b.lineage() for b in (f.result() for f in chains[chosen.candidate.id])
                     if isinstance(b, Built))],
                 "metrics": chosen.metrics.model_dump(mode="json"),
                 "deltas": [d.model_dump(mode="json") for d in chosen.deltas],

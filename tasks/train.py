@@ -32,7 +32,7 @@ def set_dense_normalization(model: nn.Module, train: Arrays) -> None:
 def train(model: nn.Module, data: Arrays, cfg: TrainConfig,
           device: torch.device | None = None, valid: Arrays | None = None,
           normalize: bool = True, objective: Objective | None = None,
-          extra_params: Sequence[nn.Parameter] = ()) -> nn.Module:
+          extra_params: Sequence[nn.Parameter] = (), max_steps: int | None = None) -> nn.Module:
     """Minimise BCE on `data` with Adam; seeded, so the same inputs give the same weights.
 
     With `valid`, training stops at the first epoch that does not improve validation logloss
@@ -40,7 +40,8 @@ def train(model: nn.Module, data: Arrays, cfg: TrainConfig,
     one pass (on `small`, test AUC 0.717 after epoch 1 and 0.658 after epoch 2).
     `normalize=False` keeps the model's dense-feature statistics (fine-tuning).
     `objective` replaces BCE on `data.label` (distillation); `extra_params` are trained along
-    (e.g. a hint loss's projection) but are not part of the model.
+    (e.g. a hint loss's projection) but are not part of the model. `max_steps` ends training
+    after that many batches (a NAS trial's budget); the valid split is checked then too.
     With `valid`, a fine-tuning run that does not beat the starting weights returns them.
     """
     device = device or torch.device("cpu")
@@ -58,10 +59,16 @@ def train(model: nn.Module, data: Arrays, cfg: TrainConfig,
     best_score, best_state = float("inf"), None
     if valid is not None and not normalize:  # fine-tuning: the start is a candidate too
         best_score, best_state = _logloss(model, valid, device), copy.deepcopy(model.state_dict())
+    done = 0
     for epoch in range(cfg.epochs):
+        if max_steps is not None and done >= max_steps:
+            break
         order = torch.randperm(len(data), generator=gen)
         total, steps = 0.0, 0
         for i in range(0, len(order), cfg.batch_size):
+            if max_steps is not None and done >= max_steps:
+                break
+            done += 1
             idx = order[i:i + cfg.batch_size]
             logits = model(dense[idx].to(device), sparse[idx].to(device))
             loss = objective(logits, idx) if objective is not None else \

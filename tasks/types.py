@@ -93,6 +93,19 @@ class ModelSpec(Frozen):
     top_mlp: tuple[int, ...] = Field((256, 128), description="top MLP hidden widths")
     tables: tuple[TableSpec, ...] = Field((), description="filled from the dataset spec")
     num_dense: int = Field(0, ge=0, description="filled from the dataset spec")
+    table_dims: dict[str, int] = Field(
+        default_factory=dict, description="per-table width (table name -> dim); a table of "
+        "another width than embedding_dim is projected to it by a Linear")
+    interaction: Literal["dot", "cat"] = Field(
+        "dot", description="feature interaction: pairwise dot products, or concatenation")
+
+    @field_validator("table_dims")
+    @classmethod
+    def _dims(cls, dims: dict[str, int]) -> dict[str, int]:
+        bad = {k: v for k, v in dims.items() if not 0 < v <= 1024}
+        if bad:
+            raise ValueError(f"model.table_dims must be in (0, 1024] (got {bad})")
+        return dims
 
     @field_validator("bottom_mlp", "top_mlp")
     @classmethod
@@ -358,6 +371,7 @@ class DistillConfig(Frozen):
     lr: float = Field(2e-3, gt=0, description="student learning rate")
     batch_size: int = Field(2048, ge=8, description="student rows per step")
     require_smaller: bool = Field(True, description="refuse a student that is not smaller")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many batches")
 
     def needs_calibration(self) -> bool:
         return False
@@ -371,8 +385,33 @@ class DistillConfig(Frozen):
         return f"distill(d{s.embedding_dim},top{'x'.join(map(str, s.top_mlp))}{extra})"
 
 
+class NASTrialConfig(Frozen):
+    """One NAS trial: train the architecture `student` for a bounded number of steps by
+    distillation from the input model (soft labels at `temperature`), as distill does.
+
+    Example: ``NASTrialConfig(student=ModelSpec(embedding_dim=16, top_mlp=(64,)), steps=300)``
+    """
+
+    kind: Literal["nas_trial"] = "nas_trial"
+    student: ModelSpec = Field(description="the sampled architecture")
+    steps: int = Field(300, ge=10, le=100_000, description="training steps (batches) budget")
+    lr: float = Field(3e-3, gt=0, description="learning rate")
+    batch_size: int = Field(2048, ge=8, description="rows per step")
+    temperature: float = Field(1.0, gt=0, le=100, description="distillation temperature")
+
+    def needs_calibration(self) -> bool:
+        return False
+
+    def label(self) -> str:
+        s = self.student
+        dims = ",".join(f"{k}{v}" for k, v in sorted(s.table_dims.items()))
+        return (f"nas(d{s.embedding_dim}{'[' + dims + ']' if dims else ''},"
+                f"top{'x'.join(map(str, s.top_mlp))},{s.interaction})")
+
+
 StageConfig = Annotated[
-    QuantizeConfig | PruneConfig | FactorizeConfig | DistillConfig, Field(discriminator="kind")
+    QuantizeConfig | PruneConfig | FactorizeConfig | DistillConfig | NASTrialConfig,
+    Field(discriminator="kind"),
 ]
 
 
@@ -475,6 +514,38 @@ def default_candidates() -> tuple[Candidate, ...]:
     )
 
 
+class NASSpace(Frozen):
+    """What a NAS trial may choose (DLRM family)."""
+
+    embedding_dims: tuple[int, ...] = Field((8, 16, 32), description="common embedding width")
+    table_dims: tuple[int, ...] = Field(
+        (4, 8, 16, 32), description="per-table width choices for the large tables (empty: all "
+        "tables use the common width)")
+    large_table_rows: int = Field(1000, ge=1, description="tables with this many rows or more "
+                                                          "get their own width")
+    top_widths: tuple[int, ...] = Field((32, 64, 128, 256), description="top MLP layer widths")
+    top_depths: tuple[int, ...] = Field((1, 2, 3), description="top MLP depths")
+    bottom_widths: tuple[int, ...] = Field((32, 64, 128), description="bottom MLP hidden width")
+    interactions: tuple[Literal["dot", "cat"], ...] = Field(
+        ("dot", "cat"), description="feature interactions")
+
+
+class NASRequest(Frozen):
+    """A neural architecture search run inside the compress flow; its Pareto front (AUC, size,
+    p99) joins the candidates the gate judges."""
+
+    space: NASSpace = Field(default_factory=NASSpace, description="the search space")
+    strategy: Literal["random", "evolution"] = Field(
+        "evolution", description="random search, or regularized evolution (Real et al., 2019)")
+    trials: int = Field(12, ge=1, le=1000, description="trial budget")
+    parallelism: int = Field(4, ge=1, le=64, description="trials per generation (in parallel)")
+    max_wall_s: float = Field(3600, gt=0, description="wall-clock budget of the search")
+    steps: int = Field(300, ge=10, description="training steps per trial")
+    population: int = Field(8, ge=2, description="evolution: population size")
+    tournament: int = Field(3, ge=1, description="evolution: tournament size")
+    seed: int = Field(0, ge=0, description="search seed")
+
+
 class CompressionRequest(Frozen):
     """One compression run: the flow parameter, rendered by Prefect as the run form."""
 
@@ -487,6 +558,7 @@ class CompressionRequest(Frozen):
     candidates: tuple[Candidate, ...] = Field(
         default_factory=default_candidates, min_length=1, description="compression plans to try"
     )
+    nas: NASRequest | None = Field(None, description="also search architectures (NAS)")
     reuse_results: bool = Field(
         True, description="serve tasks whose inputs and code are unchanged from the S3 result "
                           "cache (an identical rerun is nearly free); false recomputes them and "

@@ -28,16 +28,26 @@ class DLRM(nn.Module):
         super().__init__()
         self.spec = spec  # the architecture this module was built from (stages may change it)
         d = spec.embedding_dim
-        self.embeddings = nn.ModuleList(nn.Embedding(t.rows, d) for t in spec.tables)
+        dims = [spec.table_dims.get(t.name, d) for t in spec.tables]
+        unknown = set(spec.table_dims) - {t.name for t in spec.tables}
+        if unknown and spec.tables:
+            raise ValueError(f"model.table_dims names tables the data does not have: "
+                             f"{sorted(unknown)} (tables: {[t.name for t in spec.tables]})")
+        self.embeddings = nn.ModuleList(nn.Embedding(t.rows, w) for t, w in zip(spec.tables, dims))
         for table in self.embeddings:
             nn.init.uniform_(table.weight, -0.05, 0.05)
+        # mixed-width tables (e.g. from NAS) are projected to the common width d
+        self.projections = nn.ModuleDict(
+            {str(i): nn.Linear(w, d, bias=False) for i, w in enumerate(dims) if w != d})
         self.register_buffer("dense_mean", torch.zeros(spec.num_dense))
         self.register_buffer("dense_std", torch.ones(spec.num_dense))
         self.bottom = mlp([spec.num_dense, *spec.bottom_mlp[:-1], d], last_activation=True) \
             if spec.num_dense else None
         n_vectors = len(spec.tables) + (1 if self.bottom is not None else 0)
         self._pairs = torch.triu_indices(n_vectors, n_vectors, offset=1)
-        top_in = (d if self.bottom is not None else 0) + self._pairs.shape[1]
+        self._cat = spec.interaction == "cat"
+        top_in = n_vectors * d if self._cat else \
+            (d if self.bottom is not None else 0) + self._pairs.shape[1]
         # zero-padded up to a multiple of 32 so group-wise quantization (and SIMD tiles) divide
         # the first top layer evenly; the padding columns carry no signal and cost no accuracy
         self._pad = -top_in % 32
@@ -45,14 +55,19 @@ class DLRM(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         vectors = [table(sparse[:, i]) for i, table in enumerate(self.embeddings)]
+        for key, projection in self.projections.items():
+            vectors[int(key)] = projection(vectors[int(key)])
         features = []
         if self.bottom is not None:
             x = self.bottom((dense - self.dense_mean) / self.dense_std)
             vectors.insert(0, x)
             features.append(x)
-        stacked = torch.stack(vectors, dim=1)  # [B, n, d]
-        gram = torch.bmm(stacked, stacked.transpose(1, 2))
-        features.append(gram[:, self._pairs[0], self._pairs[1]])
+        if self._cat:
+            features = vectors
+        else:
+            stacked = torch.stack(vectors, dim=1)  # [B, n, d]
+            gram = torch.bmm(stacked, stacked.transpose(1, 2))
+            features.append(gram[:, self._pairs[0], self._pairs[1]])
         if self._pad:
-            features.append(gram.new_zeros(gram.shape[0], self._pad))
+            features.append(vectors[0].new_zeros(vectors[0].shape[0], self._pad))
         return self.top(torch.cat(features, dim=1)).squeeze(1)

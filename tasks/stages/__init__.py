@@ -8,15 +8,22 @@ from torch import nn
 
 from tasks.stages.calibrate import Calibration, calibrate
 from tasks.stages.context import StageContext
-from tasks.stages.distill import distill
+from tasks.stages.distill import distill, nas_trial
 from tasks.stages.factorize import factorize
 from tasks.stages.prune import prune
 from tasks.stages.quantize import quantize
-from tasks.types import DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig, StageConfig
+from tasks.types import (
+    DistillConfig,
+    FactorizeConfig,
+    NASTrialConfig,
+    PruneConfig,
+    QuantizeConfig,
+    StageConfig,
+)
 
 STAGES: dict[type, Callable[..., nn.Module]] = {
     QuantizeConfig: quantize, PruneConfig: prune, FactorizeConfig: factorize,
-    DistillConfig: distill,
+    DistillConfig: distill, NASTrialConfig: nas_trial,
 }
 
 
@@ -29,4 +36,4 @@ def apply_stage(model: nn.Module, cfg: StageConfig, ctx: StageContext) -> nn.Mod
 
 
 __all__ = ["STAGES", "Calibration", "StageContext", "apply_stage", "calibrate", "distill", "factorize",
-           "prune", "quantize"]
+           "nas_trial", "prune", "quantize"]

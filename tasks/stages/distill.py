@@ -22,7 +22,7 @@ from tasks.losses import (
 from tasks.models import build
 from tasks.stages.context import StageContext
 from tasks.train import train
-from tasks.types import DistillConfig, ModelSpec, TrainConfig
+from tasks.types import DistillConfig, ModelSpec, NASTrialConfig, TrainConfig
 
 
 def _teacher(model: nn.Module, cfg: DistillConfig, ctx: StageContext) -> tuple[nn.Module, np.ndarray]:
@@ -101,6 +101,14 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: StageContext) -> nn.Modul
         student = train(student, data, TrainConfig(epochs=cfg.epochs, lr=cfg.lr,
                                                    batch_size=cfg.batch_size, seed=ctx.seed),
                         device, valid=valid, objective=objective,
-                        extra_params=list(projection.parameters()) if projection else ())
+                        extra_params=list(projection.parameters()) if projection else (),
+                        max_steps=cfg.max_steps)
     ctx.log(f"{cfg.label()}: student {n_student} vs input {n_input} stored elements")
     return student.cpu()
+
+
+def nas_trial(model: nn.Module, cfg: NASTrialConfig, ctx: StageContext) -> nn.Module:
+    """Train the trial's architecture for `cfg.steps` batches by distillation from `model`."""
+    return distill(model, DistillConfig(
+        student=cfg.student, epochs=50, lr=cfg.lr, batch_size=cfg.batch_size,
+        temperature=cfg.temperature, alpha=1.0, require_smaller=False, max_steps=cfg.steps), ctx)

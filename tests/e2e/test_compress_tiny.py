@@ -307,3 +307,32 @@ def test_registry_cli_refuses_bad_moves_clearly(first_run, stack):
     assert out.returncode == 1 and "no previous version to roll back to" in out.stderr
     out = cli("promote", "e2e-ranker", "1")
     assert out.returncode == 0 and "production=1" in out.stdout
+
+
+def test_nas_search_fans_out_generations_and_feeds_its_front_to_the_gate(stack, settings):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.types import NASRequest, NASSpace
+
+    request = CompressionRequest(
+        model_name="nas-ranker", dataset=DatasetRequest(builtin="tiny"),
+        train=TrainConfig(epochs=1, batch_size=512),
+        candidates=(Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),),
+        nas=NASRequest(space=NASSpace(embedding_dims=(8, 16), top_depths=(1,)), trials=4,
+                       parallelism=2, steps=20, population=2, tournament=2))
+    report = run_compress(request, settings)
+    nas_rows = [r for r in report.leaderboard if r.candidate.startswith("nas-")]
+    assert nas_rows and all(r.plan.startswith("nas(") for r in nas_rows)
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[report.run_id])))
+            artifacts = {a.key: a for a in client.read_artifacts()}
+    trials = [r for r in runs if r.name.startswith("run-stage")]
+    assert len(trials) == 1 + 4  # the int8 candidate + 2 NAS generations of 2
+    assert float(artifacts["nas-progress"].data) == 100.0
+    table = artifacts["nas-trials"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert len(table) == 4 and {row["trial"] for row in table} >= {r.candidate for r in nas_rows}

@@ -1,0 +1,67 @@
+"""The NAS search, run inside the compress flow: generations of `nas_trial` stage tasks fan out
+on Ray (up to `parallelism` at once), each trial evaluated like any candidate; the search stops
+at its trial budget or its wall-clock budget, and its Pareto front goes to the gate."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect_ray.context import remote_options
+
+from cluster.resources import stage_options
+from tasks.nas import Search, fitness
+from tasks.types import Candidate, CandidateResult, CompressionRequest, NASTrialConfig, TableSpec
+
+
+def run_search(request: CompressionRequest, tables: tuple[TableSpec, ...], baseline: Any,
+               dataset: Any, base_eval: Any, baseline_bytes: int, stage_task: Any,
+               eval_cand: Any, nodes: list[Any], gpus: float,
+               chains: dict[str, list[Any]]) -> list[CandidateResult]:
+    """Every evaluated trial (the caller keeps the Pareto front). `chains[id]` gets each
+    trial's stage future, as for the request's candidates."""
+    nas = request.nas
+    assert nas is not None
+    log = get_run_logger()
+    res = request.resources
+    search = Search(nas, tables)
+    progress = create_progress_artifact(
+        progress=0.0, key="nas-progress",
+        description=f"NAS ({nas.strategy}): trials done of {nas.trials}")
+    results: list[CandidateResult] = []
+    done, generation, start = 0, 0, time.monotonic()
+    while done < nas.trials and time.monotonic() - start < nas.max_wall_s:
+        specs = search.propose(min(nas.parallelism, nas.trials - done))
+        if not specs:
+            log.info("NAS: the space has no untried architecture left")
+            break
+        generation += 1
+        pending = []
+        for i, spec in enumerate(specs):
+            cfg = NASTrialConfig(student=spec, steps=nas.steps)
+            cand = Candidate(id=f"nas-{done + i + 1}", plan=(cfg,))
+            node = nodes[(done + i) % len(nodes)]
+            with remote_options(**stage_options(res.cpus_per_stage, res.gpus_per_stage, gpus,
+                                                node)):
+                built = stage_task.submit(baseline, cfg, dataset, request.train.seed)
+            chains[cand.id] = [built]
+            with remote_options(**stage_options(res.cpus_per_stage, 0, 0, node)):
+                pending.append((spec, cand, eval_cand.submit(
+                    cand, built, dataset, baseline, base_eval, request.budget.confidence)))
+        for spec, cand, fut in pending:  # the generation runs in parallel; wait for all of it
+            out = fut.result(raise_on_failure=False)
+            if isinstance(out, BaseException):
+                log.error("NAS trial %s failed: %s", cand.id, out)
+                search.tell(spec, -math.inf)
+                continue
+            results.append(out)
+            search.tell(spec, fitness(out, baseline_bytes))
+        done += len(specs)
+        log.info("NAS generation %d: %d/%d trials, %.0fs", generation, done, nas.trials,
+                 time.monotonic() - start)
+        if progress is not None:
+            update_progress_artifact(progress, progress=100.0 * done / nas.trials)
+    return results
