@@ -3,6 +3,7 @@ flow runs each trial as a `nas_trial` stage task on Ray)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import deque
@@ -71,7 +72,7 @@ class Search:
                 spec = mutate(parent, self.request.space, self.tables, self.rng)
             else:
                 spec = sample(self.request.space, self.tables, self.rng)
-            key = spec.model_dump_json()
+            key = json.dumps(spec.model_dump(mode="json"), sort_keys=True)  # dict order aside
             if key not in self.seen:  # never train the same architecture twice
                 self.seen.add(key)
                 out.append(spec)

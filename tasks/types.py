@@ -406,7 +406,7 @@ class NASTrialConfig(Frozen):
         s = self.student
         dims = ",".join(f"{k}{v}" for k, v in sorted(s.table_dims.items()))
         return (f"nas(d{s.embedding_dim}{'[' + dims + ']' if dims else ''},"
-                f"top{'x'.join(map(str, s.top_mlp))},{s.interaction})")
+                f"bot{s.bottom_mlp[0]},top{'x'.join(map(str, s.top_mlp))},{s.interaction})")
 
 
 StageConfig = Annotated[

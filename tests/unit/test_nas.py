@@ -1,5 +1,6 @@
 """NAS: the space, the strategies, the Pareto front, and trial architectures that train."""
 
+import json
 import random
 
 import pytest
@@ -56,7 +57,7 @@ def test_search_never_repeats_and_evolves_from_the_population():
         specs = search.propose(3)
         assert len(specs) == 3
         for s in specs:
-            key = s.model_dump_json()
+            key = json.dumps(s.model_dump(mode="json"), sort_keys=True)
             assert key not in seen
             seen.add(key)
             search.tell(s, float(s.embedding_dim))  # fitness: wider is better, say
