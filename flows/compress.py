@@ -24,7 +24,7 @@ from prefect_ray.context import remote_options
 
 from cluster.resources import cluster_gpus, stage_options, worker_nodes
 from cluster.runner import ray_task_runner
-from flows.nas import run_search
+from flows.nas import nas_search
 from flows.report import leaderboard, markdown, model_card, pareto_png
 from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
@@ -55,6 +55,16 @@ def code_version() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+class Resolved:
+    """A value where a future is expected (a subflow returns values, not futures)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self, raise_on_failure: bool = True) -> Any:
+        return self.value
 
 
 def _first_error(futures: list[Any]) -> BaseException | None:
@@ -162,9 +172,15 @@ def compress(request: CompressionRequest) -> GateReport:
 
     # 3b. architecture search: its Pareto front (AUC, size, p99) joins the candidates
     if request.nas is not None:
-        trials = run_search(request, resolve(request.model, dataset.spec).tables, baseline,
-                            dataset, base_eval, base_evaluated.metrics.size_bytes, stage_task,
-                            eval_cand, nodes, gpus, chains)
+        # the subflow's own runner, a copy of this run's: the same Ray cluster (prefect-ray
+        # joins the connection this process already has, and leaves it open)
+        runner = get_run_context().task_runner.duplicate()  # type: ignore[union-attr]
+        tables = resolve(request.model, dataset.spec).tables
+        built_trials = nas_search.with_options(task_runner=runner)(
+            request, tables, baseline.result(), dataset, base_evaluated, nodes, gpus)
+        trials = [r for r, _ in built_trials]
+        for r, b in built_trials:
+            chains[r.candidate.id] = [Resolved(b)]
         front = pareto(trials)
         log.info("NAS: %d trials, Pareto front %s", len(trials), [r.candidate.id for r in front])
         if trials:

@@ -102,7 +102,9 @@ class Built:
     def lineage(self) -> dict[str, object]:
         return {"stage": self.chain[-1], "model": self.model.model_dump(mode="json"),
                 "ray_node": self.node_ip, "wall_s": round(self.wall_s, 3),
-                "cpu_s": round(self.cpu_s, 3), "device": self.device}
+                "cpu_s": round(self.cpu_s, 3), "device": self.device,
+                # the task held its GPU for its whole wall time
+                "gpu_s": round(self.wall_s, 3) if self.device == "cuda" else 0.0}
 
 
 @dataclass(frozen=True)

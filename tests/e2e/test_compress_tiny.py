@@ -325,13 +325,18 @@ def test_nas_search_fans_out_generations_and_feeds_its_front_to_the_gate(stack, 
     report = run_compress(request, settings)
     nas_rows = [r for r in report.leaderboard if r.candidate.startswith("nas-")]
     assert nas_rows and all(r.plan.startswith("nas(") for r in nas_rows)
+    from prefect.client.schemas.filters import FlowRunFilterParentFlowRunId
+
     with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
         with get_client(sync_client=True) as client:
+            subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[report.run_id])))
+            assert [f.state_type.value for f in subflows] == ["COMPLETED"]  # the `nas` subflow
             runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[report.run_id])))
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[subflows[0].id])))
             artifacts = {a.key: a for a in client.read_artifacts()}
     trials = [r for r in runs if r.name.startswith("run-stage")]
-    assert len(trials) == 1 + 4  # the int8 candidate + 2 NAS generations of 2
+    assert len(trials) == 4  # 2 generations of 2, as tasks of the subflow
     assert float(artifacts["nas-progress"].data) == 100.0
     table = artifacts["nas-trials"].data
     table = json.loads(table) if isinstance(table, str) else table
