@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 .venv: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv .venv
 	$(BIN)/pip install -q $(TORCH) 2>&1 | { grep -v '^WARNING: Location' || true; }
-	$(BIN)/pip install -q -e '.[dev,bench]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(BIN)/pip install -q -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
 	touch .venv
 
 up: .venv

@@ -5,9 +5,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from tasks.artifacts import deserialize_model, serialize_model
-from tasks.data import generate, to_arrays
 from tasks.evaluate import predict
-from tasks.models import build, resolve
+from tasks.models import build
 from tasks.modules import (
     LowRankEmbedding,
     LowRankLinear,
@@ -17,22 +16,11 @@ from tasks.modules import (
     SparseLinear,
 )
 from tasks.stages import StageContext, apply_stage
-from tasks.types import FactorizeConfig, ModelSpec, PruneConfig, QuantizeConfig
-
-SPEC = ModelSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64, 32))
+from tasks.types import FactorizeConfig, PruneConfig, QuantizeConfig
 
 
-@pytest.fixture(scope="module")
-def setup():
-    tables, data_spec = generate("tiny", 0)
-    spec = resolve(SPEC, data_spec)
-    train, valid = (to_arrays(tables[s], data_spec) for s in ("train", "valid"))
-    ctx = StageContext(calibration=lambda: valid, train_data=lambda: train)
-    return build(spec, 0), spec, valid, ctx
-
-
-def test_structured_pruning_shrinks_shapes_and_round_trips(setup):
-    model, spec, valid, _ = setup
+def test_structured_pruning_shrinks_shapes_and_round_trips(tiny_dlrm):
+    model, spec, valid, _ = tiny_dlrm
     pruned = apply_stage(model, PruneConfig(method="structured", sparsity=0.5,
                                             finetune_epochs=0), StageContext())
     assert isinstance(pruned.top[0], PrunedLinear)
@@ -60,8 +48,8 @@ def test_dead_neuron_removal_is_exact():
     assert torch.allclose(seq(x), ref, atol=1e-6)
 
 
-def test_magnitude_pruning_stores_sparsely_and_round_trips(setup):
-    model, spec, valid, _ = setup
+def test_magnitude_pruning_stores_sparsely_and_round_trips(tiny_dlrm):
+    model, spec, valid, _ = tiny_dlrm
     pruned = apply_stage(model, PruneConfig(method="magnitude", sparsity=0.8,
                                             finetune_epochs=0), StageContext())
     sparse = [m for m in pruned.modules() if isinstance(m, SparseLinear)]
@@ -80,8 +68,8 @@ def test_magnitude_pruning_stores_sparsely_and_round_trips(setup):
         assert (w != 0).sum() <= m.values.numel()
 
 
-def test_embedding_row_pruning_keeps_frequent_rows(setup):
-    model, spec, valid, ctx = setup
+def test_embedding_row_pruning_keeps_frequent_rows(tiny_dlrm):
+    model, spec, valid, ctx = tiny_dlrm
     pruned = apply_stage(model, PruneConfig(method="embedding_rows", sparsity=0.75,
                                             finetune_epochs=0), ctx)
     user = pruned.embeddings[0]
@@ -111,8 +99,8 @@ def test_low_rank_embedding_at_full_rank_reproduces_the_table():
     assert torch.allclose(low(ids), table(ids), atol=1e-5)
 
 
-def test_factorize_then_quantize_chain_round_trips(setup):
-    model, spec, valid, ctx = setup
+def test_factorize_then_quantize_chain_round_trips(tiny_dlrm):
+    model, spec, valid, ctx = tiny_dlrm
     f = apply_stage(model, FactorizeConfig(target="embeddings", rank=4, finetune_epochs=0), ctx)
     assert isinstance(f.embeddings[0], LowRankEmbedding)
     q = apply_stage(f, QuantizeConfig(embeddings="rowwise_int8"), ctx)
@@ -122,8 +110,8 @@ def test_factorize_then_quantize_chain_round_trips(setup):
     assert len(serialize_model(q, spec)) < len(serialize_model(model, spec)) / 4
 
 
-def test_finetuning_is_deterministic_and_not_worse_on_valid(setup):
-    model, spec, valid, ctx = setup
+def test_finetuning_is_deterministic_and_not_worse_on_valid(tiny_dlrm):
+    model, spec, valid, ctx = tiny_dlrm
     cfg = PruneConfig(method="structured", sparsity=0.5, finetune_epochs=1)
     a, b = apply_stage(model, cfg, ctx), apply_stage(model, cfg, ctx)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
@@ -145,15 +133,15 @@ def test_bad_structural_configs_fail_clearly(cls, raw, message):
         cls.model_validate(raw)
 
 
-def test_rank_that_saves_nothing_is_refused(setup):
-    model, *_ = setup
+def test_rank_that_saves_nothing_is_refused(tiny_dlrm):
+    model, *_ = tiny_dlrm
     with pytest.raises(ValueError, match="no layer gets smaller"):
         apply_stage(model, FactorizeConfig(target="linear", rank=64, finetune_epochs=0),
                     StageContext())
 
 
-def test_teacher_finetuning_moves_the_pruned_model_toward_the_teacher(setup):
-    _, spec, valid, ctx = setup
+def test_teacher_finetuning_moves_the_pruned_model_toward_the_teacher(tiny_dlrm):
+    _, spec, valid, ctx = tiny_dlrm
     from tasks.train import train
     from tasks.types import TrainConfig
 

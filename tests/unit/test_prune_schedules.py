@@ -6,25 +6,12 @@ from pydantic import ValidationError
 from torch import nn
 
 from tasks.artifacts import deserialize_model, serialize_model
-from tasks.data import generate, to_arrays
 from tasks.evaluate import dense_flops, embedding_bytes, predict
-from tasks.models import build, resolve
 from tasks.modules import PrunedLinear, SemiSparseLinear, SparseLinear, TTEmbedding
-from tasks.stages import StageContext, apply_stage
+from tasks.stages import apply_stage
 from tasks.stages.context import StageSkipped
 from tasks.stages.prune import schedule
-from tasks.types import FactorizeConfig, ModelSpec, PruneConfig
-
-SPEC = ModelSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64, 32))
-
-
-@pytest.fixture(scope="module")
-def setup():
-    tables, data_spec = generate("tiny", 0)
-    spec = resolve(SPEC, data_spec)
-    train, valid = (to_arrays(tables[s], data_spec) for s in ("train", "valid"))
-    ctx = StageContext(calibration=lambda: valid, train_data=lambda: train)
-    return build(spec, 0), spec, valid, ctx
+from tasks.types import FactorizeConfig, PruneConfig
 
 
 def test_cubic_schedule_rises_fast_then_levels_off():
@@ -34,8 +21,8 @@ def test_cubic_schedule_rises_fast_then_levels_off():
     assert s[0] == pytest.approx(0.8 * (1 - 0.75**3)) and s[1] - s[0] > s[3] - s[2]
 
 
-def test_gradual_structured_pruning_reaches_the_target_widths(setup):
-    model, spec, valid, ctx = setup
+def test_gradual_structured_pruning_reaches_the_target_widths(tiny_dlrm):
+    model, spec, valid, ctx = tiny_dlrm
     pruned = apply_stage(model, PruneConfig(method="structured", sparsity=0.75, steps=3), ctx)
     assert isinstance(pruned.top[0], PrunedLinear)
     assert pruned.top[0].out_features == 16 and pruned.top[2].out_features == 8
@@ -43,8 +30,8 @@ def test_gradual_structured_pruning_reaches_the_target_widths(setup):
     assert (predict(loaded, valid) == predict(pruned, valid)).all()
 
 
-def test_gradual_magnitude_pruning_keeps_earlier_zeros_and_stores_sparsely(setup):
-    model, spec, valid, ctx = setup
+def test_gradual_magnitude_pruning_keeps_earlier_zeros_and_stores_sparsely(tiny_dlrm):
+    model, spec, valid, ctx = tiny_dlrm
     pruned = apply_stage(model, PruneConfig(method="magnitude", sparsity=0.8, steps=3), ctx)
     sparse = [m for m in pruned.modules() if isinstance(m, SparseLinear)]
     assert sparse and not any(hasattr(m, "weight_mask") for m in pruned.modules())
@@ -56,8 +43,8 @@ def test_gradual_magnitude_pruning_keeps_earlier_zeros_and_stores_sparsely(setup
     assert (predict(loaded, valid) == predict(pruned, valid)).all()
 
 
-def test_hybrid_chain_structured_then_unstructured(setup):
-    model, _, _, ctx = setup
+def test_hybrid_chain_structured_then_unstructured(tiny_dlrm):
+    model, _, _, ctx = tiny_dlrm
     structured = apply_stage(model, PruneConfig(method="structured", sparsity=0.5), ctx)
     hybrid = apply_stage(structured, PruneConfig(method="magnitude", sparsity=0.5), ctx)
     assert dense_flops(hybrid) < dense_flops(structured) < dense_flops(model)
@@ -87,8 +74,8 @@ def test_two_four_pattern_storage_and_round_trip():
     assert dense_flops(model) == 32 * 64 // 2
 
 
-def test_two_four_is_skipped_cleanly_without_a_gpu(setup):
-    model, _, _, ctx = setup
+def test_two_four_is_skipped_cleanly_without_a_gpu(tiny_dlrm):
+    model, _, _, ctx = tiny_dlrm
     with pytest.raises(StageSkipped, match="needs a CUDA worker"):
         apply_stage(model, PruneConfig(method="semi_structured", sparsity=0.5), ctx)
 
@@ -117,8 +104,8 @@ def test_bad_schedules_fail_clearly(raw, message):
         PruneConfig.model_validate(raw)
 
 
-def test_tt_factorize_stage_shrinks_tables_and_round_trips(setup):
-    model, spec, valid, ctx = setup
+def test_tt_factorize_stage_shrinks_tables_and_round_trips(tiny_dlrm):
+    model, spec, valid, ctx = tiny_dlrm
     out = apply_stage(model, FactorizeConfig(target="tt_embeddings", rank=4), ctx)
     tts = [m for m in out.modules() if isinstance(m, TTEmbedding)]
     assert tts and max(max(t.ranks) for t in tts) <= 4
@@ -129,8 +116,8 @@ def test_tt_factorize_stage_shrinks_tables_and_round_trips(setup):
 
 
 @pytest.mark.parametrize("target", ["linear", "embeddings", "tt_embeddings"])
-def test_parameter_budget_sets_the_rank(setup, target):
-    model, _, _, ctx = setup
+def test_parameter_budget_sets_the_rank(tiny_dlrm, target):
+    model, _, _, ctx = tiny_dlrm
     out = apply_stage(model, FactorizeConfig(target=target, param_budget=0.3,
                                              finetune_epochs=0), ctx)
     changed = [(name, m) for name, m in out.named_modules()
