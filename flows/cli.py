@@ -101,18 +101,20 @@ def run(
 
 
 def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
+    from flows.report import baseline_line
+
     console = Console(width=None if sys.stdout.isatty() else 200)  # no wrapping into a log
     b = report.baseline
     bayes = report.dataset.spec.bayes_auc
-    console.print(f"baseline AUC {b.auc.value:.5f} [{b.auc.ci_low:.5f}, {b.auc.ci_high:.5f}] "
-                  f"size {b.size_bytes} B" + (f"; generator Bayes AUC {bayes:.5f}" if bayes else ""))
+    console.print(f"baseline {baseline_line(b)}"
+                  + (f"; generator Bayes AUC {bayes:.5f}" if bayes and b.main == "auc" else ""))
     table = Table(title=f"leaderboard (run {report.run_id})")
-    for col in ("candidate", "plan", "size_ratio", "auc_delta", "auc_loss_ci_high",
+    for col in ("candidate", "plan", "size_ratio", f"{b.main} delta", "loss_ci_high",
                 "p99_ms_bs512", "latency_ratio", "passed", "node"):
         table.add_column(col)
     for r in report.leaderboard:
-        table.add_row(r.candidate, r.plan, f"{r.size_ratio:.2f}x", f"{r.auc_delta:+.5f}",
-                      f"{r.auc_loss_ci_high:.5f}", f"{r.p99_ms_bs512:.3f}",
+        table.add_row(r.candidate, r.plan, f"{r.size_ratio:.2f}x", f"{r.delta:+.5f}",
+                      f"{r.loss_ci_high:.5f}", f"{r.p99_ms_bs512:.3f}",
                       f"{r.latency_ratio:.2f}x" if r.latency_ratio else "-",
                       "yes" if r.passed else "no: " + "; ".join(r.reasons), r.node_ip)
     console.print(table)
@@ -155,6 +157,32 @@ def dataset_generate(size: str = typer.Option("small"), seed: int = 0,
     ref = write_dataset(tables, spec, settings_for(state_dir))
     print(ref.uri)
     err.print(f"rows {ref.rows}; Bayes-optimal test AUC {spec.bayes_auc:.5f}")
+
+
+@dataset_app.command("import")
+def dataset_import(
+    spec: Path = typer.Argument(..., metavar="SPEC", help="spec.json naming each column's role"),
+    path: Path = typer.Argument(..., metavar="PATH", help="directory of train/valid/test "
+                                "(.parquet or .csv), or one .parquet/.csv file to split by time"),
+    state_dir: Path = STATE,
+) -> None:
+    """Check your own dataset and upload it to S3; print its URI (a request's dataset.uri)."""
+    from rich.markup import escape
+
+    from tasks.dataimport import DatasetError, import_dataset
+
+    try:
+        with err.status("checking and uploading ..."):
+            ref = import_dataset(spec, path, settings_for(state_dir))
+    except DatasetError as exc:
+        err.print(f"[red]invalid dataset:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:  # the checks passed; the store did not answer
+        err.print(f"[red]upload failed:[/red] {escape(str(exc))}; is the stack up "
+                  "(`recsqueeze up`)?", soft_wrap=True)
+        raise typer.Exit(1) from None
+    print(ref.uri)
+    err.print(f"rows {ref.rows}")
 
 
 @app.command("gate-sim")

@@ -31,6 +31,7 @@ from tasks.artifacts import ArtifactStore, Registry
 from tasks.gate import Champion, decide
 from tasks.models import resolve
 from tasks.nas import pareto
+from tasks.objectives import DEFAULT_KS
 from tasks.run import (
     Built,
     cached,
@@ -45,7 +46,14 @@ from tasks.run import (
     train_baseline,
 )
 from tasks.stages.context import StageSkipped
-from tasks.types import CandidateResult, CompressionRequest, GateReport
+from tasks.types import (
+    METRIC_NAME,
+    CandidateResult,
+    CompressionRequest,
+    DatasetSpec,
+    GateReport,
+    budget_ks,
+)
 
 
 def code_version() -> str:
@@ -73,6 +81,23 @@ def _first_error(futures: list[Any]) -> BaseException | None:
         if isinstance(out, BaseException):
             return out
     return None
+
+
+def check_fits(request: CompressionRequest, data: DatasetSpec) -> None:
+    """Fail before any training when the request asks for what this dataset cannot give."""
+    resolve(request.model, data)  # the family's columns (item_id, history) exist
+    for name in request.budget.metrics:
+        match = METRIC_NAME.match(name)
+        assert match is not None  # the type validated the names
+        column = match.group(5)
+        if column is not None and column not in data.segments:
+            raise ValueError(f"budget.metrics[{name!r}]: {column!r} is not a segment column of "
+                             f"dataset {data.name} (segments: {list(data.segments)}); name one "
+                             "of them or add it to the dataset spec's segments")
+        if match.group(1).startswith("ndcg") and request.model.task_kind() == "ranking" \
+                and data.query_id is None:
+            raise ValueError(f"budget.metrics[{name!r}]: NDCG of a ranker is computed per "
+                             f"query/session, and dataset {data.name} sets no query_id column")
 
 
 def cluster_runner() -> Any:
@@ -108,10 +133,12 @@ def compress(request: CompressionRequest) -> GateReport:
     # 1. data and baseline
     with remote_options(**cpu_opts):
         dataset = prepare.submit(request.dataset).result()
+    check_fits(request, dataset.spec)
+    ks = tuple(sorted({*DEFAULT_KS, *budget_ks(request.budget.metrics)}))
     with remote_options(**opts):
         baseline = train_base.submit(request.model, dataset, request.train)
     with remote_options(**cpu_opts):
-        base_eval = eval_base.submit(baseline, dataset)
+        base_eval = eval_base.submit(baseline, dataset, ks)
 
     # 2. calibrate once (if any plan needs it), then every candidate's stages, chained; a
     #    prefix shared by several plans runs once
@@ -139,7 +166,7 @@ def compress(request: CompressionRequest) -> GateReport:
         chains[cand.id] = [calibration, *chain] if needs_calibration else chain
         with remote_options(**stage_options(res.cpus_per_stage, 0, 0, node)):
             evaluations.append(eval_cand.submit(
-                cand, parent, dataset, baseline, base_eval, request.budget.confidence))
+                cand, parent, dataset, baseline, base_eval, request.budget.confidence, ks))
 
     # 3. the production champion, measured on the same rows
     champion = None
@@ -147,10 +174,10 @@ def compress(request: CompressionRequest) -> GateReport:
     base_evaluated = base_eval.result()
     if version is not None:
         with remote_options(**cpu_opts):
-            scored = eval_champion.submit(request.model_name, version, dataset,
-                                              base_evaluated).result()
+            scored = eval_champion.submit(request.model_name, version, dataset, base_evaluated,
+                                          resolve(request.model, dataset.spec)).result()
         if scored is not None:
-            champion = Champion(version=version, metrics=scored[0], auc_loss=scored[1])
+            champion = Champion(version=version, metrics=scored[0], loss=scored[1])
 
     results: list[CandidateResult] = []
     failures: dict[str, str] = {}
@@ -170,7 +197,7 @@ def compress(request: CompressionRequest) -> GateReport:
             failures[cand.id] = f"{type(cause).__name__}: {cause}"
             log.error("candidate %s failed: %s", cand.id, cause)
 
-    # 3b. architecture search: its Pareto front (AUC, size, p99) joins the candidates
+    # 3b. architecture search: its Pareto front (quality, size, p99) joins the candidates
     if request.nas is not None:
         # the subflow's own runner, a copy of this run's: the same Ray cluster (prefect-ray
         # joins the connection this process already has, and leaves it open)
@@ -187,7 +214,7 @@ def compress(request: CompressionRequest) -> GateReport:
             create_table_artifact(key="nas-trials", table=[{
                 "trial": r.candidate.id, "architecture": r.candidate.label(),
                 "params": r.metrics.params, "size_bytes": r.metrics.size_bytes,
-                "auc": r.metrics.auc.value, "p99_ms": r.metrics.p99_ms(512),
+                r.metrics.main: r.metrics.value(), "p99_ms": r.metrics.p99_ms(512),
                 "on_front": r in front} for r in trials], description="every NAS trial")
         results.extend(front)
 
@@ -256,8 +283,9 @@ def publish(store: ArtifactStore, report: GateReport) -> None:
         url = store.s3.generate_presigned_url("get_object", ExpiresIn=7 * 24 * 3600, Params={
             "Bucket": store.bucket, "Key": f"{base}/pareto.png"})
         create_image_artifact(image_url=url, key="pareto",
-                              description=f"{report.model_name}: size vs AUC (link valid 7 days)")
-        text += f"\n![size vs AUC, Pareto front]({url})\n"
+                              description=f"{report.model_name}: size vs "
+                                          f"{report.baseline.main} (link valid 7 days)")
+        text += f"\n![size vs {report.baseline.main}, Pareto front]({url})\n"
     store.put_text(f"{base}/report.md", text)
     if rows:
         create_table_artifact(key="leaderboard", table=rows,

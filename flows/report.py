@@ -18,11 +18,13 @@ def leaderboard(baseline: Metrics, results: list[CandidateResult],
         # the baseline timed side by side with this candidate, not in another task
         base_p99 = next((lat.p99_ms for lat in r.baseline_latency
                          if lat.batch_size == LATENCY_BS), None)
+        main = deltas[r.metrics.main]
         rows.append(LeaderboardRow(
             candidate=r.candidate.id, plan=r.candidate.label(), size_bytes=r.metrics.size_bytes,
-            size_ratio=baseline.size_bytes / r.metrics.size_bytes, auc=r.metrics.auc.value,
-            auc_delta=deltas["auc"].delta, auc_loss_ci_high=deltas["auc"].loss_ci_high,
-            logloss_delta=deltas["logloss"].delta, p99_ms_bs512=p99,
+            size_ratio=baseline.size_bytes / r.metrics.size_bytes, metric=r.metrics.main,
+            quality=r.metrics.value(), delta=main.delta, loss_ci_high=main.loss_ci_high,
+            logloss_delta=deltas["logloss"].delta if "logloss" in deltas else None,
+            p99_ms_bs512=p99,
             latency_ratio=(base_p99 / p99) if (base_p99 and p99) else None,
             passed=decisions[r.candidate.id].passed, reasons=decisions[r.candidate.id].reasons,
             node_ip=r.node_ip,
@@ -30,14 +32,14 @@ def leaderboard(baseline: Metrics, results: list[CandidateResult],
     return tuple(sorted(rows, key=lambda row: (not row.passed, row.size_bytes)))
 
 
-def _table(rows: tuple[LeaderboardRow, ...]) -> str:
-    lines = ["| candidate | plan | size (bytes) | size ratio | AUC | AUC delta | AUC loss CI high "
+def _table(rows: tuple[LeaderboardRow, ...], metric: str) -> str:
+    lines = [f"| candidate | plan | size (bytes) | size ratio | {metric} | delta | loss CI high "
              "| p99 ms @512 | latency ratio | passed | node |", "|" + "---|" * 11]
     for r in rows:
         lat = f"{r.latency_ratio:.2f}x" if r.latency_ratio else "-"
         p99 = f"{r.p99_ms_bs512:.3f}" if r.p99_ms_bs512 else "-"
         lines.append(f"| {r.candidate} | {r.plan} | {r.size_bytes} | {r.size_ratio:.2f}x | "
-                     f"{r.auc:.5f} | {r.auc_delta:+.5f} | {r.auc_loss_ci_high:.5f} | {p99} | "
+                     f"{r.quality:.5f} | {r.delta:+.5f} | {r.loss_ci_high:.5f} | {p99} | "
                      f"{lat} | {'yes' if r.passed else 'no: ' + '; '.join(r.reasons)} | "
                      f"{r.node_ip} |")
     return "\n".join(lines)
@@ -53,23 +55,31 @@ def markdown(report: GateReport) -> str:
     return (
         f"# recsqueeze run {report.run_id}\n\nModel `{report.model_name}` on "
         f"`{report.dataset.uri}` ({report.dataset.rows['test']} test rows)\n\n"
-        f"Baseline: AUC {b.auc.value:.5f} [{b.auc.ci_low:.5f}, {b.auc.ci_high:.5f}], "
-        f"logloss {b.logloss:.5f}, {b.size_bytes} bytes"
-        + (f"; Bayes-optimal AUC of the generator {bayes:.5f}" if bayes else "")
-        + f"\n\n{_table(report.leaderboard)}\n\n{promoted}{failures}\n"
+        f"Baseline: {baseline_line(b)}"
+        + (f"; Bayes-optimal AUC of the generator {bayes:.5f}" if bayes and b.main == "auc"
+           else "")
+        + f"\n\n{_table(report.leaderboard, b.main)}\n\n{promoted}{failures}\n"
     )
 
 
+def baseline_line(b: Metrics) -> str:
+    """The baseline's main metric with its interval, logloss (ranking) and size."""
+    q = b.quality[b.main]
+    return (f"{b.main} {q.value:.5f} [{q.ci_low:.5f}, {q.ci_high:.5f}]"
+            + (f", logloss {b.logloss:.5f}" if b.logloss is not None else "")
+            + f", {b.size_bytes} bytes")
+
+
 def pareto_front(rows: tuple[LeaderboardRow, ...]) -> list[LeaderboardRow]:
-    """Candidates no other candidate beats on both size and AUC (smaller and better)."""
+    """Candidates no other candidate beats on both size and quality (smaller and better)."""
     return [r for r in rows if not any(
-        o.size_bytes <= r.size_bytes and o.auc >= r.auc and (o.size_bytes, o.auc) != (
-            r.size_bytes, r.auc) for o in rows)]
+        o.size_bytes <= r.size_bytes and o.quality >= r.quality and (o.size_bytes, o.quality)
+        != (r.size_bytes, r.quality) for o in rows)]
 
 
 def pareto_png(report: GateReport) -> bytes:
-    """Size ratio (log) vs AUC delta of every candidate; passing ones filled, the Pareto front
-    joined, the AUC budget drawn where it is one number."""
+    """Size ratio (log) vs the main metric's delta of every candidate; passing ones filled,
+    the Pareto front joined."""
     import io
 
     import matplotlib
@@ -83,18 +93,19 @@ def pareto_png(report: GateReport) -> bytes:
                           (False, dict(facecolors="none", edgecolors="tab:red", label="failed"))):
         sel = [r for r in rows if r.passed is passed]
         if sel:
-            ax.scatter([r.size_ratio for r in sel], [r.auc_delta for r in sel], s=40, **style)
+            ax.scatter([r.size_ratio for r in sel], [r.delta for r in sel], s=40, **style)
     front = sorted(pareto_front(rows), key=lambda r: r.size_ratio)
     if front:
-        ax.plot([r.size_ratio for r in front], [r.auc_delta for r in front], "k--", lw=1,
+        ax.plot([r.size_ratio for r in front], [r.delta for r in front], "k--", lw=1,
                 label="Pareto front")
     for r in rows:
-        ax.annotate(r.candidate, (r.size_ratio, r.auc_delta), fontsize=7,
+        ax.annotate(r.candidate, (r.size_ratio, r.delta), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("size ratio (baseline bytes / candidate bytes)")
-    ax.set_ylabel("AUC delta vs baseline (paired, same rows)")
+    metric = rows[0].metric if rows else "quality"
+    ax.set_ylabel(f"{metric} delta vs baseline (paired, same rows)")
     ax.set_title(f"{report.model_name} — run {report.run_id[:8]}")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -110,9 +121,11 @@ def model_card(report: GateReport, row: LeaderboardRow) -> str:
         f"Plan: {row.plan}\n\nTrained and compressed by run {report.run_id} on "
         f"`{report.dataset.uri}` (sha256 {report.dataset.sha256}).\n\n"
         "| metric | value |\n|---|---|\n"
-        f"| AUC (test) | {row.auc:.5f} |\n| AUC delta vs baseline | {row.auc_delta:+.5f} |\n"
-        f"| AUC loss, upper 95% bound | {row.auc_loss_ci_high:.5f} |\n"
-        f"| logloss delta | {row.logloss_delta:+.5f} |\n| size | {row.size_bytes} bytes "
+        f"| {row.metric} (test) | {row.quality:.5f} |\n"
+        f"| {row.metric} delta vs baseline | {row.delta:+.5f} |\n"
+        f"| {row.metric} loss, upper 95% bound | {row.loss_ci_high:.5f} |\n"
+        + (f"| logloss delta | {row.logloss_delta:+.5f} |\n" if row.logloss_delta is not None
+           else "") + f"| size | {row.size_bytes} bytes "
         f"({row.size_ratio:.2f}x smaller) |\n| p99 latency @512 | {row.p99_ms_bs512} ms |\n"
-        "\n![size vs AUC of every candidate of the run](pareto.png)\n"
+        f"\n![size vs {row.metric} of every candidate of the run](pareto.png)\n"
     )

@@ -19,13 +19,12 @@ from tasks.evaluate import (
     dense_flops,
     embedding_bytes,
     measure_latency,
-    paired_deltas,
     predict,
     predict_logits,
     stored_elements,
 )
-from tasks.metrics import auc
 from tasks.models import build, resolve
+from tasks.objectives import main_metric, paired_deltas, scalar_quality
 from tasks.stages import StageContext, apply_stage, calibrate
 from tasks.train import train
 from tasks.types import (
@@ -40,7 +39,8 @@ from tasks.types import (
     TrainConfig,
 )
 
-BUDGET = 0.001  # relative AUC loss the suites judge "passed" against (upper 95% bound)
+BUDGET = 0.001  # relative loss of the main metric the suites judge "passed" against (upper
+# 95% bound): AUC for the ranker, Recall@50 for two-tower, NDCG@10 for SASRec
 
 Plan = StageConfig | tuple[StageConfig, ...]  # one stage, or a chain applied in order
 
@@ -104,7 +104,34 @@ SUITES: dict[str, tuple[Plan, ...]] = {
         (DistillConfig(student=_QUARTER, temperature=2.0),
          QuantizeConfig(embeddings="rowwise_int4")),
     ),
+    # the other families (docs/benchmarks.md): each suite runs on its own baseline
+    "two_tower": (
+        QuantizeConfig(linear="none", embeddings="rowwise_int8"),
+        QuantizeConfig(linear="dynamic_int8", embeddings="rowwise_int8"),
+        QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int8"),
+        QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int4"),
+        PruneConfig(method="structured", sparsity=0.5),
+        FactorizeConfig(target="embeddings", rank=16),
+        (FactorizeConfig(target="tt_embeddings", rank=32, **_TT_FINETUNE),
+         QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int8")),
+        DistillConfig(student=ModelSpec(family="two_tower", embedding_dim=32, tower_mlp=(64,))),
+        (DistillConfig(student=ModelSpec(family="two_tower", embedding_dim=32, tower_mlp=(64,))),
+         QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int8")),
+    ),
+    "sasrec": (
+        QuantizeConfig(linear="dynamic_int8", embeddings="none"),
+        QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int8"),
+        QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int4"),
+        PruneConfig(method="structured", sparsity=0.5),
+        FactorizeConfig(target="linear", rank=16),
+        FactorizeConfig(target="tt_embeddings", rank=32, **_TT_FINETUNE),
+        DistillConfig(student=ModelSpec(family="sasrec", layers=1, heads=1)),
+        (DistillConfig(student=ModelSpec(family="sasrec", layers=1, heads=1)),
+         QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int8")),
+    ),
 }
+SUITE_MODELS: dict[str, ModelSpec] = {
+    "two_tower": ModelSpec(family="two_tower"), "sasrec": ModelSpec(family="sasrec")}
 
 
 def _stages(plan: Plan) -> tuple[StageConfig, ...]:
@@ -125,27 +152,25 @@ def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
     if suite not in SUITES:
         raise ValueError(f"--suite must be one of {sorted(SUITES)} (got {suite!r})")
     tables, data_spec = generate(size, data_seed)
-    spec = resolve(ModelSpec(), data_spec)
-    train_arrays, test = to_arrays(tables["train"], data_spec), to_arrays(tables["test"], data_spec)
-    valid = to_arrays(tables["valid"], data_spec)
+    spec = resolve(SUITE_MODELS.get(suite, ModelSpec()), data_spec)
+    task, width = spec.task_kind(), spec.max_history
+    train_arrays, test = (to_arrays(tables[s], data_spec, task, width) for s in ("train", "test"))
+    valid = to_arrays(tables["valid"], data_spec, task, width)
     t0 = time.perf_counter()
     baseline = train(build(spec, seed), train_arrays, TrainConfig(seed=seed), valid=valid)
     log(f"baseline trained in {time.perf_counter() - t0:.0f}s")
     base_bytes = len(serialize_model(baseline, spec))
-    base_probs = predict(baseline, test)
+    base_pred = predict(baseline, test)
     configs = SUITES[suite]
     cal = calibrate(baseline, CalibrateConfig(), StageContext(calibration=lambda: valid)) \
         if any(st.needs_calibration() for plan in configs for st in _stages(plan)) else None
-    names = [c.name for c in data_spec.categorical]
     ctx = StageContext(seed=seed, calibration=lambda: valid, train_data=lambda: train_arrays,
                        activations=(lambda: cal.activations) if cal else None,
                        sensitivity=(lambda: cal.sensitivity) if cal else None,
-                       max_relative_auc_loss=BUDGET,
-                       query_column=names.index(data_spec.query_id)
-                       if data_spec.query_id in names else None)
+                       max_relative_loss=BUDGET)
     # the baseline's outputs on the train rows: computed once, for every first stage to reuse
     first = dataclasses.replace(ctx, spec=spec, teacher_logits=functools.cache(
-        lambda: predict_logits(baseline, train_arrays)))
+        lambda: predict_logits(baseline, train_arrays)) if task == "ranking" else None)
     candidates = []
     built: dict[tuple[str, ...], nn.Module] = {}  # a prefix shared by plans is built once
     for plan in configs:
@@ -161,30 +186,33 @@ def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
         log(f"built {plan_label(plan)} in {time.perf_counter() - t0:.0f}s")
     latencies = measure_latency([baseline, *candidates], test, batch_sizes=(batch_size,))
     p99 = [lat[0].p99_ms for lat in latencies]
+    metric = main_metric(task)
     rows: list[dict[str, object]] = []
     for cfg, model, cand_p99 in zip(configs, candidates, p99[1:]):
-        probs = predict(model, test)
-        nbytes = len(serialize_model(model, spec))
-        auc_d, ll_d = paired_deltas(test.label, base_probs, probs)
-        rel_high = auc_d.loss_ci_high / auc_d.baseline
+        pred = predict(model, test)
+        nbytes = len(serialize_model(model, getattr(model, "spec", spec)))
+        deltas = {d.metric: d for d in paired_deltas(task, test, base_pred, pred)}
+        main = deltas[metric]
+        rel_high = main.loss_ci_high / main.baseline
         rows.append({
             "suite": suite, "size": size, "seed": seed, "candidate": plan_label(cfg),
-            "config": [st.model_dump(mode="json") for st in _stages(cfg)],
+            "family": spec.family, "config": [st.model_dump(mode="json") for st in _stages(cfg)],
             "plan": plan_label(cfg), "size_bytes": nbytes,
             "embedding_bytes": embedding_bytes(model), "dense_flops": dense_flops(model),
             "baseline_embedding_bytes": embedding_bytes(baseline),
             "baseline_dense_flops": dense_flops(baseline), "params": stored_elements(model),
             "baseline_params": stored_elements(baseline),
             "baseline_bytes": base_bytes, "size_ratio": base_bytes / nbytes,
-            "auc": auc(test.label, probs), "baseline_auc": auc_d.baseline,
-            "auc_delta": auc_d.delta, "auc_loss_ci_high": auc_d.loss_ci_high,
-            "relative_auc_loss_ci_high": rel_high, "logloss_delta": ll_d.delta,
+            "metric": metric, "quality": scalar_quality(task, test, pred),
+            "baseline_quality": main.baseline, "delta": main.delta,
+            "loss_ci_high": main.loss_ci_high, "relative_loss_ci_high": rel_high,
+            "logloss_delta": deltas["logloss"].delta if "logloss" in deltas else None,
             "p99_ms_bs512": cand_p99, "baseline_p99_ms_bs512": p99[0],
             "latency_ratio": p99[0] / cand_p99, "passed": rel_high <= BUDGET,
             "reasons": [] if rel_high <= BUDGET else [
-                f"auc: relative loss upper bound {rel_high:.5f} > budget {BUDGET}"],
+                f"{metric}: relative loss upper bound {rel_high:.5f} > budget {BUDGET}"],
             "bayes_auc": data_spec.bayes_auc, "test_rows": len(test),
         })
-        log(f"{plan_label(cfg):48s} size {base_bytes / nbytes:5.2f}x  auc {auc_d.delta:+.5f} "
-            f"(rel loss<= {rel_high:.5f})  p99 {p99[0] / cand_p99:4.2f}x")
+        log(f"{plan_label(cfg):48s} size {base_bytes / nbytes:5.2f}x  {metric} "
+            f"{main.delta:+.5f} (rel loss<= {rel_high:.5f})  p99 {p99[0] / cand_p99:4.2f}x")
     return rows

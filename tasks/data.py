@@ -4,10 +4,10 @@ The generator draws clicks from a hidden ground-truth model, so the Bayes-optima
 the true click probability on the test split) is known and stored in the spec: the ceiling any
 model can reach on this data.
 
-Ground truth, per impression (user u, query q, item i shown at position k):
-    logit = -2.2 + 1.2*[cat(i) == intent(q)] + 0.9*tanh(<a_u, b_i>) + 0.6*affinity[seg(u), cat(i)]
+Ground truth, per impression (user u, query q, item i shown at position k of a session):
+    logit = -2.4 + 1.2*[cat(i) == intent(q)] + 0.9*tanh(<a_u, b_i>) + 0.6*affinity[seg(u), cat(i)]
             - 0.35*log(1+k) - 0.5*price_z(i)*price_sensitivity[seg(u)] + 0.4*quality(i)
-            + 0.2*device_hour[device, hour]
+            + 0.2*device_hour[device, hour] + 0.8*[cat(i) == cat(u's last clicked item)]
 Users and items follow Zipf popularity; half of the shown items match the query's category.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +42,8 @@ SIZES = {
     "tiny": GeneratorSize(users=2_000, items=1_000, queries=300, rows=40_000),
     "small": GeneratorSize(users=100_000, items=50_000, queries=5_000, rows=1_000_000),
 }
-_CATEGORIES, _BRANDS, _SEGMENTS, _DEVICES, _HOURS, _POSITIONS = 40, 400, 6, 3, 24, 20
+_CATEGORIES, _BRANDS, _SEGMENTS, _DEVICES, _HOURS = 40, 400, 6, 3, 24
+_SESSION, _HISTORY = 10, 20  # results per search session; clicks kept in a history
 _SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # by time: train on the past, test on the future
 
 
@@ -53,7 +54,13 @@ def _zipf(rng: np.random.Generator, n: int, size: int, a: float) -> np.ndarray:
 
 
 def generate(size: str, seed: int = 0) -> tuple[dict[str, pa.Table], DatasetSpec]:
-    """Generate the built-in click log: three time-ordered splits and their spec."""
+    """Generate the built-in click log: three time-ordered splits and their spec.
+
+    Impressions come in search sessions (one user, one query, _SESSION results at positions
+    1.._SESSION). Each row carries the user's history (their last _HISTORY clicked items
+    before the session), and the user's next click leans to the category of their last one,
+    so the history is informative (the sequential recommender's signal).
+    """
     if size not in SIZES:
         raise ValueError(f"dataset.builtin must be one of {sorted(SIZES)} (got {size!r})")
     g = SIZES[size]
@@ -75,10 +82,15 @@ def generate(size: str, seed: int = 0) -> tuple[dict[str, pa.Table], DatasetSpec
     query_intent = rng.integers(0, _CATEGORIES, g.queries)
     items_by_cat = [np.flatnonzero(item_cat == c) for c in range(_CATEGORIES)]
 
-    # impressions
-    n = g.rows
-    users = _zipf(rng, g.users, n, 1.0)
-    queries = _zipf(rng, g.queries, n, 1.1)
+    # sessions, in time order; every impression of a session shares user, query and time
+    sessions = g.rows // _SESSION
+    n = sessions * _SESSION
+    s_user = _zipf(rng, g.users, sessions, 1.0)
+    s_query = _zipf(rng, g.queries, sessions, 1.1)
+    s_hour = rng.integers(0, _HOURS, sessions)
+    s_time = np.sort(rng.uniform(0, 30 * 86400, sessions)).astype(np.int64)  # 30 days
+    session = np.repeat(np.arange(sessions), _SESSION)
+    users, queries = s_user[session], s_query[session]
     items = _zipf(rng, g.items, n, 1.05)
     match = rng.random(n) < 0.5
     intents = query_intent[queries]
@@ -86,11 +98,11 @@ def generate(size: str, seed: int = 0) -> tuple[dict[str, pa.Table], DatasetSpec
         rows = np.flatnonzero(match & (intents == c))
         if len(rows) and len(items_by_cat[c]):
             items[rows] = rng.choice(items_by_cat[c], size=len(rows))
-    position = rng.integers(1, _POSITIONS + 1, n)
-    hour = rng.integers(0, _HOURS, n)
+    position = np.tile(np.arange(1, _SESSION + 1), sessions)
+    hour = s_hour[session]
     seg, dev = user_seg[users], user_dev[users]
-    logit = (
-        -2.2
+    base = (
+        -2.4
         + 1.2 * (item_cat[items] == intents)
         + 0.9 * np.tanh(np.einsum("nk,nk->n", user_vec[users], item_vec[items]))
         + 0.6 * affinity[seg, item_cat[items]]
@@ -99,12 +111,38 @@ def generate(size: str, seed: int = 0) -> tuple[dict[str, pa.Table], DatasetSpec
         + 0.4 * item_quality[items]
         + 0.2 * device_hour[dev, hour]
     )
-    p_true = 1.0 / (1.0 + np.exp(-logit))
-    click = (rng.random(n) < p_true).astype(np.int8)
-    timestamp = np.sort(rng.uniform(0, 30 * 86400, n)).astype(np.int64)  # 30 days, in order
+    # sequential part: the user's last clicked category; histories, built in time order
+    uniform = rng.random(n)
+    p_true = np.empty(n)
+    click = np.zeros(n, np.int8)
+    last_cat = np.full(g.users, -1)
+    history: dict[int, list[int]] = {}
+    offsets = np.zeros(n + 1, np.int64)
+    values: list[int] = []
+    for s in range(sessions):
+        lo, hi, u = s * _SESSION, (s + 1) * _SESSION, int(s_user[s])
+        logit = base[lo:hi] + 0.8 * (item_cat[items[lo:hi]] == last_cat[u])
+        p = 1.0 / (1.0 + np.exp(-logit))
+        p_true[lo:hi] = p
+        clicked = uniform[lo:hi] < p
+        click[lo:hi] = clicked
+        past = history.get(u, [])
+        for r in range(lo, hi):  # every impression of the session sees the same history
+            values.extend(past)
+            offsets[r + 1] = len(values)
+        new = items[lo:hi][clicked].tolist()
+        if new:
+            history[u] = (past + new)[-_HISTORY:]
+            last_cat[u] = item_cat[new[-1]]
 
     price = np.exp(3.0 + 0.8 * item_price_z[items])
-    item_pop = np.bincount(items, minlength=g.items)[items]
+    impressions = np.bincount(items, minlength=g.items)
+    item_pop = impressions[items]
+    # head items: the most shown ones that together make half of all impressions
+    ranked = np.argsort(-impressions, kind="stable")
+    head = np.zeros(g.items, bool)
+    head[ranked[:int(np.searchsorted(np.cumsum(impressions[ranked]), n / 2)) + 1]] = True
+    history_len = np.diff(offsets)
     columns = {
         "user_id": users, "item_id": items, "category_id": item_cat[items],
         "brand_id": item_brand[items], "query_id": queries, "user_segment": seg,
@@ -112,23 +150,32 @@ def generate(size: str, seed: int = 0) -> tuple[dict[str, pa.Table], DatasetSpec
         "log_price": np.log(price).astype(np.float32),
         "position": position.astype(np.float32),
         "log_item_popularity": np.log1p(item_pop).astype(np.float32),
-        "timestamp": timestamp, "click": click,
+        "session_id": session.astype(np.int64), "timestamp": s_time[session],
+        "item_popularity": np.where(head[items], "head", "tail"),
+        "user_type": np.where(history_len == 0, "new", "returning"),
+        "click": click,
     }
     cards = {"user_id": g.users, "item_id": g.items, "category_id": _CATEGORIES,
              "brand_id": _BRANDS, "query_id": g.queries, "user_segment": _SEGMENTS,
              "device": _DEVICES, "hour": _HOURS}
-    bounds = np.cumsum([0, *(int(f * n) for f in _SPLIT_FRACTIONS[:-1]), n - sum(
-        int(f * n) for f in _SPLIT_FRACTIONS[:-1])])
-    tables = {
-        split: pa.table({name: col[bounds[i]:bounds[i + 1]] for name, col in columns.items()})
-        for i, split in enumerate(SPLITS)
-    }
-    test = slice(bounds[2], bounds[3])
+    # split on session boundaries, by time
+    cut = [0, *(int(f * sessions) * _SESSION for f in np.cumsum(_SPLIT_FRACTIONS[:-1])), n]
+    hist = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                    pa.array(np.asarray(values, np.int64), pa.int64()))
+    tables = {}
+    for i, split in enumerate(SPLITS):
+        lo, hi = cut[i], cut[i + 1]
+        cols = {name: col[lo:hi] for name, col in columns.items()}
+        cols["history"] = hist[lo:hi]
+        tables[split] = pa.table(cols)
+    test = slice(cut[2], cut[3])
     spec = DatasetSpec(
         name=f"clicklog-{size}-s{seed}", label="click",
         categorical=tuple(CategoricalColumn(name=c, cardinality=v) for c, v in cards.items()),
         dense=("log_price", "position", "log_item_popularity"),
-        user_id="user_id", item_id="item_id", query_id="query_id", timestamp="timestamp",
+        user_id="user_id", item_id="item_id", query_id="session_id", timestamp="timestamp",
+        history="history", item_features=("category_id", "brand_id"),
+        segments=("item_popularity", "user_type"),
         bayes_auc=auc(click[test], p_true[test]),
     )
     return tables, spec
@@ -195,21 +242,100 @@ def read_split(ref: DatasetRef, split: str, settings: Settings) -> pa.Table:
     return pq.read_table(io.BytesIO(blob))
 
 
+PAD = -1  # history padding before the model maps it to its padding row
+
+
 @dataclass(frozen=True)
 class Arrays:
-    """A split as model inputs: dense float32 [N, D], categorical int64 [N, T], labels [N]."""
+    """A split as model inputs, laid out for one task (see `to_arrays`).
+
+    dense float32 [N, D] and sparse int64 [N, T] are the forward's two inputs; label is the
+    click (float32, ranking) or the clicked item id (int64, retrieval / next_item). groups are
+    the query/session ids of the rows (ranking lists), segments the segment columns' values,
+    catalogue the item-feature ids of every item [n_items, F] (retrieval).
+    """
 
     dense: np.ndarray
     sparse: np.ndarray
     label: np.ndarray
+    groups: np.ndarray | None = None
+    segments: dict[str, np.ndarray] = field(default_factory=dict)
+    catalogue: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.label)
 
+    def take(self, idx: np.ndarray | slice) -> Arrays:
+        return replace(self, dense=self.dense[idx], sparse=self.sparse[idx],
+                       label=self.label[idx],
+                       groups=None if self.groups is None else self.groups[idx],
+                       segments={k: v[idx] for k, v in self.segments.items()})
 
-def to_arrays(table: pa.Table, spec: DatasetSpec) -> Arrays:
-    dense = np.stack([table[c].to_numpy().astype(np.float32) for c in spec.dense], axis=1) \
-        if spec.dense else np.zeros((table.num_rows, 0), np.float32)
-    sparse = np.stack([table[c.name].to_numpy().astype(np.int64) for c in spec.categorical], 1)
-    label = table[spec.label].to_numpy().astype(np.float32)
-    return Arrays(dense=dense, sparse=sparse, label=label)
+    def with_label(self, label: np.ndarray) -> Arrays:
+        return replace(self, label=label)
+
+
+def query_side(spec: DatasetSpec) -> list[str]:
+    """Categorical columns the query/user tower reads: all but the item and its features."""
+    item = {spec.item_id, *spec.item_features}
+    return [c.name for c in spec.categorical if c.name not in item]
+
+
+def _cardinality(spec: DatasetSpec, column: str | None) -> int:
+    return next(c.cardinality for c in spec.categorical if c.name == column)
+
+
+def history_matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """list<int64> -> [N, width] int64, most recent last, left-padded with PAD."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    out = np.full((len(col), width), PAD, np.int64)
+    lengths = np.minimum(np.diff(offsets), width)
+    for r in np.flatnonzero(lengths):
+        end = offsets[r + 1]
+        out[r, width - lengths[r]:] = values[end - lengths[r]:end]
+    return out
+
+
+def to_arrays(table: pa.Table, spec: DatasetSpec, task: str = "ranking",
+              history_width: int = 50) -> Arrays:
+    """One split as inputs for `task`:
+
+    - ranking: dense features, every categorical id, label = the click;
+    - retrieval: the clicked rows; sparse = the query-side ids (`query_side`), label = the
+      clicked item, catalogue = each item's feature ids (last seen in this split; 0 unseen);
+    - next_item: the clicked rows; sparse = the history [N, history_width] (PAD-padded),
+      label = the clicked item.
+    """
+    segments = {c: table[c].to_numpy(zero_copy_only=False) for c in spec.segments}
+    groups = table[spec.query_id].to_numpy().astype(np.int64) if spec.query_id else None
+    if task == "ranking":
+        dense = np.stack([table[c].to_numpy().astype(np.float32) for c in spec.dense], axis=1) \
+            if spec.dense else np.zeros((table.num_rows, 0), np.float32)
+        sparse = np.stack([table[c.name].to_numpy().astype(np.int64) for c in spec.categorical],
+                          1)
+        label = table[spec.label].to_numpy().astype(np.float32)
+        return Arrays(dense, sparse, label, groups, segments)
+    if spec.item_id is None:
+        raise ValueError(f"dataset spec {spec.name}: the {task} task needs item_id set")
+    clicked = np.flatnonzero(table[spec.label].to_numpy().astype(np.int64) == 1)
+    item = table[spec.item_id].to_numpy().astype(np.int64)
+    if task == "retrieval":
+        cols = query_side(spec)
+        sparse = np.stack([table[c].to_numpy().astype(np.int64) for c in cols], 1) if cols \
+            else np.zeros((table.num_rows, 0), np.int64)
+        catalogue = np.zeros((_cardinality(spec, spec.item_id), len(spec.item_features)),
+                             np.int64)
+        for j, c in enumerate(spec.item_features):
+            catalogue[item, j] = table[c].to_numpy().astype(np.int64)
+    elif task == "next_item":
+        if spec.history is None:
+            raise ValueError(f"dataset spec {spec.name}: the next_item task (sasrec) needs a "
+                             "history column: set spec.history")
+        sparse, catalogue = history_matrix(table[spec.history], history_width), None
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    full = Arrays(np.zeros((table.num_rows, 0), np.float32), sparse, item, groups, segments,
+                  catalogue)
+    return full.take(clicked)

@@ -8,31 +8,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks import objectives
 from tasks.data import Arrays
-from tasks.metrics import (
-    auc_with_ci,
-    logloss,
-    paired_auc_loss,
-    paired_bootstrap_upper,
-    row_logloss,
-)
-from tasks.types import Latency, Metrics, PairedDelta
+from tasks.train import task_of
+from tasks.types import Latency, Metrics
 
 LATENCY_BATCHES = (1, 512)
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, data: Arrays, batch_size: int = 8192,
+def predict(model: nn.Module, data: Arrays, batch_size: int = 4096,
             device: torch.device | None = None) -> np.ndarray:
-    """Click probabilities for every row, float64."""
-    device = device or torch.device("cpu")
-    model.eval()
-    out = []
-    for i in range(0, len(data), batch_size):
-        dense = torch.from_numpy(data.dense[i:i + batch_size]).to(device)
-        sparse = torch.from_numpy(data.sparse[i:i + batch_size]).to(device)
-        out.append(torch.sigmoid(model(dense, sparse)).double().cpu().numpy())
-    return np.concatenate(out)
+    """Click probabilities (ranking) or the clicked item's rank (retrieval, next_item)."""
+    return objectives.predict(model, data, task_of(model), batch_size, device)
 
 
 @torch.inference_mode()
@@ -96,9 +83,9 @@ def _leaf_tensors_bytes(module: nn.Module) -> int:
 
 
 def embedding_bytes(model: nn.Module) -> int:
-    """Stored bytes of the embedding tables (whatever form they now have)."""
-    tables = getattr(model, "embeddings", None)
-    return _leaf_tensors_bytes(tables) if isinstance(tables, nn.Module) else 0
+    """Stored bytes of the embedding tables and item index (whatever form they now have)."""
+    tables = [getattr(model, name, None) for name in ("embeddings", "index")]
+    return sum(_leaf_tensors_bytes(t) for t in tables if isinstance(t, nn.Module))
 
 
 @torch.inference_mode()
@@ -115,33 +102,16 @@ def dense_flops(model: nn.Module) -> int:
 
 
 def evaluate(model: nn.Module, test: Arrays, size_bytes: int,
-             reference: nn.Module | None = None,
+             reference: nn.Module | None = None, ks: tuple[int, ...] = objectives.DEFAULT_KS,
              ) -> tuple[Metrics, np.ndarray, tuple[Latency, ...] | None]:
-    """Metrics of `model` on `test` (size = the serialized artifact's bytes), its
-    probabilities, and - when a `reference` model is given - the reference's latency timed
-    side by side with the model's (for an honest latency ratio)."""
-    probs = predict(model, test)
-    value, low, high = auc_with_ci(test.label, probs)
+    """Metrics of `model` on `test` (size = the serialized artifact's bytes), its predictions
+    (probabilities or ranks, see `predict`), and - when a `reference` model is given - the
+    reference's latency timed side by side with the model's (for an honest latency ratio)."""
+    task = task_of(model)
+    pred = predict(model, test)
+    quality, ll = objectives.quality(task, test, pred, ks)
     lat = measure_latency([model] if reference is None else [model, reference], test)
-    metrics = Metrics(
-        auc={"value": value, "ci_low": low, "ci_high": high},  # type: ignore[arg-type]
-        logloss=logloss(test.label, probs), rows=len(test), size_bytes=size_bytes,
-        params=stored_elements(model), latency=lat[0],
-    )
-    return metrics, probs, (lat[1] if reference is not None else None)
-
-
-def paired_deltas(label: np.ndarray, base: np.ndarray, cand: np.ndarray,
-                  confidence: float = 0.95) -> tuple[PairedDelta, ...]:
-    """Candidate vs baseline on the same rows: AUC by paired DeLong, logloss by the paired
-    bootstrap of the per-row loss difference (both one-sided upper `confidence` bounds)."""
-    base_auc, delta, loss_high = paired_auc_loss(label, base, cand, confidence)
-    base_rows, cand_rows = row_logloss(label, base), row_logloss(label, cand)
-    base_ll = float(base_rows.mean())
-    ll_delta = float(cand_rows.mean()) - base_ll
-    ll_high = paired_bootstrap_upper(cand_rows - base_rows, confidence)
-    return (
-        PairedDelta(metric="auc", delta=delta, loss_ci_high=loss_high, baseline=base_auc),
-        # lower logloss is better: a loss is an increase
-        PairedDelta(metric="logloss", delta=ll_delta, loss_ci_high=ll_high, baseline=base_ll),
-    )
+    metrics = Metrics(main=objectives.main_metric(task), quality=quality, logloss=ll,
+                      rows=len(test), size_bytes=size_bytes, params=stored_elements(model),
+                      latency=lat[0])
+    return metrics, pred, (lat[1] if reference is not None else None)

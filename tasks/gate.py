@@ -14,7 +14,7 @@ class Champion:
 
     version: int
     metrics: Metrics
-    auc_loss: float  # baseline - champion AUC on the same rows (point estimate)
+    loss: float  # baseline - champion on the main metric, same rows (point estimate)
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ def check(c: CandidateResult, baseline: Metrics, budget: Budget) -> GateDecision
     """Every failed budget or constraint of one candidate, each with its margin."""
     reasons: list[str] = []
     deltas = {d.metric: d for d in c.deltas}
-    for metric, rule in budget.metrics.items():
+    for name, rule in budget.metrics.items():
+        metric = budget_metric(name, c.metrics)
         if metric not in deltas:
             reasons.append(f"{metric}: not measured for this candidate")
             continue
@@ -59,6 +60,16 @@ def check(c: CandidateResult, baseline: Metrics, budget: Budget) -> GateDecision
     return GateDecision(candidate_id=c.candidate.id, passed=not reasons, reasons=tuple(reasons))
 
 
+def budget_metric(name: str, metrics: Metrics) -> str:
+    """The measured metric a budget key names: 'main' is the model's main metric (auc,
+    recall@50, ndcg@10); 'main[item_popularity=tail]' that metric on one segment."""
+    return metrics.main + name[4:] if name.startswith("main") else name
+
+
+def _main_loss(c: CandidateResult) -> float:
+    return -next(d.delta for d in c.deltas if d.metric == c.metrics.main)
+
+
 def decide(baseline: Metrics, champion: Champion | None, candidates: list[CandidateResult],
            budget: Budget) -> Verdict:
     """Judge every candidate, pick one by the objective, and decide on promotion.
@@ -67,7 +78,7 @@ def decide(baseline: Metrics, champion: Champion | None, candidates: list[Candid
     its loss against the baseline (paired, same test rows) is within the budget, and every
     size/latency constraint holds. Among the passing, the objective picks one. It is promoted
     only if there is no production champion, or it beats the champion on the objective
-    without a larger AUC loss.
+    without a larger loss of the main metric (AUC for a ranker).
 
     Worked example (budget: AUC may drop 0.1% relative, objective smallest; baseline AUC
     0.8000, 40 MB):
@@ -84,16 +95,16 @@ def decide(baseline: Metrics, champion: Champion | None, candidates: list[Candid
     best = min(passing, key=lambda c: (_objective(c, budget), c.candidate.id))
     if champion is None:
         return Verdict(decisions, best.candidate.id, True, "no production model yet")
-    auc_loss = -next(d.delta for d in best.deltas if d.metric == "auc")
+    loss = _main_loss(best)
     champion_score = _objective_of_metrics(champion.metrics, budget)
     if _objective(best, budget) >= champion_score:
         return Verdict(decisions, best.candidate.id, False,
                        f"does not beat production v{champion.version} on {budget.objective} "
                        f"({_objective(best, budget):.6g} vs {champion_score:.6g})")
-    if auc_loss > champion.auc_loss:
+    if loss > champion.loss:
         return Verdict(decisions, best.candidate.id, False,
-                       f"larger AUC loss than production v{champion.version} "
-                       f"({auc_loss:.5f} > {champion.auc_loss:.5f})")
+                       f"larger {best.metrics.main} loss than production v{champion.version} "
+                       f"({loss:.5f} > {champion.loss:.5f})")
     return Verdict(decisions, best.candidate.id, True,
                    f"beats production v{champion.version} on {budget.objective}")
 
@@ -104,4 +115,4 @@ def _objective_of_metrics(m: Metrics, budget: Budget) -> float:
         return float(m.size_bytes)
     if budget.objective == "fastest":
         return m.p99_ms(budget.latency_batch_size) or float("inf")
-    return -m.auc.value
+    return -m.value()

@@ -27,13 +27,15 @@ from prefect.events import emit_event
 from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
 from tasks.data import Arrays, generate, read_dataset_ref, read_split, to_arrays, write_dataset
-from tasks.evaluate import evaluate, paired_deltas, predict_logits
+from tasks.evaluate import evaluate, predict_logits
 from tasks.models import build, resolve
+from tasks.objectives import DEFAULT_KS, paired_deltas
 from tasks.stages import StageContext, apply_stage, calibrate
 from tasks.stages.calibrate import table_bytes
 from tasks.stages.context import StageSkipped
 from tasks.train import train
 from tasks.types import (
+    MAIN_METRIC,
     ArtifactRef,
     Budget,
     CalibrateConfig,
@@ -132,14 +134,15 @@ def device() -> torch.device:
 
 
 @lru_cache(maxsize=8)
-def _arrays(ref_json: str, split: str) -> Arrays:
-    # Ray reuses worker processes: each split is read from S3 once per worker.
+def _arrays(ref_json: str, split: str, task: str, width: int) -> Arrays:
+    # Ray reuses worker processes: each split is read from S3 once per worker (and layout).
     ref = DatasetRef.model_validate_json(ref_json)
-    return to_arrays(read_split(ref, split, Settings()), ref.spec)
+    return to_arrays(read_split(ref, split, Settings()), ref.spec, task, width)
 
 
-def arrays(ref: DatasetRef, split: str) -> Arrays:
-    return _arrays(ref.model_dump_json(), split)
+def arrays(ref: DatasetRef, split: str, spec: ModelSpec) -> Arrays:
+    """One split laid out as the inputs of `spec`'s task (tasks.data.to_arrays)."""
+    return _arrays(ref.model_dump_json(), split, spec.task_kind(), spec.max_history)
 
 
 @lru_cache(maxsize=2)
@@ -167,8 +170,8 @@ def prepare_dataset(request: DatasetRequest) -> DatasetRef:
 def train_baseline(spec: ModelSpec, dataset: DatasetRef, cfg: TrainConfig) -> Built:
     start, cpu = time.perf_counter(), time.process_time()
     resolved = resolve(spec, dataset.spec)
-    model = train(build(resolved, cfg.seed), arrays(dataset, "train"), cfg, device(),
-                  valid=arrays(dataset, "valid"))
+    model = train(build(resolved, cfg.seed), arrays(dataset, "train", resolved), cfg, device(),
+                  valid=arrays(dataset, "valid", resolved))
     ref = ArtifactStore(Settings()).put_model(model.cpu(), resolved)
     get_run_logger().info("baseline %s (%d bytes) on %s", ref.uri, ref.size_bytes, node_ip())
     return Built(ref, node_ip(), time.perf_counter() - start, ("baseline",),
@@ -176,10 +179,12 @@ def train_baseline(spec: ModelSpec, dataset: DatasetRef, cfg: TrainConfig) -> Bu
 
 
 @task(name="evaluate-baseline", **_TASK)
-def evaluate_baseline(built: Built, dataset: DatasetRef) -> Evaluated:
+def evaluate_baseline(built: Built, dataset: DatasetRef,
+                      ks: tuple[int, ...] = DEFAULT_KS) -> Evaluated:
     store = ArtifactStore(Settings())
-    model, _ = store.get_model(built.model)
-    metrics, probs, _ = evaluate(model, arrays(dataset, "test"), built.model.size_bytes)
+    model, spec = store.get_model(built.model)
+    metrics, probs, _ = evaluate(model, arrays(dataset, "test", spec), built.model.size_bytes,
+                                 ks=ks)
     return Evaluated(metrics, store.put_tensor(torch.from_numpy(probs)))
 
 
@@ -197,8 +202,8 @@ def calibrate_model(built: Built, dataset: DatasetRef, cfg: CalibrateConfig) -> 
     if cached is not None:
         get_run_logger().info("calibration served from cache %s", key)
         return CalibrationRefs.model_validate(cached)
-    model, _ = store.get_model(built.model)
-    result = calibrate(model, cfg, StageContext(calibration=lambda: arrays(dataset, "valid"),
+    model, spec = store.get_model(built.model)
+    result = calibrate(model, cfg, StageContext(calibration=lambda: arrays(dataset, "valid", spec),
                                                 logger=get_run_logger()))  # type: ignore[arg-type]
     refs = CalibrationRefs(activations=store.put_blob(table_bytes(result.activations), "table"),
                            sensitivity=store.put_blob(table_bytes(result.sensitivity), "table"))
@@ -210,26 +215,31 @@ def _table(store: ArtifactStore, ref: ArtifactRef) -> pa.Table:
     return pq.read_table(io.BytesIO(store.get_blob(ref)))
 
 
-def _relative_auc_budget(budget: Budget, sensitivity: Callable[[], pa.Table] | None) -> float:
-    rule = budget.metrics.get("auc")
+def _relative_budget(budget: Budget, spec: ModelSpec,
+                     sensitivity: Callable[[], pa.Table] | None) -> float:
+    """The run's budget on the main metric as a fraction of the baseline's value (0: none)."""
+    main = MAIN_METRIC[spec.task_kind()]
+    rule = budget.metrics.get("main") or budget.metrics.get(main)
     if rule is None:
         return 0.0
     if rule.relative or sensitivity is None:
         return rule.max_drop
-    base = next(r["auc"] for r in sensitivity().to_pylist() if r["choice"] == "none")
+    base = next(r["value"] for r in sensitivity().to_pylist() if r["choice"] == "none")
     return rule.max_drop / base
 
 
 def served_logits(store: ArtifactStore, model_sha: str, load: Callable[[], torch.nn.Module],
                   dataset: DatasetRef) -> np.ndarray:
-    """A model's logits on the train rows, computed once per (model, dataset) and stored in S3
-    (teacher-outputs/...) for every later student and fine-tuning stage to reuse."""
+    """A ranking model's logits on the train rows, computed once per (model, dataset) and
+    stored in S3 (teacher-outputs/...) for every later student and fine-tuning stage to reuse.
+    (Retrieval teachers score a catalogue per row: too large to store, run alongside.)"""
     key = "teacher-outputs/" + hashlib.sha256(
         f"{model_sha}|{dataset.splits['train']}".encode()).hexdigest() + ".json"
     cached = store.get_json(key)
     if cached is not None:
         return store.get_tensor(ArtifactRef.model_validate(cached)).numpy()
-    logits = predict_logits(load(), arrays(dataset, "train"))
+    model = load()
+    logits = predict_logits(model, arrays(dataset, "train", model.spec))
     ref = store.put_tensor(torch.from_numpy(logits))
     store.put_json(key, ref.model_dump(mode="json"))
     get_run_logger().info("teacher outputs of %s stored at %s", model_sha[:12], ref.uri)
@@ -237,7 +247,7 @@ def served_logits(store: ArtifactStore, model_sha: str, load: Callable[[], torch
 
 
 def registry_teacher(store: ArtifactStore, dataset: DatasetRef,
-                     name: str) -> tuple[torch.nn.Module, np.ndarray]:
+                     name: str) -> tuple[torch.nn.Module, np.ndarray | None]:
     """`MODEL@production`, `MODEL@previous` or `MODEL@v3` from the registry, with its logits."""
     model_name, _, which = name.partition("@")
     registry = Registry(store)
@@ -250,13 +260,9 @@ def registry_teacher(store: ArtifactStore, dataset: DatasetRef,
         raise ValueError(f"distill.teacher: {name} was built for other data (tables or dense "
                          "features differ); choose a teacher trained on this dataset")
     sha = str(registry.version_info(model_name, version)["model"]["sha256"])
+    if spec.task_kind() != "ranking":
+        return model, None
     return model, served_logits(store, sha, lambda: model, dataset)
-
-
-def query_column(dataset: DatasetRef) -> int | None:
-    names = [c.name for c in dataset.spec.categorical]
-    q = dataset.spec.query_id
-    return names.index(q) if q in names else None
 
 
 @task(name="run-stage", **_TASK)
@@ -270,15 +276,15 @@ def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int,
     sensitivity = (lambda: _table(store, calibration.sensitivity)) if calibration else None
     ctx = StageContext(
         device=device(), seed=seed, logger=get_run_logger(),  # type: ignore[arg-type]
-        calibration=lambda: arrays(dataset, "valid"),
-        train_data=lambda: arrays(dataset, "train"),
+        calibration=lambda: arrays(dataset, "valid", spec),
+        train_data=lambda: arrays(dataset, "train", spec),
         activations=(lambda: _table(store, calibration.activations)) if calibration else None,
         sensitivity=sensitivity,
-        max_relative_auc_loss=_relative_auc_budget(budget, sensitivity) if budget else None,
+        max_relative_loss=_relative_budget(budget, spec, sensitivity) if budget else None,
         spec=spec,
-        teacher_logits=lambda: served_logits(store, parent.model.sha256, lambda: model, dataset),
+        teacher_logits=(lambda: served_logits(store, parent.model.sha256, lambda: model,
+                                              dataset)) if spec.task_kind() == "ranking" else None,
         registry_teacher=lambda name: registry_teacher(store, dataset, name),
-        query_column=query_column(dataset),
     )
     out = apply_stage(model, cfg, ctx)
     ref = store.put_model(out.cpu(), getattr(out, "spec", spec))  # distill changes the spec
@@ -288,27 +294,29 @@ def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int,
 
 @task(name="evaluate-candidate", **_TASK)
 def evaluate_candidate(candidate: Candidate, built: Built, dataset: DatasetRef,
-                       baseline_model: Built, baseline: Evaluated,
-                       confidence: float) -> CandidateResult:
+                       baseline_model: Built, baseline: Evaluated, confidence: float,
+                       ks: tuple[int, ...] = DEFAULT_KS) -> CandidateResult:
     """Quality paired with the baseline's predictions on the same rows; latency timed side
     by side with the baseline in this same process."""
     store = ArtifactStore(Settings())
-    model, _ = store.get_model(built.model)
+    model, spec = store.get_model(built.model)
     reference = _reference_model(baseline_model.model.model_dump_json())
-    test = arrays(dataset, "test")
-    metrics, probs, base_latency = evaluate(model, test, built.model.size_bytes, reference)
+    test = arrays(dataset, "test", spec)
+    metrics, pred, base_latency = evaluate(model, test, built.model.size_bytes, reference, ks)
     base = store.get_tensor(baseline.predictions).numpy()
     return CandidateResult(
         candidate=candidate, model=built.model, metrics=metrics,
-        deltas=paired_deltas(test.label, base, probs, confidence),
+        deltas=paired_deltas(spec.task_kind(), test, base, pred, ks, confidence),
         baseline_latency=base_latency or (), node_ip=built.node_ip, wall_s=built.wall_s,
     )
 
 
 @task(name="evaluate-champion", **_TASK)
 def evaluate_champion(model_name: str, version: int, dataset: DatasetRef,
-                      baseline: Evaluated) -> tuple[Metrics, float] | None:
-    """The production model on this run's test rows: metrics and its AUC loss vs baseline.
+                      baseline: Evaluated, baseline_spec: ModelSpec | None = None,
+                      ) -> tuple[Metrics, float] | None:
+    """The production model on this run's test rows: metrics and its loss of the main metric
+    vs the baseline (point estimate).
 
     None when it cannot score this dataset (other tables or features): it is then not a
     comparable champion, and the caller says so.
@@ -324,11 +332,18 @@ def evaluate_champion(model_name: str, version: int, dataset: DatasetRef,
         get_run_logger().warning("production v%d was built for other data; not comparable",
                                  version)
         return None
+    task = spec.task_kind()
+    if baseline_spec is not None and (task, spec.max_history) != (
+            baseline_spec.task_kind(), baseline_spec.max_history):
+        get_run_logger().warning("production v%d is a %s model, this run's baseline is not; "
+                                 "not comparable", version, task)
+        return None
     info = Registry(store).version_info(model_name, version)
-    test = arrays(dataset, "test")
-    metrics, probs, _ = evaluate(model, test, int(info["model"]["size_bytes"]))
+    test = arrays(dataset, "test", spec)
+    metrics, pred, _ = evaluate(model, test, int(info["model"]["size_bytes"]))
     base = store.get_tensor(baseline.predictions).numpy()
-    delta = paired_deltas(test.label, base, probs)[0].delta
+    main = MAIN_METRIC[task]
+    delta = next(d.delta for d in paired_deltas(task, test, base, pred) if d.metric == main)
     return metrics, float(-delta)
 
 
@@ -347,5 +362,6 @@ def promote(model_name: str, result: CandidateResult, files: dict[str, object],
                          "prefect.resource.name": f"{model_name} v{promotion.version}"},
                payload={"model": model_name, "version": promotion.version, "uri": promotion.uri,
                         "candidate": result.candidate.id, "run_id": run_id,
-                        "size_bytes": result.metrics.size_bytes, "auc": result.metrics.auc.value})
+                        "size_bytes": result.metrics.size_bytes, "metric": result.metrics.main,
+                        "quality": result.metrics.value()})
     return promotion

@@ -6,6 +6,7 @@ description (Prefect renders them in the run form) and every type round-trips th
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -40,8 +41,19 @@ class DatasetSpec(Frozen):
     dense: tuple[str, ...] = Field(description="float columns fed to the bottom MLP")
     user_id: str | None = Field(None, description="user id column, if any")
     item_id: str | None = Field(None, description="item id column, if any")
-    query_id: str | None = Field(None, description="query/session id column (ranking metrics)")
+    query_id: str | None = Field(
+        None, description="query/session id column: rows sharing it form one ranked list "
+        "(NDCG@10 of the ranker, listwise distillation); int64, need not be categorical")
     timestamp: str | None = Field(None, description="event time column")
+    history: str | None = Field(
+        None, description="list<int64> column: the user's previously clicked item ids (in "
+        "item_id's id space), oldest first; the sequential recommender's input")
+    item_features: tuple[str, ...] = Field(
+        (), description="categorical columns that describe the item (besides item_id): the "
+        "two-tower model's item tower reads them, the query/user tower reads the others")
+    segments: tuple[str, ...] = Field(
+        (), description="segment columns (e.g. head/tail item, new user): every quality "
+        "metric is also reported per value, and budgets may name one: 'auc[COLUMN=VALUE]'")
     bayes_auc: float | None = Field(
         None, description="AUC of the true click probability on the test split (generator only)"
     )
@@ -68,6 +80,8 @@ class DatasetRequest(Frozen):
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetRequest:
+        if self.uri is not None and "builtin" not in self.model_fields_set:
+            object.__setattr__(self, "builtin", None)  # a uri alone replaces the default
         if (self.builtin is None) == (self.uri is None):
             raise ValueError(
                 "dataset: set exactly one of dataset.builtin ('tiny'|'small') or dataset.uri "
@@ -84,20 +98,74 @@ class TableSpec(Frozen):
     rows: int = Field(gt=0, description="number of embedding rows")
 
 
-class ModelSpec(Frozen):
-    """Enough to rebuild the module: family + hyperparameters (+ tables once resolved)."""
+Family = Literal["dlrm", "two_tower", "sasrec", "custom"]
+Task = Literal["ranking", "retrieval", "next_item"]
+TASK_OF: dict[str, Task] = {"dlrm": "ranking", "two_tower": "retrieval", "sasrec": "next_item"}
 
-    family: Literal["dlrm"] = Field("dlrm", description="model family")
+
+class ModelSpec(Frozen):
+    """Enough to rebuild the module: family + hyperparameters (+ tables once resolved).
+
+    Families and what their forward(dense, sparse) takes and returns (see tasks/models):
+    ``dlrm`` ranks (every categorical id + dense features -> one click logit per row);
+    ``two_tower`` retrieves (the query/user side ids -> a score for every catalogue item,
+    from the item-embedding index the item tower fills); ``sasrec`` recommends the next item
+    (the user's history of item ids -> a score for every catalogue item); ``custom`` is a
+    user's class (`class_path`) taking the inputs of its `task`.
+    """
+
+    family: Family = Field("dlrm", description="model family")
     embedding_dim: int = Field(64, gt=0, le=1024, description="embedding width of every table")
-    bottom_mlp: tuple[int, ...] = Field((128, 64), description="bottom MLP widths (last = dim)")
-    top_mlp: tuple[int, ...] = Field((256, 128), description="top MLP hidden widths")
+    bottom_mlp: tuple[int, ...] = Field((128, 64), description="dlrm: bottom MLP widths (last "
+                                                               "= dim)")
+    top_mlp: tuple[int, ...] = Field((256, 128), description="dlrm: top MLP hidden widths")
     tables: tuple[TableSpec, ...] = Field((), description="filled from the dataset spec")
     num_dense: int = Field(0, ge=0, description="filled from the dataset spec")
     table_dims: dict[str, int] = Field(
         default_factory=dict, description="per-table width (table name -> dim); a table of "
         "another width than embedding_dim is projected to it by a Linear")
     interaction: Literal["dot", "cat"] = Field(
-        "dot", description="feature interaction: pairwise dot products, or concatenation")
+        "dot", description="dlrm: feature interaction: pairwise dot products, or concatenation")
+    tower_mlp: tuple[int, ...] = Field(
+        (128,), description="two_tower: hidden widths of each tower's MLP (output = "
+                            "embedding_dim)")
+    temperature: float = Field(0.05, gt=0, le=10, description="two_tower: softmax temperature "
+                                                              "of the in-batch loss")
+    layers: int = Field(2, ge=1, le=24, description="sasrec: transformer blocks")
+    heads: int = Field(2, ge=1, le=64, description="sasrec: attention heads per block")
+    ffn_dim: int = Field(128, ge=1, description="sasrec: feed-forward hidden width")
+    max_history: int = Field(20, ge=1, le=512, description="sasrec: most recent history items "
+                                                           "read")
+    dropout: float = Field(0.1, ge=0, lt=1, description="sasrec: dropout while training")
+    item_table: str | None = Field(None, description="filled from the dataset spec (item_id)")
+    item_feature_tables: tuple[str, ...] = Field(
+        (), description="filled from the dataset spec (item_features)")
+    task: Task | None = Field(
+        None, description="custom only: which inputs the class takes (ranking | retrieval | "
+                          "next_item); the built-in families imply theirs")
+    class_path: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="custom only: 'package.module:Class' of an installed, importable model "
+                    "class (never loaded from the artifact store)")
+    options: dict[str, int | float | str | bool] = Field(
+        default_factory=dict, description="custom only: hyperparameters passed to the class")
+
+    @model_validator(mode="after")
+    def _family_fields(self) -> ModelSpec:
+        if self.family == "custom":
+            if self.class_path is None or self.task is None:
+                raise ValueError("model: family 'custom' needs class_path ('package.module:"
+                                 "Class') and task (ranking | retrieval | next_item)")
+        elif self.class_path is not None:
+            raise ValueError(f"model.class_path is for family 'custom' only (family is "
+                             f"{self.family!r}); remove it or set family to 'custom'")
+        if self.family == "sasrec" and self.embedding_dim % self.heads:
+            raise ValueError(f"model.heads ({self.heads}) must divide embedding_dim "
+                             f"({self.embedding_dim})")
+        return self
+
+    def task_kind(self) -> Task:
+        return self.task if self.family == "custom" else TASK_OF[self.family]  # type: ignore[return-value]
 
     @field_validator("table_dims")
     @classmethod
@@ -236,8 +304,9 @@ class PruneConfig(FineTuned):
     """Pruning, then (optionally) fine-tuning on the train split.
 
     Args:
-        method: ``structured`` removes whole hidden neurons of the MLPs (rows of one Linear,
-            columns of the next: fewer FLOPs); ``magnitude`` zeroes the smallest weights of the
+        method: ``structured`` removes whole hidden neurons of the MLPs and feed-forward
+            blocks (rows of one Linear, columns of the next: fewer FLOPs) and whole attention
+            heads (their q/k/v rows and o columns); ``magnitude`` zeroes the smallest weights of the
             Linear layers and stores them sparsely (CSR); ``embedding_rows`` keeps the most
             frequent (or largest-norm) rows of every table and maps the rest to one shared
             fallback row; ``semi_structured`` keeps 2 of every 4 weights of each Linear (2:4,
@@ -382,7 +451,15 @@ class DistillConfig(Frozen):
                          ",hint" if self.hint_weight else "",
                          ",listwise" if self.listwise_weight else "",
                          f",{self.teacher}" if self.teacher != "input" else ""])
-        return f"distill(d{s.embedding_dim},top{'x'.join(map(str, s.top_mlp))}{extra})"
+        if s.family == "sasrec":
+            arch = f"d{s.embedding_dim},{s.layers}L{s.heads}H,ffn{s.ffn_dim}"
+        elif s.family == "two_tower":
+            arch = f"d{s.embedding_dim},towers{'x'.join(map(str, s.tower_mlp))}"
+        elif s.family == "custom":
+            arch = f"{s.class_path},d{s.embedding_dim}"
+        else:
+            arch = f"d{s.embedding_dim},top{'x'.join(map(str, s.top_mlp))}"
+        return f"distill({arch}{extra})"
 
 
 class NASTrialConfig(Frozen):
@@ -437,15 +514,26 @@ class Latency(Frozen):
     p99_ms: float
 
 
+MAIN_METRIC: dict[str, str] = {"ranking": "auc", "retrieval": "recall@50",
+                               "next_item": "ndcg@10"}
+
+
 class Metrics(Frozen):
     """What one evaluation measured on the test split (sizes and latencies measured, too)."""
 
-    auc: Estimate = Field(description="ROC AUC with a 95% DeLong interval")
-    logloss: float = Field(description="mean binary cross-entropy")
+    main: str = Field("auc", description="the task's main quality metric (a key of quality)")
+    quality: dict[str, Estimate] = Field(
+        description="every quality metric with a 95% interval: auc (DeLong), ndcg@K, "
+        "recall@K, hr@K (normal interval of the per-row mean), and the same per segment "
+        "value, e.g. 'auc[item_popularity=tail]'")
+    logloss: float | None = Field(None, description="ranking only: mean binary cross-entropy")
     rows: int = Field(description="evaluated rows")
     size_bytes: int = Field(description="bytes of the serialized model artifact")
     params: int = Field(description="stored weight elements (parameters + buffers)")
     latency: tuple[Latency, ...] = Field(description="CPU forward latency per batch size")
+
+    def value(self, metric: str | None = None) -> float:
+        return self.quality[metric or self.main].value
 
     def p99_ms(self, batch_size: int) -> float | None:
         return next((lat.p99_ms for lat in self.latency if lat.batch_size == batch_size), None)
@@ -458,6 +546,16 @@ class PairedDelta(Frozen):
     delta: float = Field(description="candidate - baseline (negative = a loss)")
     loss_ci_high: float = Field(description="upper confidence bound of the loss")
     baseline: float = Field(description="baseline value, for relative budgets")
+
+
+METRIC_NAME = re.compile(r"^(main|auc|logloss|(ndcg|recall|hr)@([1-9][0-9]{0,3}))"
+                         r"(\[([^=\[\]]+)=([^\[\]]+)\])?$")
+
+
+def budget_ks(names: object) -> tuple[int, ...]:
+    """The K of every @K metric among `names` (evaluations measure these too)."""
+    found = (METRIC_NAME.match(str(n)) for n in names)  # type: ignore[attr-defined]
+    return tuple(sorted({int(m.group(3)) for m in found if m and m.group(3)}))
 
 
 class MetricBudget(Frozen):
@@ -475,12 +573,24 @@ class MetricBudget(Frozen):
 class Budget(Frozen):
     """What a candidate must satisfy to be promoted (see `tasks.gate.decide`)."""
 
-    metrics: dict[Literal["auc", "logloss"], MetricBudget] = Field(
-        default_factory=lambda: {"auc": MetricBudget(max_drop=0.001, relative=True)},
-        description="per-metric loss budgets (auc: a drop, paired DeLong bound; logloss: a "
-                    "rise, paired bootstrap bound), judged on the upper confidence bound",
+    metrics: dict[str, MetricBudget] = Field(
+        default_factory=lambda: {"main": MetricBudget(max_drop=0.001, relative=True)},
+        description="per-metric loss budgets, judged on the upper confidence bound of the "
+        "loss: 'main' (the model's main metric: auc, recall@50 or ndcg@10), auc (paired "
+        "DeLong), logloss (a rise), ndcg@K, recall@K, hr@K (paired bootstrap); append "
+        "[COLUMN=VALUE] to budget one segment, e.g. 'auc[item_popularity=tail]'",
     )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="one-sided confidence level")
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_names(cls, metrics: dict[str, MetricBudget]) -> dict[str, MetricBudget]:
+        bad = [name for name in metrics if not METRIC_NAME.match(name)]
+        if bad:
+            raise ValueError(
+                f"budget.metrics: unknown metric name(s) {bad}; use main, auc, logloss, "
+                "ndcg@K, recall@K or hr@K, optionally with a segment: 'auc[COLUMN=VALUE]'")
+        return metrics
     max_size_bytes: int | None = Field(None, gt=0, description="size constraint")
     min_size_ratio: float | None = Field(None, gt=0, description="baseline bytes / candidate")
     max_p99_ms: float | None = Field(None, gt=0, description="p99 latency constraint (ms)")
@@ -497,11 +607,43 @@ class Resources(Frozen):
     )
 
 
-def default_candidates() -> tuple[Candidate, ...]:
-    """One or two plans per family: quantization, pruning, distillation, factorization (the
-    tensor-train chain is the smallest passing candidate in docs/benchmarks.md)."""
-    half = ModelSpec(embedding_dim=32, bottom_mlp=(128, 32), top_mlp=(128, 64))
+def default_candidates(family: str = "dlrm") -> tuple[Candidate, ...]:
+    """One or two plans per stage kind for the model family: quantization, pruning,
+    distillation, factorization (for the ranker, the tensor-train chain is the smallest passing
+    candidate in docs/benchmarks.md). A user's own model gets the stages that need no
+    knowledge of its architecture: quantization of its Linear layers and tables."""
     tt = FactorizeConfig(target="tt_embeddings", rank=32, finetune_epochs=3, finetune_lr=3e-3)
+    int8 = QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int8")
+    if family == "two_tower":
+        student = ModelSpec(family="two_tower", embedding_dim=32, tower_mlp=(64,))
+        return (
+            Candidate(id="int8-all", plan=(int8,)),
+            Candidate(id="int4-emb", plan=(QuantizeConfig(linear="int8_weight_only",
+                                                          embeddings="rowwise_int4"),)),
+            Candidate(id="pruned-int8", plan=(PruneConfig(method="structured"), int8)),
+            Candidate(id="lowrank-emb", plan=(FactorizeConfig(target="embeddings", rank=16),)),
+            Candidate(id="student-half", plan=(DistillConfig(student=student),)),
+            Candidate(id="tt-int8", plan=(tt, int8)),
+        )
+    if family == "sasrec":
+        student = ModelSpec(family="sasrec", layers=1, heads=1)
+        return (
+            Candidate(id="int8-all", plan=(int8,)),
+            Candidate(id="dyn-int8", plan=(QuantizeConfig(embeddings="none"),)),
+            Candidate(id="int4-emb", plan=(QuantizeConfig(linear="int8_weight_only",
+                                                          embeddings="rowwise_int4"),)),
+            Candidate(id="pruned-heads-ffn", plan=(PruneConfig(method="structured"),)),
+            Candidate(id="lowrank-attn-ffn", plan=(FactorizeConfig(target="linear", rank=16),)),
+            Candidate(id="student-1layer", plan=(DistillConfig(student=student),)),
+        )
+    if family == "custom":
+        return (
+            Candidate(id="int8-all", plan=(int8,)),
+            Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),
+            Candidate(id="int4-emb", plan=(QuantizeConfig(linear="none",
+                                                          embeddings="rowwise_int4"),)),
+        )
+    half = ModelSpec(embedding_dim=32, bottom_mlp=(128, 32), top_mlp=(128, 64))
     return (
         Candidate(id="int8-all", plan=(QuantizeConfig(),)),
         Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),
@@ -569,6 +711,28 @@ class CompressionRequest(Frozen):
     resources: Resources = Field(default_factory=Resources, description="Ray resources")
     promote: bool = Field(True, description="promote the chosen candidate to the registry")
 
+    @model_validator(mode="after")
+    def _fits_the_model(self) -> CompressionRequest:
+        if "candidates" not in self.model_fields_set:  # the family's own default plans
+            object.__setattr__(self, "candidates", default_candidates(self.model.family))
+        task = self.model.task_kind()
+        allowed = {"ranking": ("main", "auc", "logloss", "ndcg"),
+                   "retrieval": ("main", "recall", "ndcg"),
+                   "next_item": ("main", "hr", "ndcg")}[task]
+        for name in self.budget.metrics:
+            match = METRIC_NAME.match(name)
+            assert match is not None
+            base = match.group(1).split("@")[0]
+            if base not in allowed:
+                raise ValueError(
+                    f"budget.metrics[{name!r}]: a {self.model.family} model ({task}) is not "
+                    f"measured on {base}; budget one of {list(allowed)} (main = "
+                    f"{MAIN_METRIC[task]})")
+        if self.nas is not None and self.model.family != "dlrm":
+            raise ValueError(f"nas: the search space is the DLRM ranker's; model.family is "
+                             f"{self.model.family!r} (remove nas or use family 'dlrm')")
+        return self
+
     @field_validator("candidates")
     @classmethod
     def _unique_ids(cls, cands: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
@@ -601,10 +765,11 @@ class LeaderboardRow(Frozen):
     plan: str
     size_bytes: int
     size_ratio: float
-    auc: float
-    auc_delta: float
-    auc_loss_ci_high: float
-    logloss_delta: float
+    metric: str = Field(description="the main quality metric the next three columns are of")
+    quality: float
+    delta: float
+    loss_ci_high: float
+    logloss_delta: float | None
     p99_ms_bs512: float | None
     latency_ratio: float | None
     passed: bool

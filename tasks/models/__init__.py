@@ -1,18 +1,46 @@
-"""Model families. `build(spec)` -> nn.Module; every family takes (dense, sparse) -> logits."""
+"""Model families. `build(spec)` -> nn.Module; every model's forward takes (dense, sparse).
+
+What the inputs are and what forward returns depends on the spec's task (DESIGN §7,
+`tasks.data.to_arrays`): ranking -> one click logit per row; retrieval and next_item -> a score
+for every catalogue item [B, n_items] (the target is the clicked item id).
+
+A user's own model (`family="custom"`, `class_path="package.module:Class"`) is an installed,
+importable nn.Module class built as `Class(spec)`; see docs/byo-model.md for the protocol.
+Nothing is ever imported or executed from the artifact store: a stored model names its class,
+which must already be installed where it is loaded.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 from torch import nn
 
 from tasks.models.dlrm import DLRM
+from tasks.models.sasrec import SASRec
+from tasks.models.two_tower import TwoTower
 from tasks.types import DatasetSpec, ModelSpec, TableSpec
+
+FAMILIES: dict[str, type[nn.Module]] = {"dlrm": DLRM, "two_tower": TwoTower, "sasrec": SASRec}
 
 
 def resolve(spec: ModelSpec, data: DatasetSpec) -> ModelSpec:
-    """Fill the data-dependent fields (tables, dense width) of a requested spec."""
+    """Fill the data-dependent fields (tables, dense width, item columns) of a spec."""
     tables = tuple(TableSpec(name=c.name, rows=c.cardinality) for c in data.categorical)
-    return spec.model_copy(update={"tables": tables, "num_dense": len(data.dense)})
+    task = spec.task_kind()
+    if task != "ranking" and data.item_id is None:
+        raise ValueError(f"model.family {spec.family!r} ({task}) needs the dataset's item_id "
+                         f"column; dataset {data.name} sets none")
+    if task == "next_item":
+        if data.history is None:
+            raise ValueError(f"model.family {spec.family!r} reads the user's history: dataset "
+                             f"{data.name} has no history column (spec.history)")
+        if spec.family == "sasrec":
+            tables = tuple(t for t in tables if t.name == data.item_id)
+    return spec.model_copy(update={
+        "tables": tables, "num_dense": len(data.dense) if task == "ranking" else 0,
+        "item_table": data.item_id, "item_feature_tables": data.item_features})
 
 
 def build(spec: ModelSpec, seed: int = 0) -> nn.Module:
@@ -22,9 +50,27 @@ def build(spec: ModelSpec, seed: int = 0) -> nn.Module:
         return _build(spec)
 
 
+def user_class(class_path: str) -> type[nn.Module]:
+    """The installed class `package.module:Class` (importable code only)."""
+    module_name, _, name = class_path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"model.class_path: cannot import {module_name!r} ({exc}); install "
+                         "the package that defines it on the driver and every Ray worker") \
+            from exc
+    cls = getattr(module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"model.class_path: {class_path} is not a torch.nn.Module subclass")
+    return cls
+
+
 def _build(spec: ModelSpec) -> nn.Module:
     if not spec.tables:
         raise ValueError("model spec has no tables: call tasks.models.resolve(spec, dataset)")
-    if spec.family == "dlrm":
-        return DLRM(spec)
-    raise ValueError(f"model.family: unknown family {spec.family!r} (known: 'dlrm')")
+    if spec.family == "custom":
+        assert spec.class_path is not None
+        model = user_class(spec.class_path)(spec)
+        model.spec = spec
+        return model
+    return FAMILIES[spec.family](spec)

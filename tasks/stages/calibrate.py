@@ -4,9 +4,9 @@ Returns two tables (stored in S3 as Parquet by the flow and reused by every late
 run):
 - activations: for the input and output of every Linear layer, min/max, the 0.01/99.99
   percentiles, a histogram, and the MSE- and entropy (KL)-optimal int8 clipping ranges;
-- sensitivity: for every embedding table and Linear layer and every candidate dtype, the AUC
-  change when only that one layer is quantized (on the calibration rows), and the measured
-  bytes of the layer in that form.
+- sensitivity: for every embedding table and Linear layer and every candidate dtype, the change
+  of the main metric (AUC, Recall@50, NDCG@10) when only that one layer is quantized (on the
+  calibration rows), and the measured bytes of the layer in that form.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from torch import nn
 
 from tasks.data import Arrays
 from tasks.evaluate import predict
-from tasks.metrics import auc
 from tasks.modules import set_submodule
+from tasks.objectives import main_metric, scalar_quality
 from tasks.quant.observers import entropy_range, histogram, mse_range, percentile_range
 from tasks.stages.context import StageContext
 from tasks.stages.quantize import quantize_embedding, quantize_linear
+from tasks.train import task_of
 from tasks.types import CalibrateConfig
 
 EMBEDDING_CHOICES = ("none", "rowwise_int8", "rowwise_int4", "rowwise_int2")
@@ -39,8 +40,7 @@ class Calibration:
 
 
 def _subset(data: Arrays, rows: int) -> Arrays:
-    n = min(rows, len(data))
-    return Arrays(data.dense[:n], data.sparse[:n], data.label[:n])
+    return data.take(slice(0, min(rows, len(data))))
 
 
 @torch.inference_mode()
@@ -80,7 +80,13 @@ def _nbytes(module: nn.Module) -> int:
 
 
 def sensitivity_table(model: nn.Module, data: Arrays) -> pa.Table:
-    base = auc(data.label, predict(model, data))
+    task = task_of(model)
+
+    def score() -> float:
+        return scalar_quality(task, data, predict(model, data))
+
+    metric = main_metric(task)
+    base = score()
     rows = []
     for path, module in list(model.named_modules()):
         if isinstance(module, nn.Embedding):
@@ -93,12 +99,12 @@ def sensitivity_table(model: nn.Module, data: Arrays) -> pa.Table:
             replacement = make(module, choice)  # type: ignore[arg-type]
             set_submodule(model, path, replacement)
             try:
-                value = base if choice == "none" else auc(data.label, predict(model, data))
+                value = base if choice == "none" else score()
             finally:
                 set_submodule(model, path, module)
             rows.append({"module": path, "choice": choice, "bytes": _nbytes(replacement),
-                         "auc": value, "auc_loss": base - value,
-                         "relative_auc_loss": (base - value) / base})
+                         "metric": metric, "value": value, "loss": base - value,
+                         "relative_loss": (base - value) / base if base else float("inf")})
     return pa.Table.from_pylist(rows)
 
 

@@ -29,14 +29,13 @@ class StageContext:
     train_data: Callable[[], Arrays] | None = None  # fine-tuning rows (train split)
     activations: Callable[[], pa.Table] | None = None  # calibrate stage's range table
     sensitivity: Callable[[], pa.Table] | None = None  # calibrate stage's sensitivity table
-    max_relative_auc_loss: float | None = None  # the run's AUC budget, as a fraction
+    max_relative_loss: float | None = None  # the run's budget on the main metric, a fraction
     spec: ModelSpec | None = None  # the input model's spec (distill builds its student from it)
     # the input model's logits on the train rows; the flow serves them from S3, computed once
     # per (model, dataset). None: computed here when a stage needs them.
     teacher_logits: Callable[[], np.ndarray] | None = None
-    # "NAME@ALIAS" / "NAME@vN" -> (registry model, its logits on the train rows)
-    registry_teacher: Callable[[str], tuple[nn.Module, np.ndarray]] | None = None
-    query_column: int | None = None  # index of the query-id column in the sparse inputs
+    # "NAME@ALIAS" / "NAME@vN" -> (registry model, its logits on the train rows: ranking only)
+    registry_teacher: Callable[[str], tuple[nn.Module, np.ndarray | None]] | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("recsqueeze"))
 
     def generator(self) -> torch.Generator:

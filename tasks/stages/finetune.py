@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from tasks.data import Arrays
+from tasks.objectives import soft_loss, train_scores
 from tasks.stages.context import StageContext
-from tasks.train import train
+from tasks.train import task_of, train
 from tasks.types import TrainConfig
 
 
@@ -21,15 +22,29 @@ def finetune(model: nn.Module, teacher: nn.Module, epochs: int, lr: float, ctx: 
     rows the model has already seen overfits the labels, not the teacher (measured on `small`,
     structured 50% pruning: test AUC 0.7115 before fine-tuning, 0.6757 after one epoch on
     labels, 0.7161 after one epoch on the teacher; the baseline has 0.7162).
-    `scope="dense"` leaves embedding tables frozen.
+    For retrieval models the teacher's softmax over the same items (the batch's, or the
+    catalogue) is the target. `scope="dense"` leaves embedding tables frozen.
     """
     if epochs == 0:
         return model
     data = ctx.need("train_data")
     assert isinstance(data, Arrays)
-    if target == "teacher":
+    task = task_of(model)
+    objective = None
+    if target == "teacher" and task == "ranking":
         soft = torch.sigmoid(torch.from_numpy(ctx.input_logits(teacher))).numpy()
-        data = Arrays(data.dense, data.sparse, soft)
+        data = data.with_label(soft)
+    elif target == "teacher":  # retrieval: match the teacher's softmax over the same items
+        dense, sparse, label = (torch.from_numpy(a) for a in (data.dense, data.sparse,
+                                                              data.label))
+        teacher.eval()
+
+        def objective(out: torch.Tensor, targets: torch.Tensor,
+                      idx: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                t, _ = train_scores(teacher, task, dense[idx], sparse[idx], label[idx],
+                                    items_of=model)
+            return soft_loss(task, out, t.to(out.device), 1.0)
     valid = ctx.calibration() if ctx.calibration else None
     frozen = [p for m in model.modules() if isinstance(m, nn.Embedding)
               for p in m.parameters(recurse=False)] if scope == "dense" else []
@@ -37,7 +52,7 @@ def finetune(model: nn.Module, teacher: nn.Module, epochs: int, lr: float, ctx: 
         p.requires_grad_(False)
     try:
         return train(model, data, TrainConfig(epochs=epochs, lr=lr, seed=ctx.seed), ctx.device,
-                     valid=valid, normalize=False)
+                     valid=valid, normalize=False, objective=objective)
     finally:
         for p in frozen:
             p.requires_grad_(True)

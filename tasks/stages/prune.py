@@ -1,5 +1,5 @@
-"""prune: structured MLP neurons, unstructured magnitude (sparse storage), embedding rows,
-2:4 semi-structured (GPU); one shot or gradual (prune -> fine-tune cycles)."""
+"""prune: structured MLP neurons and attention heads, unstructured magnitude (sparse storage),
+embedding rows, 2:4 semi-structured (GPU); one shot or gradual (prune -> fine-tune cycles)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,47 @@ from tasks.modules import (
 )
 from tasks.stages.context import StageContext, StageSkipped
 from tasks.stages.finetune import finetune
+from tasks.train import task_of
 from tasks.types import PruneConfig
+
+# element-wise layers: a hidden neuron between two Linear layers is its row and column only
+_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Identity, nn.Dropout)
+
+
+def _attention(model: nn.Module) -> list[nn.Module]:
+    """Self-attention modules with whole heads to remove (q/k/v/o Linear + head_dim)."""
+    return [m for m in model.modules() if hasattr(m, "head_dim") and all(
+        type(getattr(m, p, None)) in (nn.Linear, PrunedLinear) for p in ("q", "k", "v", "o"))]
+
+
+def prune_heads(model: nn.Module, sparsity: float) -> int:
+    """Remove the `sparsity` share of each attention module's heads (at least one stays), the
+    ones with the smallest norm of their q/k/v rows times their o columns. Returns how many."""
+    removed = 0
+    for attn in _attention(model):
+        hd = attn.head_dim
+        heads = attn.q.out_features // hd
+        keep_n = max(1, round(heads * (1 - sparsity)))
+        if keep_n == heads:
+            continue
+        with torch.no_grad():
+            rows = [getattr(attn, p).weight.reshape(heads, hd, -1) for p in ("q", "k", "v")]
+            score = sum(r.norm(dim=(1, 2)) for r in rows) * \
+                attn.o.weight.reshape(attn.o.out_features, heads, hd).norm(dim=(0, 2))
+            keep = torch.sort(torch.topk(score, keep_n).indices).values
+            idx = (keep[:, None] * hd + torch.arange(hd)).flatten()
+            for p in ("q", "k", "v"):
+                old = getattr(attn, p)
+                new = PrunedLinear(old.in_features, len(idx))
+                new.weight.copy_(old.weight[idx])
+                new.bias.copy_(old.bias[idx])
+                setattr(attn, p, new)
+            new_o = PrunedLinear(len(idx), attn.o.out_features)
+            new_o.weight.copy_(attn.o.weight[:, idx])
+            new_o.bias.copy_(attn.o.bias)
+            attn.o = new_o
+        removed += heads - keep_n
+    return removed
 
 
 def _hidden_pairs(model: nn.Module) -> list[tuple[nn.Sequential, int, int]]:
@@ -30,7 +70,7 @@ def _hidden_pairs(model: nn.Module) -> list[tuple[nn.Sequential, int, int]]:
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         linears = [k for k, m in enumerate(seq) if isinstance(m, nn.Linear)]
         for i, j in zip(linears, linears[1:]):
-            if all(isinstance(seq[k], (nn.ReLU, nn.Identity)) for k in range(i + 1, j)):
+            if all(isinstance(seq[k], _ELEMENTWISE) for k in range(i + 1, j)):
                 pairs.append((seq, i, j))
     return pairs
 
@@ -145,6 +185,10 @@ def prune(model: nn.Module, cfg: PruneConfig, ctx: StageContext) -> nn.Module:
         ctx.log(f"{cfg.label()}: {n} layers made 2:4 sparse")
     elif cfg.method == "embedding_rows":
         counts = None
+        if cfg.criterion == "frequency" and task_of(out) != "ranking":
+            raise ValueError("prune(embedding_rows): criterion 'frequency' counts the ranking "
+                             "inputs' ids; for a retrieval or sequential model use "
+                             "criterion 'norm'")
         if cfg.criterion == "frequency":
             data = ctx.need("train_data")
             counts = [np.bincount(data.sparse[:, k], minlength=t.weight.shape[0])  # type: ignore[union-attr]
@@ -155,11 +199,12 @@ def prune(model: nn.Module, cfg: PruneConfig, ctx: StageContext) -> nn.Module:
         for k, target in enumerate(schedule(cfg.sparsity, cfg.steps)):
             last = k == cfg.steps - 1
             if cfg.method == "structured":
-                if not _hidden_pairs(out):
+                if not _hidden_pairs(out) and not _attention(out):
                     raise ValueError("prune(structured): the model has no hidden MLP neurons "
-                                     "to remove")
-                n = prune_neurons(out, 1 - (1 - target) / (1 - done))  # share of what is left
-                ctx.log(f"{cfg.label()}: cycle {k + 1}: removed {n} neurons")
+                                     "or attention heads to remove")
+                share = 1 - (1 - target) / (1 - done)  # of what is left
+                n, h = prune_neurons(out, share), prune_heads(out, share)
+                ctx.log(f"{cfg.label()}: cycle {k + 1}: removed {n} neurons, {h} heads")
             else:
                 prune_magnitude(out, target, cfg.scope, store=cfg.steps == 1)
             done = target

@@ -66,19 +66,21 @@ def _act_ranges(table: pa.Table, method: str) -> dict[str, tuple[float, float]]:
 
 
 def mixed_plan(cfg: QuantizeConfig, ctx: StageContext) -> dict[str, str]:
-    """Layer path -> dtype, cheapest within budget_fraction of the run's relative AUC budget."""
+    """Layer path -> dtype, cheapest within budget_fraction of the run's relative budget
+    on the main metric."""
     assert cfg.mixed_precision is not None
     mp = cfg.mixed_precision
     table = ctx.need("sensitivity")
-    budget = ctx.max_relative_auc_loss
+    budget = ctx.max_relative_loss
     if budget is None:
-        raise ValueError("mixed precision needs the run's AUC budget (ctx.max_relative_auc_loss)")
+        raise ValueError("mixed precision needs the run's budget on the main metric "
+                         "(ctx.max_relative_loss)")
     allowed = set(mp.embedding_choices) | set(mp.linear_choices)
     options: dict[str, list[Option]] = {}
     for r in table.to_pylist():  # type: ignore[attr-defined]
         if r["choice"] in allowed:
             options.setdefault(r["module"], []).append(
-                Option(r["choice"], int(r["bytes"]), max(0.0, float(r["relative_auc_loss"]))))
+                Option(r["choice"], int(r["bytes"]), max(0.0, float(r["relative_loss"]))))
     plan = assign(options, budget * mp.budget_fraction)
     ctx.log("mixed precision: " + ", ".join(f"{k}={v}" for k, v in sorted(plan.items())))
     return plan

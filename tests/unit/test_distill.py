@@ -57,7 +57,6 @@ def test_distill_config_validation():
 
 def test_hint_listwise_and_temperature_losses_train_a_student(setup):
     teacher, spec, test, ctx = setup
-    ctx = dataclasses.replace(ctx, query_column=[t.name for t in spec.tables].index("query_id"))
     cfg = DistillConfig(student=STUDENT, epochs=2, batch_size=256, temperature=2.0,
                         hint_weight=0.5, listwise_weight=0.5)
     student = apply_stage(teacher, cfg, ctx)
@@ -82,8 +81,10 @@ def test_served_teacher_outputs_are_used_and_checked(setup):
 
 def test_distill_input_errors_name_the_field(setup):
     teacher, _, _, ctx = setup
+    ungrouped = dataclasses.replace(ctx, train_data=lambda: dataclasses.replace(
+        ctx.train_data(), groups=None))
     with pytest.raises(ValueError, match="listwise_weight > 0 needs query groups"):
-        apply_stage(teacher, DistillConfig(student=STUDENT, listwise_weight=1.0), ctx)
+        apply_stage(teacher, DistillConfig(student=STUDENT, listwise_weight=1.0), ungrouped)
     with pytest.raises(ValueError, match="needs the model registry"):
         apply_stage(teacher, DistillConfig(student=STUDENT, teacher="ctr-ranker@production"), ctx)
     with pytest.raises(ValidationError, match="teacher"):

@@ -18,7 +18,8 @@ BASE_AUC = 0.8
 
 
 def metrics(size: int, auc: float = BASE_AUC, p99: float | None = 2.0) -> Metrics:
-    return Metrics(auc=Estimate(value=auc, ci_low=auc - 0.01, ci_high=auc + 0.01), logloss=0.4,
+    return Metrics(quality={"auc": Estimate(value=auc, ci_low=auc - 0.01, ci_high=auc + 0.01)},
+                   logloss=0.4,
                    rows=1000, size_bytes=size, params=10,
                    latency=(Latency(batch_size=512, p50_ms=p99 / 2, p99_ms=p99),) if p99 else ())
 
@@ -61,7 +62,7 @@ def test_docstring_worked_example():
     assert [d.passed for d in verdict.decisions] == [True, False]
     assert "(over by 0.00050)" in verdict.decisions[1].reasons[0]
     assert verdict.chosen == "a" and verdict.promote
-    champion = Champion(version=3, metrics=metrics(11, BASE_AUC - 0.0002), auc_loss=0.0002)
+    champion = Champion(version=3, metrics=metrics(11, BASE_AUC - 0.0002), loss=0.0002)
     verdict = decide(metrics(40), champion, [a, b], REL)
     assert not verdict.promote and "does not beat production v3" in verdict.reason
 
@@ -85,11 +86,11 @@ def test_objective_picks_among_passing(objective, chosen):
 
 
 def test_champion_with_smaller_loss_blocks_equal_size_candidate_and_better_one_wins():
-    champion = Champion(version=1, metrics=metrics(10, BASE_AUC - 0.0001), auc_loss=0.0001)
+    champion = Champion(version=1, metrics=metrics(10, BASE_AUC - 0.0001), loss=0.0001)
     same = decide(metrics(40), champion, [result("a", 10, 0.0001, 0.0003)], REL)
     assert not same.promote
     smaller_but_lossier = decide(metrics(40), champion, [result("a", 8, 0.0003, 0.0005)], REL)
-    assert not smaller_but_lossier.promote and "larger AUC loss" in smaller_but_lossier.reason
+    assert not smaller_but_lossier.promote and "larger auc loss" in smaller_but_lossier.reason
     better = decide(metrics(40), champion, [result("a", 8, 0.0001, 0.0003)], REL)
     assert better.promote
 
@@ -133,7 +134,7 @@ def test_pareto_front_and_plot():
 
     def row(cid, size, auc, passed=True):
         return LeaderboardRow(candidate=cid, plan="p", size_bytes=size, size_ratio=40 / size,
-                              auc=auc, auc_delta=auc - 0.8, auc_loss_ci_high=0.0,
+                              metric="auc", quality=auc, delta=auc - 0.8, loss_ci_high=0.0,
                               logloss_delta=0.0, p99_ms_bs512=1.0, latency_ratio=1.0,
                               passed=passed, reasons=(), node_ip="127.0.0.3")
 

@@ -11,7 +11,7 @@ from tests.unit.test_gate import BASE_AUC, metrics, result
 rules = st.builds(MetricBudget, max_drop=st.floats(0, 0.01), relative=st.booleans())
 budgets = st.builds(
     Budget,
-    metrics=st.dictionaries(st.sampled_from(["auc", "logloss"]), rules, max_size=2),
+    metrics=st.dictionaries(st.sampled_from(["main", "auc", "logloss"]), rules, max_size=3),
     max_size_bytes=st.none() | st.integers(1, 100),
     min_size_ratio=st.none() | st.floats(1.0, 20.0),
     max_p99_ms=st.none() | st.floats(0.5, 5.0),
@@ -22,14 +22,15 @@ candidates = st.lists(
               st.none() | st.floats(0.1, 10.0), st.floats(-0.01, 0.02)),
     min_size=1, max_size=6)
 champions = st.none() | st.builds(
-    lambda size, loss: Champion(version=1, metrics=metrics(size, BASE_AUC - loss), auc_loss=loss),
+    lambda size, loss: Champion(version=1, metrics=metrics(size, BASE_AUC - loss), loss=loss),
     st.integers(1, 100), st.floats(-0.005, 0.01))
 
 
 def within(c, budget: Budget) -> bool:
     """The budget, re-stated independently of tasks.gate."""
     for metric, rule in budget.metrics.items():
-        d = next(x for x in c.deltas if x.metric == metric)
+        name = "auc" if metric == "main" else metric  # the ranker's main metric
+        d = next(x for x in c.deltas if x.metric == name)
         bound = d.loss_ci_high / d.baseline if rule.relative else d.loss_ci_high
         if not bound <= rule.max_drop:
             return False

@@ -46,7 +46,7 @@ def setup():
     cal = calibrate(model, CalibrateConfig(rows=2000, sensitivity_rows=4000),
                     StageContext(calibration=lambda: valid))
     ctx = StageContext(calibration=lambda: valid, activations=lambda: cal.activations,
-                       sensitivity=lambda: cal.sensitivity, max_relative_auc_loss=0.01)
+                       sensitivity=lambda: cal.sensitivity, max_relative_loss=0.01)
     return model, spec, valid, ctx, cal
 
 
@@ -138,9 +138,9 @@ def test_sensitivity_ranks_a_deliberately_fragile_table_first():
     cal = calibrate(model, CalibrateConfig(rows=1000, sensitivity_rows=20_000),
                     StageContext(calibration=lambda: data))
     rows = [r for r in cal.sensitivity.to_pylist() if r["choice"].startswith("rowwise")]
-    ranked = sorted(rows, key=lambda r: -r["auc_loss"])
+    ranked = sorted(rows, key=lambda r: -r["loss"])
     assert ranked[0]["module"] == "embeddings.1", ranked[:3]
-    loss = {(r["module"], r["choice"]): r["auc_loss"] for r in rows}
+    loss = {(r["module"], r["choice"]): r["loss"] for r in rows}
     assert loss[("embeddings.1", "rowwise_int4")] > 10 * max(loss[("embeddings.0", "rowwise_int4")], 1e-4)
 
 
@@ -159,7 +159,7 @@ def test_mixed_precision_respects_budget_and_shrinks(setup):
     chosen = {p: m for p, m in q.named_modules()
               if isinstance(m, (RowWiseQuantEmbedding, DynamicInt8Linear, HalfEmbedding))}
     assert chosen
-    sens = {(r["module"], r["choice"]): r["relative_auc_loss"] for r in cal.sensitivity.to_pylist()}
+    sens = {(r["module"], r["choice"]): r["relative_loss"] for r in cal.sensitivity.to_pylist()}
     spent = 0.0
     for path, m in chosen.items():
         choice = {8: "rowwise_int8", 4: "rowwise_int4", 2: "rowwise_int2"}[m.bits] \

@@ -1,0 +1,94 @@
+"""Two-tower retrieval (Yi et al., 2019): a query/user tower and an item tower map their ids to
+unit vectors; relevance is their dot product over a temperature.
+
+Training uses in-batch negatives (`score_items` on the batch's clicked items). Serving scores
+the whole catalogue against the **item-embedding index** (`index`): the item tower's vector of
+every item, written by `refresh_index` after training. The index is a table the quantize stage
+compresses like any other (row-wise int8/int4); it is an `ItemIndex`, so stages that change a
+table's shape (factorize, row pruning) leave it alone and it always matches its towers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.models.dlrm import mlp
+from tasks.types import ModelSpec
+
+
+class ItemIndex(nn.Embedding):
+    """The item-embedding index: one row per catalogue item, the item tower's output."""
+
+
+def all_rows(table: nn.Module, rows: int) -> torch.Tensor:
+    """Every row of an embedding table, whatever its (compressed) form."""
+    weight = getattr(table, "weight", None)
+    if type(table) in (nn.Embedding, ItemIndex) and weight is not None:
+        return weight
+    device = next(iter(table.buffers()), next(iter(table.parameters()), None))
+    ids = torch.arange(rows, device=device.device if device is not None else None)
+    return table(ids)
+
+
+class TwoTower(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        if spec.item_table is None:
+            raise ValueError("model two_tower: the dataset spec has no item_id column")
+        d = spec.embedding_dim
+        names = [t.name for t in spec.tables]
+        item_cols = [spec.item_table, *spec.item_feature_tables]
+        self._query = [i for i, n in enumerate(names) if n not in item_cols]
+        self._item = [names.index(n) for n in item_cols]
+        if not self._query:
+            raise ValueError("model two_tower: no query/user-side id columns (every categorical "
+                             "column is the item or an item feature)")
+        self.n_items = spec.tables[self._item[0]].rows
+        self.embeddings = nn.ModuleList(nn.Embedding(t.rows, d) for t in spec.tables)
+        for table in self.embeddings:
+            nn.init.normal_(table.weight, 0, 0.05)
+        self.query_tower = mlp([len(self._query) * d, *spec.tower_mlp, d], last_activation=False)
+        self.item_tower = mlp([len(self._item) * d, *spec.tower_mlp, d], last_activation=False)
+        # each item's feature ids (set from the train split, like dense statistics)
+        self.register_buffer("catalogue", torch.zeros(self.n_items, len(self._item) - 1,
+                                                      dtype=torch.long))
+        self.index = ItemIndex(self.n_items, d)
+        self.temperature = spec.temperature
+        self.in_batch_negatives = True
+
+    def query_vectors(self, sparse: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.embeddings[t](sparse[:, c]) for c, t in enumerate(self._query)], 1)
+        return F.normalize(self.query_tower(x), dim=-1)
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        feats = self.catalogue[items]
+        x = torch.cat([self.embeddings[self._item[0]](items),
+                       *(self.embeddings[t](feats[:, j]) for j, t in enumerate(self._item[1:]))],
+                      1)
+        return F.normalize(self.item_tower(x), dim=-1)
+
+    def score_items(self, dense: torch.Tensor, sparse: torch.Tensor,
+                    items: torch.Tensor) -> torch.Tensor:
+        """[B, len(items)] scores of these items (training: in-batch negatives)."""
+        return self.query_vectors(sparse) @ self.item_vectors(items).T / self.temperature
+
+    @torch.no_grad()
+    def refresh_index(self, chunk: int = 8192) -> None:
+        """Write the item tower's vector of every item into the index (a plain one only: a
+        compressed index was built from trained towers and stays as it is)."""
+        if type(self.index) is not ItemIndex:
+            return
+        ids = torch.arange(self.n_items, device=self.catalogue.device)
+        self.index.weight.copy_(torch.cat([self.item_vectors(ids[i:i + chunk])
+                                           for i in range(0, self.n_items, chunk)]))
+
+    def set_catalogue(self, catalogue: torch.Tensor) -> None:
+        self.catalogue.copy_(catalogue)
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """[B, n_items] scores of the whole catalogue (exact retrieval over the index)."""
+        return self.query_vectors(sparse) @ all_rows(self.index, self.n_items).T / \
+            self.temperature
