@@ -34,14 +34,14 @@ class RowWiseQuantEmbedding(nn.Module):
             raise ValueError(f"bits must be 8, 4 or 2 (got {bits})")
         self.bits, self.dim = bits, dim
         tail = 8 if bits == 8 else 4
-        self.register_buffer("packed", torch.zeros(rows, dim * bits // 8 + tail, dtype=torch.uint8))
+        # a width that does not fill whole bytes is padded with zero codes (sliced off on read)
+        self.register_buffer("packed", torch.zeros(rows, -(-dim * bits // 8) + tail,
+                                                   dtype=torch.uint8))
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bits: int, row_range: str = "mse") -> RowWiseQuantEmbedding:
         w = weight.detach().float().cpu().contiguous()
         rows, dim = w.shape
-        if dim * bits % 8:
-            raise ValueError(f"embedding width {dim} cannot be packed at {bits} bits")
         if row_range == "mse" and bits < 8:
             lo, hi = mse_row_ranges(w, bits)
         elif row_range in ("mse", "minmax"):
@@ -59,6 +59,8 @@ class RowWiseQuantEmbedding(nn.Module):
             codes, _, _ = affine_codes(w, offset.float(),
                                        offset.float() + scale.float() * (2**bits - 1), bits)
             params = torch.stack([scale, offset], 1)
+        pad = -dim % (8 // bits)
+        codes = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
         module.packed.copy_(torch.cat([pack(codes, bits), params.view(torch.uint8)], dim=1))
         return module
 
@@ -79,7 +81,7 @@ class RowWiseQuantEmbedding(nn.Module):
             return self.dequantize().to(self.packed.device)[flat].reshape(*ids.shape, -1)
         offsets = torch.arange(flat.numel(), dtype=flat.dtype)
         out = _FUSED[self.bits](self.packed, flat, offsets, False, 0, False, None, None, False)
-        return out.reshape(*ids.shape, -1)
+        return out[:, :self.dim].reshape(*ids.shape, -1)
 
     def manifest(self) -> dict[str, Any]:
         return {"kind": self.kind, "rows": self.packed.shape[0], "dim": self.dim,

@@ -86,6 +86,10 @@ def mixed_plan(cfg: QuantizeConfig, ctx: StageContext) -> dict[str, str]:
     return plan
 
 
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
 def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Module:
     """Return a quantized copy of `model` (the input is left untouched).
 
@@ -96,14 +100,20 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Mod
     plan = mixed_plan(cfg, ctx) if cfg.mixed_precision is not None else None
     ranges = _act_ranges(ctx.need("activations"), cfg.activation_range) \
         if cfg.linear == "static_int8" and plan is None else {}
+    kept = []
     for path, module in list(out.named_modules()):
         if isinstance(module, nn.Embedding):
             choice = plan.get(path, "none") if plan is not None else cfg.embeddings
-            set_submodule(out, path, quantize_embedding(module, choice, cfg.row_range))
+            small = quantize_embedding(module, choice, cfg.row_range)
+            if _nbytes(small) >= _nbytes(module):  # e.g. a width-1 table: the row's scale and
+                kept.append(path)                  # offset outweigh its one value
+                continue
+            set_submodule(out, path, small)
         elif isinstance(module, nn.Linear):
             choice = plan.get(path, "none") if plan is not None else cfg.linear
             act = (ranges[f"{path}:input"], ranges[f"{path}:output"]) if ranges else None
             set_submodule(out, path, quantize_linear(module, choice, cfg.group_size, act, path))
     fused = fuse_relu(out)
-    ctx.log(f"{cfg.label()}: done ({fused} ReLUs fused into int8 kernels)")
+    ctx.log(f"{cfg.label()}: done ({fused} ReLUs fused into int8 kernels"
+            + (f"; left {kept} as they are: not smaller quantized" if kept else "") + ")")
     return out

@@ -117,7 +117,7 @@ def test_tiny_flow_promotes_a_model(first_run):
     int8 = {r.candidate: r for r in report.leaderboard}
     assert int8["int8-all"].size_ratio > 3.0  # measured artifact bytes, not a formula
     # post-training quantization barely moves AUC; retrained candidates are judged by the gate
-    assert all(r.auc_delta > -0.01 for r in report.leaderboard if r.plan.startswith("quantize"))
+    assert all(r.delta > -0.01 for r in report.leaderboard if r.plan.startswith("quantize"))
     assert {r.candidate for r in report.leaderboard} >= {"pruned-int8", "student-half", "tt-int8"}
 
 
@@ -127,7 +127,7 @@ def test_promoted_model_reproduces_its_reported_auc(first_run, settings):
     model, _ = reg.load("e2e-ranker", report.promoted.version)
     test = to_arrays(read_split(report.dataset, "test", settings), report.dataset.spec)
     row = next(r for r in report.leaderboard if r.candidate == report.promoted.candidate_id)
-    assert auc(test.label, predict(model, test)) == pytest.approx(row.auc, abs=1e-9)
+    assert auc(test.label, predict(model, test)) == pytest.approx(row.quality, abs=1e-9)
 
 
 def test_candidates_ran_on_two_ray_nodes_and_lineage_records_it(first_run, settings, stack):
@@ -149,8 +149,11 @@ def test_candidates_ran_on_two_ray_nodes_and_lineage_records_it(first_run, setti
         assert png.startswith(b"\x89PNG"), key
     promoted = Registry(store).version_info("e2e-ranker", report.promoted.version)
     assert chain[-1]["model"]["sha256"] == promoted["model"]["sha256"]
-    assert lineage["metrics"]["auc"]["ci_low"] <= lineage["metrics"]["auc"]["value"]
-    assert {d["metric"] for d in lineage["deltas"]} == {"auc", "logloss"}
+    auc_ = lineage["metrics"]["quality"]["auc"]
+    assert auc_["ci_low"] <= auc_["value"] <= auc_["ci_high"]
+    # NDCG per search session and AUC per segment value, each paired with the baseline
+    assert {d["metric"] for d in lineage["deltas"]} >= {
+        "auc", "logloss", "ndcg@10", "auc[item_popularity=tail]", "auc[user_type=new]"}
     assert store.get_json(f"runs/{report.run_id}/report.json")["status"] == "promoted"
 
 
@@ -205,9 +208,9 @@ def test_second_run_is_deterministic_does_not_overwrite_and_says_why(first_run, 
     first = {r.candidate: r for r in report.leaderboard}
     for row in again.leaderboard:
         if row.candidate in first:
-            assert (row.size_bytes, row.auc, row.logloss_delta, row.auc_delta) == (
-                first[row.candidate].size_bytes, first[row.candidate].auc,
-                first[row.candidate].logloss_delta, first[row.candidate].auc_delta), row.candidate
+            assert (row.size_bytes, row.quality, row.logloss_delta, row.delta) == (
+                first[row.candidate].size_bytes, first[row.candidate].quality,
+                first[row.candidate].logloss_delta, first[row.candidate].delta), row.candidate
     assert "student-of-prod" in {r.candidate for r in again.leaderboard}
     # the calibration tables and the teachers' outputs come from the S3 caches: one entry per
     # (model, data) -- the baseline's, plus production v1's for the registry teacher
@@ -238,8 +241,8 @@ def test_identical_rerun_is_served_from_the_s3_result_cache(first_run, settings)
     # never cached, and its evaluation never becomes ready)
     assert states["run-stage"].count("Cached") == 11, states["run-stage"]
     assert states["evaluate-candidate"].count("Cached") == 9, states["evaluate-candidate"]
-    first = {r.candidate: (r.size_bytes, r.auc) for r in report.leaderboard}
-    assert {r.candidate: (r.size_bytes, r.auc) for r in again.leaderboard} == first
+    first = {r.candidate: (r.size_bytes, r.quality) for r in report.leaderboard}
+    assert {r.candidate: (r.size_bytes, r.quality) for r in again.leaderboard} == first
     keys = Registry(ArtifactStore(settings)).s3.list_objects_v2(
         Bucket=settings.s3_bucket, Prefix="prefect-results/")
     assert keys.get("KeyCount", 0) > 0  # the results live in S3, not on a worker's disk

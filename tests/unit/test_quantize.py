@@ -219,3 +219,34 @@ def test_serialization_is_byte_identical_across_processes(setup):
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               check=True).stdout for _ in range(3)}
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("dim", [1, 3, 5])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_sub_byte_tables_of_any_width_pad_and_round_trip(dim, bits):
+    # a user model's width-1 "wide" table, or an odd width: packed with zero-code padding
+    from tasks.modules import RowWiseQuantEmbedding
+
+    w = torch.randn(40, dim)
+    table = RowWiseQuantEmbedding.from_float(w, bits, "minmax")
+    ids = torch.tensor([[0, 3], [7, 39]])
+    assert table(ids).shape == (2, 2, dim)
+    assert torch.allclose(table(ids), table.dequantize()[ids], atol=1e-5)
+    step = (w.max(1).values - w.min(1).values) / (2**bits - 1)
+    assert ((table.dequantize() - w).abs() <= step[:, None] / 2 + 1e-3).all()
+
+
+def test_a_table_that_quantization_would_grow_is_left_as_it_is():
+    from torch import nn
+
+    from tasks.stages import StageContext, apply_stage
+
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wide, self.deep = nn.Embedding(100, 1), nn.Embedding(100, 16)
+
+    out = apply_stage(Wide(), QuantizeConfig(linear="none", embeddings="rowwise_int8"),
+                      StageContext())
+    assert type(out.wide) is nn.Embedding  # 1 code + 8 bytes of scale/offset > 4 bytes
+    assert type(out.deep).__name__ == "RowWiseQuantEmbedding"

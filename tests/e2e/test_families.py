@@ -1,0 +1,148 @@
+"""Every model family end to end on the real stack (S3, Prefect server, 2-node Ray): the
+two-tower retriever, the SASRec sequential recommender, and a user's own model class defined
+outside the package (tests/user_models), each with every stage that applies to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flows.driver import run_compress
+from tasks.artifacts import ArtifactStore, Registry
+from tasks.data import read_split, to_arrays
+from tasks.evaluate import predict
+from tasks.objectives import quality
+from tasks.types import (
+    Candidate,
+    CompressionRequest,
+    DatasetRequest,
+    DistillConfig,
+    FactorizeConfig,
+    ModelSpec,
+    PruneConfig,
+    QuantizeConfig,
+    TrainConfig,
+    default_candidates,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+TINY = DatasetRequest(builtin="tiny")
+
+
+def _reproduce(report, settings, name: str) -> None:
+    """The promoted model, loaded from the registry, scores the test split as reported."""
+    model, spec = Registry(ArtifactStore(settings)).load(name, report.promoted.version)
+    test = to_arrays(read_split(report.dataset, "test", settings), report.dataset.spec,
+                     spec.task_kind(), spec.max_history)
+    row = next(r for r in report.leaderboard if r.candidate == report.promoted.candidate_id)
+    measured, _ = quality(spec.task_kind(), test, predict(model, test))
+    assert measured[row.metric].value == pytest.approx(row.quality, abs=1e-9)
+
+
+def test_two_tower_retrieval_end_to_end(stack, settings):
+    request = CompressionRequest(
+        model_name="e2e-retriever", model=ModelSpec(family="two_tower"), dataset=TINY,
+        train=TrainConfig(epochs=3, batch_size=256),
+        budget={"metrics": {"main": {"max_drop": 0.05, "relative": True}}})
+    assert [c.id for c in request.candidates] == [c.id for c in default_candidates("two_tower")]
+    report = run_compress(request, settings)
+    assert not report.failures and not report.skipped, (report.failures, report.skipped)
+    rows = {r.candidate: r for r in report.leaderboard}
+    # every stage kind ran: quantize (towers + item index), prune, factorize (low rank, TT),
+    # distill
+    assert set(rows) == {c.id for c in default_candidates("two_tower")}
+    assert all(r.metric == "recall@50" for r in rows.values())
+    assert rows["int8-all"].size_ratio > 3.0 and rows["int4-emb"].size_ratio > rows[
+        "int8-all"].size_ratio
+    assert rows["tt-int8"].size_ratio > 2.0  # tiny tables: TT pays off on larger ones
+    assert rows["student-half"].size_ratio > 1.5
+    assert report.baseline.main == "recall@50" and report.baseline.logloss is None
+    assert {"recall@10", "ndcg@10", "recall@50[item_popularity=tail]",
+            "ndcg@10[user_type=new]"} <= set(report.baseline.quality)
+    assert report.status == "promoted", report.reason
+    _reproduce(report, settings, "e2e-retriever")
+
+
+def test_sasrec_end_to_end_with_a_segment_budget(stack, settings):
+    request = CompressionRequest(
+        model_name="e2e-sequential", model=ModelSpec(family="sasrec", max_history=20),
+        dataset=TINY, train=TrainConfig(epochs=2, batch_size=256),
+        candidates=(*default_candidates("sasrec"),
+                    Candidate(id="tt-items", plan=(FactorizeConfig(
+                        target="tt_embeddings", rank=16, finetune_epochs=1),))),
+        budget={"metrics": {"main": {"max_drop": 0.05, "relative": True},
+                            "hr@10[user_type=returning]": {"max_drop": 0.05}}})
+    report = run_compress(request, settings)
+    assert not report.failures and not report.skipped, (report.failures, report.skipped)
+    rows = {r.candidate: r for r in report.leaderboard}
+    assert set(rows) == {*(c.id for c in default_candidates("sasrec")), "tt-items"}
+    assert all(r.metric == "ndcg@10" for r in rows.values())
+    # fewer heads / FFN channels and one layer instead of two: measurably smaller
+    assert rows["pruned-heads-ffn"].size_ratio > 1.0
+    assert rows["student-1layer"].size_ratio > 1.3
+    assert rows["lowrank-attn-ffn"].size_ratio > 1.0
+    # a candidate over the segment budget says so, by name
+    for r in rows.values():
+        if not r.passed:
+            assert any(reason.startswith(("ndcg@10", "hr@10[user_type=returning]"))
+                       for reason in r.reasons), r.reasons
+    if report.promoted:
+        _reproduce(report, settings, "e2e-sequential")
+
+
+def test_budget_naming_an_unknown_segment_fails_before_training(stack, settings):
+    request = CompressionRequest(
+        model_name="e2e-bad-segment", dataset=TINY, train=TrainConfig(epochs=1),
+        candidates=(Candidate(id="int8", plan=(QuantizeConfig(),)),),
+        budget={"metrics": {"auc[country=de]": {"max_drop": 0.002}}})
+    with pytest.raises(Exception, match=r"budget.metrics\['auc\[country=de\]'\]: 'country' is "
+                                        "not a segment column"):
+        run_compress(request, settings)
+    assert Registry(ArtifactStore(settings)).versions("e2e-bad-segment") == []
+
+
+def test_ranker_tail_item_budget_and_session_ndcg(stack, settings):
+    request = CompressionRequest(
+        model_name="e2e-tail", dataset=TINY, train=TrainConfig(epochs=2, batch_size=512),
+        candidates=(Candidate(id="int8-all", plan=(QuantizeConfig(),)),
+                    Candidate(id="int2-emb", plan=(QuantizeConfig(linear="none",
+                                                                  embeddings="rowwise_int2"),))),
+        budget={"metrics": {"auc[item_popularity=tail]": {"max_drop": 0.002},
+                            "ndcg@10": {"max_drop": 0.01, "relative": True}}})
+    report = run_compress(request, settings)
+    for row in report.leaderboard:
+        result_deltas = {r for r in row.reasons}
+        assert row.passed == (not result_deltas)
+        assert all(r.startswith(("auc[item_popularity=tail]", "ndcg@10")) for r in row.reasons)
+    assert {"auc[item_popularity=tail]", "auc[item_popularity=head]", "ndcg@10"} <= set(
+        report.baseline.quality)
+
+
+def test_a_user_model_class_from_outside_the_package_is_compressed(stack, settings):
+    user = ModelSpec(family="custom", task="ranking", embedding_dim=16,
+                     class_path="tests.user_models.shop_ranker:ShopRanker",
+                     options={"hidden": 64})
+    student = user.model_copy(update={"embedding_dim": 8, "options": {"hidden": 16}})
+    request = CompressionRequest(
+        model_name="e2e-user-model", model=user, dataset=TINY,
+        train=TrainConfig(epochs=2, batch_size=512),
+        candidates=(*default_candidates("custom"),
+                    Candidate(id="pruned", plan=(PruneConfig(method="structured"),)),
+                    Candidate(id="lowrank", plan=(FactorizeConfig(target="linear", rank=8),)),
+                    Candidate(id="student", plan=(DistillConfig(student=student),))),
+        budget={"metrics": {"main": {"max_drop": 0.01, "relative": True}}})
+    report = run_compress(request, settings)
+    assert not report.failures, report.failures
+    rows = {r.candidate: r for r in report.leaderboard}
+    assert set(rows) == {"int8-all", "int8-emb", "int4-emb", "pruned", "lowrank", "student"}
+    # 16-wide tables: 16 int8 codes + 8 bytes of scale/offset per row; the width-1 "wide"
+    # tables stay fp32 (quantized they would grow)
+    assert rows["int8-all"].size_ratio > 2.3 and rows["student"].size_ratio > 1.5
+    assert report.status == "promoted", report.reason
+    model, spec = Registry(ArtifactStore(settings)).load("e2e-user-model",
+                                                         report.promoted.version)
+    assert type(model).__module__ == "tests.user_models.shop_ranker"
+    assert spec.class_path == user.class_path
+    _reproduce(report, settings, "e2e-user-model")
+    assert isinstance(model, torch.nn.Module)
