@@ -21,6 +21,15 @@ def _per_channel_qweight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tens
             codes.cpu(), scale.double().cpu(), zero_points, axis=0)
 
 
+def _dynamic_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """What fbgemm's dynamic linear does to its input: per-tensor affine uint8 over the
+    batch's range (with zero in it), at reduced range (0..127), as `linear_dynamic(..., True)`."""
+    lo, hi = x.min().clamp_max(0.0), x.max().clamp_min(0.0)
+    scale = float((hi - lo) / 127) or 1.0
+    zero = int(torch.clamp(torch.round(-lo / scale), 0, 127))
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 127)
+
+
 class DynamicInt8Linear(nn.Module):
     """int8 per-output-channel weights; activations quantized per batch at run time.
 
@@ -60,8 +69,8 @@ class DynamicInt8Linear(nn.Module):
         return torch.ops.quantized.linear_prepack(qweight, self.bias.float().cpu())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":  # no int8 kernel off CPU here: dequantize the weight
-            y = F.linear(x, self.dequantized_weight(), self.bias)
+        if x.device.type != "cpu":  # no int8 kernel off CPU here: the same numerics, emulated
+            y = F.linear(_dynamic_fake_quant(x), self.dequantized_weight(), self.bias)
             return F.relu(y) if self.relu else y
         if self._packed is None:
             self._packed = self._prepack()

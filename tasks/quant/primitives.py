@@ -34,13 +34,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if dim % per_byte:
         raise ValueError(f"width {dim} is not a multiple of {per_byte} ({bits}-bit packing)")
     grouped = codes.to(torch.int32).reshape(rows, dim // per_byte, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=codes.device) * bits
     return (grouped << shifts).sum(dim=-1).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
     values = (packed.to(torch.int32)[..., None] >> shifts) & qmax(bits)
     return values.reshape(*packed.shape[:-1], -1)[..., :dim].to(torch.uint8)
 

@@ -250,3 +250,19 @@ def test_a_table_that_quantization_would_grow_is_left_as_it_is():
                       StageContext())
     assert type(out.wide) is nn.Embedding  # 1 code + 8 bytes of scale/offset > 4 bytes
     assert type(out.deep).__name__ == "RowWiseQuantEmbedding"
+
+
+def test_dynamic_int8_off_cpu_emulates_the_cpu_kernel():
+    # a CUDA worker has no fbgemm kernel: the fallback fake-quantizes the input as fbgemm's
+    # dynamic linear does (per-tensor uint8, reduced range) and must give the same numbers
+    import torch.nn.functional as F
+    from torch import nn
+
+    from tasks.modules.linear import DynamicInt8Linear, _dynamic_fake_quant
+
+    torch.manual_seed(0)
+    layer = DynamicInt8Linear.from_float(nn.Linear(64, 32))
+    with torch.no_grad():
+        for x in (torch.randn(512, 64), torch.rand(512, 64) * 3, torch.randn(3, 20, 64)):
+            emulated = F.linear(_dynamic_fake_quant(x), layer.dequantized_weight(), layer.bias)
+            torch.testing.assert_close(layer(x), emulated, atol=1e-5, rtol=0)
