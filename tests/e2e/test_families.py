@@ -18,6 +18,7 @@ from tasks.types import (
     DatasetRequest,
     DistillConfig,
     FactorizeConfig,
+    MixedPrecision,
     ModelSpec,
     PruneConfig,
     QuantizeConfig,
@@ -28,6 +29,12 @@ from tasks.types import (
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TINY = DatasetRequest(builtin="tiny")
+# the stages the default plans of the retrieval families leave out: calibration + mixed
+# precision, magnitude pruning (CSR), table rows by norm
+EXTRA = (Candidate(id="mixed", plan=(QuantizeConfig(mixed_precision=MixedPrecision()),)),
+         Candidate(id="sparse", plan=(PruneConfig(method="magnitude", sparsity=0.6),)),
+         Candidate(id="rows", plan=(PruneConfig(method="embedding_rows", criterion="norm"),)))
+EXTRA_IDS = {c.id for c in EXTRA}
 
 
 def _reproduce(report, settings, name: str) -> None:
@@ -41,17 +48,19 @@ def _reproduce(report, settings, name: str) -> None:
 
 
 def test_two_tower_retrieval_end_to_end(stack, settings):
+    defaults = CompressionRequest(model=ModelSpec(family="two_tower"))
+    assert [c.id for c in defaults.candidates] == [c.id for c in default_candidates("two_tower")]
     request = CompressionRequest(
         model_name="e2e-retriever", model=ModelSpec(family="two_tower"), dataset=TINY,
         train=TrainConfig(epochs=3, batch_size=256),
+        candidates=(*default_candidates("two_tower"), *EXTRA),
         budget={"metrics": {"main": {"max_drop": 0.05, "relative": True}}})
-    assert [c.id for c in request.candidates] == [c.id for c in default_candidates("two_tower")]
     report = run_compress(request, settings)
     assert not report.failures and not report.skipped, (report.failures, report.skipped)
     rows = {r.candidate: r for r in report.leaderboard}
-    # every stage kind ran: quantize (towers + item index), prune, factorize (low rank, TT),
-    # distill
-    assert set(rows) == {c.id for c in default_candidates("two_tower")}
+    # every stage kind ran: calibrate + quantize (towers + item index, mixed precision),
+    # prune (structured, magnitude, rows), factorize (low rank, TT), distill
+    assert set(rows) == {*(c.id for c in default_candidates("two_tower")), *EXTRA_IDS}
     assert all(r.metric == "recall@50" for r in rows.values())
     assert rows["int8-all"].size_ratio > 3.0 and rows["int4-emb"].size_ratio > rows[
         "int8-all"].size_ratio
@@ -68,7 +77,7 @@ def test_sasrec_end_to_end_with_a_segment_budget(stack, settings):
     request = CompressionRequest(
         model_name="e2e-sequential", model=ModelSpec(family="sasrec", max_history=20),
         dataset=TINY, train=TrainConfig(epochs=2, batch_size=256),
-        candidates=(*default_candidates("sasrec"),
+        candidates=(*default_candidates("sasrec"), *EXTRA,
                     Candidate(id="tt-items", plan=(FactorizeConfig(
                         target="tt_embeddings", rank=16, finetune_epochs=1),))),
         budget={"metrics": {"main": {"max_drop": 0.05, "relative": True},
@@ -76,7 +85,7 @@ def test_sasrec_end_to_end_with_a_segment_budget(stack, settings):
     report = run_compress(request, settings)
     assert not report.failures and not report.skipped, (report.failures, report.skipped)
     rows = {r.candidate: r for r in report.leaderboard}
-    assert set(rows) == {*(c.id for c in default_candidates("sasrec")), "tt-items"}
+    assert set(rows) == {*(c.id for c in default_candidates("sasrec")), *EXTRA_IDS, "tt-items"}
     assert all(r.metric == "ndcg@10" for r in rows.values())
     # fewer heads / FFN channels and one layer instead of two: measurably smaller
     assert rows["pruned-heads-ffn"].size_ratio > 1.0
