@@ -41,6 +41,9 @@ def prepare(model: nn.Module, train: Arrays) -> None:
     set_dense_normalization(model, train)
     if train.catalogue is not None and hasattr(model, "set_catalogue"):
         model.set_catalogue(torch.from_numpy(train.catalogue))
+        if hasattr(model, "set_item_frequency"):
+            items = len(train.catalogue)
+            model.set_item_frequency(torch.from_numpy(np.bincount(train.label, minlength=items)))
 
 
 def finish(model: nn.Module) -> None:
@@ -70,6 +73,9 @@ def train_scores(model: nn.Module, task: str, dense: torch.Tensor, sparse: torch
             scores = model.score_items(dense, sparse, target)
         else:
             scores = model(dense, sparse)[:, target]
+        log_q = getattr(model, "item_log_q", None)
+        if log_q is not None:  # sampling-bias correction of in-batch negatives
+            scores = scores - log_q[target][None, :]
         same = target[None, :] == target[:, None]
         same.fill_diagonal_(False)
         return scores.masked_fill(same, float("-inf")), torch.arange(len(target),
