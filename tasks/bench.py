@@ -104,7 +104,18 @@ SUITES: dict[str, tuple[Plan, ...]] = {
         (DistillConfig(student=_QUARTER, temperature=2.0),
          QuantizeConfig(embeddings="rowwise_int4")),
     ),
-    # the other families (docs/benchmarks.md): each suite runs on its own baseline
+    # one run per family (docs/families.md): the ranker's best plans of each stage kind ...
+    "dlrm": (
+        QuantizeConfig(linear="dynamic_int8", embeddings="rowwise_int8"),
+        QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int4"),
+        QuantizeConfig(mixed_precision=MixedPrecision()),
+        PruneConfig(method="structured", sparsity=0.5),
+        FactorizeConfig(target="tt_embeddings", rank=32, **_TT_FINETUNE),
+        (FactorizeConfig(target="tt_embeddings", rank=32, **_TT_FINETUNE),
+         QuantizeConfig(linear="int8_weight_only")),
+        DistillConfig(student=_HALF),
+    ),
+    # ... and the other families, each on its own baseline
     "two_tower": (
         QuantizeConfig(linear="none", embeddings="rowwise_int8"),
         QuantizeConfig(linear="dynamic_int8", embeddings="rowwise_int8"),
