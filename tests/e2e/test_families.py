@@ -155,3 +155,35 @@ def test_a_user_model_class_from_outside_the_package_is_compressed(stack, settin
     assert spec.class_path == user.class_path
     _reproduce(report, settings, "e2e-user-model")
     assert isinstance(model, torch.nn.Module)
+
+
+def test_the_documented_byo_data_path_from_a_csv_to_a_promoted_model(stack, settings, tmp_path):
+    """docs/byo-data.md, as a new user runs it: a CSV of their own (here the tiny click log
+    written out as one file, history as space-separated ids, plus a free-text column), a
+    spec.json, `dataset import`, then a request that names only dataset.uri."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from tasks.data import SPLITS, generate
+    from tasks.dataimport import import_dataset
+
+    tables, spec = generate("tiny", seed=3)
+    table = pa.concat_tables([tables[s] for s in SPLITS])
+    history = [" ".join(map(str, h)) for h in table["history"].to_pylist()]
+    table = table.drop(["history"]).append_column("history", pa.array(history)).append_column(
+        "title", pa.array(["free text"] * table.num_rows))
+    pcsv.write_csv(table, tmp_path / "clicks.csv")
+    raw = spec.model_dump(mode="json", exclude={"bayes_auc"})
+    (tmp_path / "spec.json").write_text(json.dumps({**raw, "name": "shop-clicks"}))
+    ref = import_dataset(tmp_path / "spec.json", tmp_path / "clicks.csv", settings)
+    request = CompressionRequest.model_validate({
+        "model_name": "byo-shop", "model": {"family": "two_tower"},
+        "dataset": {"uri": ref.uri}, "train": {"epochs": 2, "batch_size": 256},
+        "candidates": [c.model_dump(mode="json") for c in default_candidates("two_tower")[:2]],
+        "budget": {"metrics": {"main": {"max_drop": 0.05, "relative": True}}}})
+    report = run_compress(request, settings)
+    assert report.dataset.uri == ref.uri and report.dataset.spec.bayes_auc is None
+    assert not report.failures and report.status == "promoted", (report.failures, report.reason)
+    _reproduce(report, settings, "byo-shop")
