@@ -13,7 +13,8 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from prefect import State, get_run_logger, task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.events import emit_event
 
 from infra.settings import Settings
@@ -81,12 +82,48 @@ def result_storage(settings: Settings) -> object:
     return block
 
 
+_PACKAGES = ("tasks", "flows", "infra", "cluster")
+
+
+@cache
+def code_version() -> str:
+    """sha256 over the source of every recsqueeze package. A task's own source is not
+    enough: the generator, the models and the stages it calls live in other modules, and a
+    cached result pickled by older code (a `DatasetSpec` without a newer field, a model
+    trained by an older loop) must not be served to newer code."""
+    return source_digest(Path(__file__).resolve().parent.parent)
+
+
+def source_digest(root: Path) -> str:
+    """sha256 over the path and bytes of every .py file of `_PACKAGES` under `root`."""
+    digest = hashlib.sha256()
+    for package in _PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(b"\0")
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class CodeVersion(CachePolicy):
+    """Cache key component: the installed recsqueeze code (`code_version`)."""
+
+    def compute_key(self, task_ctx: Any, inputs: Any, flow_parameters: Any,
+                    **kwargs: Any) -> str:
+        return code_version()
+
+
+CACHE_POLICY = INPUTS + TASK_SOURCE + CodeVersion()
+
+
 def cached(task_: Any, storage: object, refresh: bool) -> Any:
-    """`task_` with its result persisted to S3 and cached by (inputs, task source): a later
-    call with equal inputs -- in this run or any other -- is served from the cache (state
-    Cached) instead of recomputed. `refresh` recomputes and overwrites the cache entry.
-    Every task input is a content-addressed ref, so equal inputs mean equal data and models."""
-    return task_.with_options(cache_policy=INPUTS + TASK_SOURCE, persist_result=True,
+    """`task_` with its result persisted to S3 and cached by (inputs, task source, code
+    version): a later call with equal inputs on the same code -- in this run or any other --
+    is served from the cache (state Cached) instead of recomputed. `refresh` recomputes and
+    overwrites the cache entry. Every task input is a content-addressed ref, so equal inputs
+    mean equal data and models."""
+    return task_.with_options(cache_policy=CACHE_POLICY, persist_result=True,
                               result_storage=storage, refresh_cache=refresh)
 
 
