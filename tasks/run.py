@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from prefect import State, get_run_logger, task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import INPUTS, NO_CACHE, CachePolicy
 from prefect.events import emit_event
 
 from infra.settings import Settings
@@ -114,15 +114,16 @@ class CodeVersion(CachePolicy):
         return code_version()
 
 
-CACHE_POLICY = INPUTS + TASK_SOURCE + CodeVersion()
+# every cached task is defined in this module, so the code version covers its own source too
+CACHE_POLICY = INPUTS + CodeVersion()
 
 
 def cached(task_: Any, storage: object, refresh: bool) -> Any:
-    """`task_` with its result persisted to S3 and cached by (inputs, task source, code
-    version): a later call with equal inputs on the same code -- in this run or any other --
-    is served from the cache (state Cached) instead of recomputed. `refresh` recomputes and
-    overwrites the cache entry. Every task input is a content-addressed ref, so equal inputs
-    mean equal data and models."""
+    """`task_` with its result persisted to S3 and cached by (inputs, code version): a later
+    call with equal inputs on the same code -- in this run or any other -- is served from the
+    cache (state Cached) instead of recomputed. `refresh` recomputes and overwrites the cache
+    entry. Every task input is a content-addressed ref, so equal inputs mean equal data and
+    models."""
     return task_.with_options(cache_policy=CACHE_POLICY, persist_result=True,
                               result_storage=storage, refresh_cache=refresh)
 
