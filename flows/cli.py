@@ -73,16 +73,21 @@ def run(
 ) -> None:
     """Run the compression flow and print the leaderboard and the promoted model."""
     from pydantic import ValidationError
+    from rich.markup import escape
 
     from flows.driver import run_compress
+    from tasks.errors import explain
 
     try:
         raw = json.loads(request_file.read_text()) if request_file else {}
         if size:
             raw["dataset"] = DatasetRequest(builtin=size).model_dump(mode="json")  # type: ignore[arg-type]
         request = CompressionRequest.model_validate(raw)
-    except (ValidationError, ValueError, OSError) as exc:
-        err.print(f"[red]invalid request:[/red] {exc}")
+    except ValidationError as exc:
+        err.print(f"[red]invalid request:[/red]\n{escape(explain(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    except (ValueError, OSError) as exc:
+        err.print(f"[red]invalid request:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     settings = settings_for(state_dir)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the result
@@ -94,10 +99,15 @@ def run(
                "bayes_auc": report.dataset.spec.bayes_auc,
                "leaderboard": [r.model_dump(mode="json") for r in report.leaderboard],
                "promoted": report.promoted.model_dump(mode="json") if report.promoted else None,
-               "failures": report.failures, "skipped": report.skipped, "prefect_ui": ui}
+               "failures": report.failures, "skipped": report.skipped,
+               "trivial_baselines": [t.model_dump(mode="json") for t in report.trivial],
+               "resolution": [r.model_dump(mode="json") for r in report.resolution],
+               "warnings": list(report.warnings), "prefect_ui": ui}
         print(json.dumps(out, indent=2))
-        return
-    print_report(report, ui)
+    else:
+        print_report(report, ui)
+    if report.status == "stopped":  # nothing was compressed: say so to scripts too
+        raise typer.Exit(1)
 
 
 def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
@@ -108,6 +118,14 @@ def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
     bayes = report.dataset.spec.bayes_auc
     console.print(f"baseline {baseline_line(b)}"
                   + (f"; generator Bayes AUC {bayes:.5f}" if bayes and b.main == "auc" else ""))
+    for t in report.trivial:
+        console.print(f"  vs trivial {t.name}: {t.metric} {t.value:.5f}, margin {t.margin:+.5f} "
+                      f"(lower bound {t.margin_low:+.5f})")
+    for r in report.resolution:
+        console.print(f"  budget {r.metric}: allows {r.budget:.5f}, the test split resolves "
+                      f"{r.resolution:.5f} ({'ok' if r.resolvable else 'too coarse'})")
+    for warning in report.warnings:
+        console.print(f"[yellow]warning[/yellow] {warning}", soft_wrap=True)
     table = Table(title=f"leaderboard (run {report.run_id})")
     for col in ("candidate", "plan", "size_ratio", f"{b.main} delta", "loss_ci_high",
                 "p99_ms_bs512", "latency_ratio", "passed", "node"):
@@ -125,7 +143,9 @@ def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
     if report.promoted:
         console.print(f"promoted: {report.promoted.uri} (version {report.promoted.version})")
     else:
-        console.print(f"not promoted: {report.reason}")
+        stopped = report.status == "stopped"
+        console.print(f"{'stopped before compression' if stopped else 'not promoted'}: "
+                      f"{report.reason}", soft_wrap=True)
     console.print(f"Prefect UI: {ui}")
 
 
@@ -224,7 +244,11 @@ def registry_show(model: str, version: int | None = None, state_dir: Path = STAT
     if n is None:
         err.print(f"{model} has no production version")
         raise typer.Exit(1)
-    print(json.dumps(reg.version_info(model, n), indent=2))
+    problem = reg.verify(model, n)  # the bytes are read and checked, not only the record
+    if problem is not None:
+        err.print(f"[red]{problem}[/red]", soft_wrap=True)
+        raise typer.Exit(1)
+    print(json.dumps({**reg.version_info(model, n), "verified": True}, indent=2))
 
 
 @registry_app.command("promote")

@@ -13,6 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class Frozen(BaseModel):
+    # allow_inf_nan=False: NaN and +-inf (which Python's json reads from "NaN" / "Infinity")
+    # are refused in every float field, at any depth of the request
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class Measured(BaseModel):
+    """A measurement (metrics, intervals, reports): NaN is a value here (an undefined interval
+    is reported as such and never passes the gate)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -185,7 +194,11 @@ class ModelSpec(Frozen):
 
 class TrainConfig(Frozen):
     epochs: int = Field(
-        3, ge=1, le=100, description="most passes over the train split (stops early on valid)")
+        3, ge=1, le=100, description="most passes over the train split (early stopping on "
+        "valid: stops after `patience` epochs without improvement, keeps the best epoch)")
+    patience: int = Field(
+        2, ge=1, le=100, description="epochs without a better validation loss before training "
+        "stops (the best epoch's weights are kept)")
     batch_size: int = Field(2048, ge=8, description="rows per step")
     lr: float = Field(2e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="L2 on dense layers")
@@ -502,13 +515,13 @@ class Candidate(Frozen):
 
 
 # --- metrics and gate ----------------------------------------------------------------------
-class Estimate(Frozen):
+class Estimate(Measured):
     value: float
     ci_low: float
     ci_high: float
 
 
-class Latency(Frozen):
+class Latency(Measured):
     batch_size: int
     p50_ms: float
     p99_ms: float
@@ -518,7 +531,7 @@ MAIN_METRIC: dict[str, str] = {"ranking": "auc", "retrieval": "recall@50",
                                "next_item": "ndcg@10"}
 
 
-class Metrics(Frozen):
+class Metrics(Measured):
     """What one evaluation measured on the test split (sizes and latencies measured, too)."""
 
     main: str = Field("auc", description="the task's main quality metric (a key of quality)")
@@ -539,7 +552,7 @@ class Metrics(Frozen):
         return next((lat.p99_ms for lat in self.latency if lat.batch_size == batch_size), None)
 
 
-class PairedDelta(Frozen):
+class PairedDelta(Measured):
     """Candidate vs baseline on the same rows; loss = baseline - candidate (higher-is-better)."""
 
     metric: str
@@ -552,10 +565,42 @@ METRIC_NAME = re.compile(r"^(main|auc|logloss|(ndcg|recall|hr)@([1-9][0-9]{0,3})
                          r"(\[([^=\[\]]+)=([^\[\]]+)\])?$")
 
 
+def budget_target(name: str, main: str) -> str:
+    """The measured metric a budget key names: 'main' is the model's main metric `main`
+    (auc, recall@50, ndcg@10); 'main[item_popularity=tail]' that metric on one segment."""
+    return main + name[4:] if name.startswith("main") else name
+
+
 def budget_ks(names: object) -> tuple[int, ...]:
     """The K of every @K metric among `names` (evaluations measure these too)."""
     found = (METRIC_NAME.match(str(n)) for n in names)  # type: ignore[attr-defined]
     return tuple(sorted({int(m.group(3)) for m in found if m and m.group(3)}))
+
+
+class TrivialBaseline(Measured):
+    """A predictor that needs no model, against the baseline on the same test rows."""
+
+    name: str = Field(description="global_ctr, item_ctr (ranking) or popularity")
+    metric: str = Field(description="the main metric both are measured on")
+    value: float = Field(description="the trivial predictor's value of `metric`")
+    margin: float = Field(description="baseline - trivial (positive: the baseline is better)")
+    margin_low: float = Field(description="one-sided lower confidence bound of the margin, "
+                                          "paired; > 0 means the baseline beats it")
+
+
+class Resolution(Measured):
+    """The smallest loss of one budgeted metric this test split resolves (see
+    tasks.baselines), against what the budget allows."""
+
+    metric: str = Field(description="the budget key")
+    measured: str = Field(description="the metric it names (main -> auc, recall@50, ...)")
+    budget: float = Field(description="the budget as an absolute loss")
+    resolution: float = Field(description="smallest resolvable loss, absolute")
+    relative_resolution: float = Field(description="resolution / the baseline's value")
+    rows: int = Field(description="test rows measured")
+    resolvable: bool = Field(description="resolution <= budget")
+    rows_needed: int | None = Field(description="test rows the budget would need (when not "
+                                                "resolvable)")
 
 
 class MetricBudget(Frozen):
@@ -566,8 +611,15 @@ class MetricBudget(Frozen):
     @classmethod
     def _non_negative(cls, v: float) -> float:
         if v < 0:
-            raise ValueError(f"max_drop must be >= 0 (got {v})")
+            raise ValueError(f"max_drop must be >= 0 (got {v}); it is the largest tolerated loss")
         return v
+
+    @model_validator(mode="after")
+    def _fraction(self) -> MetricBudget:
+        if self.relative and self.max_drop >= 1:
+            raise ValueError(f"max_drop is a fraction of the baseline's value when relative is "
+                             f"true and must be < 1 (got {self.max_drop}); e.g. 0.001 = 0.1%")
+        return self
 
 
 class Budget(Frozen):
@@ -581,6 +633,9 @@ class Budget(Frozen):
         "[COLUMN=VALUE] to budget one segment, e.g. 'auc[item_popularity=tail]'",
     )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="one-sided confidence level")
+    strict_resolution: bool = Field(
+        False, description="refuse the run (instead of warning) when a budget is below the "
+        "smallest loss the test split can resolve at this confidence")
 
     @field_validator("metrics")
     @classmethod
@@ -710,6 +765,9 @@ class CompressionRequest(Frozen):
         default_factory=CalibrateConfig, description="calibration (run once, if a plan needs it)")
     resources: Resources = Field(default_factory=Resources, description="Ray resources")
     promote: bool = Field(True, description="promote the chosen candidate to the registry")
+    require_useful_baseline: bool = Field(
+        True, description="stop before compression when the baseline's main metric (lower 95% "
+        "bound) does not beat the best trivial predictor of its family (CTR prior, popularity)")
 
     @model_validator(mode="after")
     def _fits_the_model(self) -> CompressionRequest:
@@ -743,7 +801,7 @@ class CompressionRequest(Frozen):
         return cands
 
 
-class CandidateResult(Frozen):
+class CandidateResult(Measured):
     candidate: Candidate
     model: ArtifactRef
     metrics: Metrics
@@ -754,13 +812,13 @@ class CandidateResult(Frozen):
     wall_s: float = Field(description="seconds spent building it")
 
 
-class GateDecision(Frozen):
+class GateDecision(Measured):
     candidate_id: str
     passed: bool
     reasons: tuple[str, ...] = Field(description="every failed check, with the margin")
 
 
-class LeaderboardRow(Frozen):
+class LeaderboardRow(Measured):
     candidate: str
     plan: str
     size_bytes: int
@@ -784,7 +842,7 @@ class Promotion(Frozen):
     candidate_id: str
 
 
-class GateReport(Frozen):
+class GateReport(Measured):
     run_id: str
     model_name: str
     dataset: DatasetRef
@@ -792,8 +850,15 @@ class GateReport(Frozen):
     leaderboard: tuple[LeaderboardRow, ...]
     chosen: str | None = Field(description="candidate the objective picked among the passing")
     promoted: Promotion | None
-    status: Literal["promoted", "not_promoted"]
+    status: Literal["promoted", "not_promoted", "stopped"] = Field(
+        description="stopped: the run ended before compression (see reason)")
     reason: str
     failures: dict[str, str] = Field(default_factory=dict, description="candidate -> error")
     skipped: dict[str, str] = Field(
         default_factory=dict, description="candidate -> why it cannot run on these workers")
+    trivial: tuple[TrivialBaseline, ...] = Field(
+        (), description="the baseline against its family's trivial predictors")
+    resolution: tuple[Resolution, ...] = Field(
+        (), description="per budgeted metric: the smallest loss the test split resolves")
+    warnings: tuple[str, ...] = Field((), description="what the user should know (budgets "
+                                                      "below resolution)")

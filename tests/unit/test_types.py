@@ -60,3 +60,38 @@ def test_request_schema_documents_every_field():
     schema = CompressionRequest.model_json_schema()
     props = schema["properties"]
     assert all("description" in p for p in props.values()), props
+
+
+@pytest.mark.parametrize("raw, message", [
+    ('{"budget": {"metrics": {"main": {"max_drop": NaN}}}}',
+     "budget.metrics.main.max_drop must be a finite number (got nan)"),
+    ('{"budget": {"metrics": {"main": {"max_drop": Infinity}}}}',
+     "budget.metrics.main.max_drop must be a finite number (got inf)"),
+    ('{"train": {"lr": Infinity}}', "train.lr must be a finite number (got inf)"),
+    ('{"budget": {"metrics": {"auc[item_popularity=tail]": {"max_drop": -Infinity}}}}',
+     "budget.metrics['auc[item_popularity=tail]'].max_drop must be a finite number (got -inf)"),
+    ('{"candidates": [{"id": "p", "plan": [{"kind": "prune", "sparsity": NaN}]}]}',
+     "candidates[0].plan[0].sparsity must be a finite number (got nan)"),
+    ('{"model": {"family": "custom", "class_path": "a:B", "task": "ranking", '
+     '"options": {"width": NaN}}}', "model.options.width must be a finite number (got nan)"),
+    ('{"nas": {"max_wall_s": Infinity}}', "nas.max_wall_s must be a finite number (got inf)"),
+    ('{"budget": {"metrics": {"main": {"max_drop": 1.5, "relative": true}}}}',
+     "budget.metrics.main: max_drop is a fraction of the baseline's value when relative is "
+     "true and must be < 1 (got 1.5); e.g. 0.001 = 0.1%"),
+    ('{"budget": {"confidence": 1.0}}', "budget.confidence: Input should be less than 1"),
+    ('{"budget": {"confidence": 0.5}}', "budget.confidence: Input should be greater than 0.5"),
+])
+def test_every_number_is_finite_and_meaningful_with_the_field_path(raw, message):
+    from tasks.errors import explain
+
+    with pytest.raises(ValidationError) as info:
+        CompressionRequest.model_validate(json.loads(raw))  # Python's json reads NaN/Infinity
+    text = explain(info.value)
+    assert text.splitlines()[0].startswith(message), text
+    assert len(text.splitlines()) == 1, text  # one error, not one per union member
+
+
+def test_measurements_may_hold_nan():
+    from tasks.types import Estimate
+
+    assert Estimate(value=float("nan"), ci_low=0.0, ci_high=1.0).ci_low == 0.0
