@@ -32,3 +32,28 @@ def test_early_stopping_keeps_the_best_validation_epoch():
     many = train(build(resolve(SPEC, spec)), tr, TrainConfig(epochs=6, lr=0.05), valid=va)
     # with a high learning rate, epoch 1 is the best on valid: more epochs must not be worse
     assert logloss(va.label, predict(many, va)) <= logloss(va.label, predict(one, va)) + 1e-9
+
+
+def test_patience_trains_past_a_worse_epoch_and_restores_the_best(monkeypatch):
+    """Valid losses 1.0, 1.1, 0.9, 1.0, 1.2, ...: with patience 2 training goes on after the
+    worse second epoch, stops after the fifth (two in a row no better than the third) and
+    returns the third epoch's weights."""
+    from tasks import objectives
+
+    spec, tr, va, _ = _data()
+    losses = iter([1.0, 1.1, 0.9, 1.0, 1.2, 0.1, 0.1])
+    snapshots = []
+    real = objectives.valid_loss
+
+    def scripted(model, *args, **kw):
+        real(model, *args, **kw)
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(losses)
+
+    monkeypatch.setattr(objectives, "valid_loss", scripted)
+    model = train(build(resolve(SPEC, spec)), tr.take(slice(0, 2000)),
+                  TrainConfig(epochs=10, patience=2, batch_size=512), valid=va)
+    assert len(snapshots) == 5
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshots[2][k]), k
+    assert not all(torch.equal(v, snapshots[4][k]) for k, v in model.state_dict().items())
