@@ -29,10 +29,10 @@ from tasks.types import (
 @flow(name="nas", validate_parameters=False)
 def nas_search(request: CompressionRequest, tables: tuple[TableSpec, ...], baseline: Built,
                dataset: DatasetRef, base_eval: Evaluated, nodes: list[Any],
-               gpus: float) -> list[tuple[CandidateResult, Built]]:
+               gpus: float, ks: tuple[int, ...]) -> list[tuple[CandidateResult, Built]]:
     """The search as a Prefect subflow (its own run in the UI, under the compress run; tasks on
     the same Ray cluster). Returns every evaluated trial with the model it built; the caller
-    keeps the Pareto front."""
+    keeps the Pareto front. Every trial is measured at the run's `ks` (the budget's @K)."""
     nas = request.nas
     assert nas is not None
     log = get_run_logger()
@@ -62,7 +62,7 @@ def nas_search(request: CompressionRequest, tables: tuple[TableSpec, ...], basel
                 built = stage_task.submit(baseline, cfg, dataset, request.train.seed)
             with remote_options(**stage_options(res.cpus_per_stage, 0, 0, node)):
                 pending.append((spec, cand, built, eval_cand.submit(
-                    cand, built, dataset, baseline, base_eval, request.budget.confidence)))
+                    cand, built, dataset, baseline, base_eval, request.budget.confidence, ks)))
         for spec, cand, built, fut in pending:  # a generation runs in parallel; await it all
             cause = built.result(raise_on_failure=False)
             out = cause if isinstance(cause, BaseException) else fut.result(

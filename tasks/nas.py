@@ -64,7 +64,9 @@ class Search:
         for _ in range(50 * k):
             if len(out) == k:
                 break
-            warm = len(self.population) >= min(self.request.population, 2)
+            # regularized evolution (Real et al., 2019): `population` random members first,
+            # then each child is a mutation of a tournament's winner and the oldest member dies
+            warm = len(self.population) >= self.request.population
             if self.request.strategy == "evolution" and warm:
                 contenders = self.rng.sample(list(self.population),
                                              min(self.request.tournament, len(self.population)))

@@ -96,3 +96,35 @@ def test_bad_table_dims_are_refused(data):
         build(resolve(ModelSpec(table_dims={"nope": 4}), spec))
     with pytest.raises(ValueError, match=r"table_dims must be in \(0, 1024\]"):
         ModelSpec(table_dims={"user_id": 0})
+
+
+def test_regularized_evolution_starts_from_a_random_population_and_ages_out_the_oldest(
+        monkeypatch):
+    """Real et al. (2019): `population` random members first; then every child is a mutation
+    of a tournament winner, and the oldest member dies - even the fittest one."""
+    import tasks.nas as nas
+
+    tables = resolve(ModelSpec(), generate("tiny", 0)[1]).tables
+    calls = {"mutate": 0}
+    real_mutate = nas.mutate
+
+    def counting(*args, **kw):
+        calls["mutate"] += 1
+        return real_mutate(*args, **kw)
+
+    monkeypatch.setattr(nas, "mutate", counting)
+    search = Search(NASRequest(strategy="evolution", population=5, tournament=2, seed=3), tables)
+    first = search.propose(3)  # nothing told yet: random
+    for i, spec in enumerate(first):
+        search.tell(spec, 10.0 if i == 0 else float(i))  # the first member is by far the best
+    second = search.propose(2)  # 3 of 5 members: still random
+    assert calls["mutate"] == 0
+    for spec in second:
+        search.tell(spec, 0.0)
+    assert len(search.population) == 5
+    search.propose(1)  # a full population: now children are mutations
+    assert calls["mutate"] >= 1
+    search.tell(sample(SPACE, tables, random.Random(9)), -1.0)
+    members = [s for s, _ in search.population]
+    assert len(members) == 5 and first[0] not in members  # the oldest aged out, fit or not
+    assert members[0] == first[1]
