@@ -21,6 +21,12 @@ class StageSkipped(Exception):  # noqa: N818 (a verdict, not an error)
     reports the candidate as skipped, with this message, and goes on with the others."""
 
 
+class NotApplicable(ValueError):  # noqa: N818 (a verdict, not an error)
+    """The config cannot apply to this model: nothing would get smaller, or the model's shape
+    does not fit it. A default candidate (one the user did not choose) that cannot apply is
+    reported as skipped with this message; a candidate the user listed fails with it."""
+
+
 @dataclass
 class StageContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

@@ -14,7 +14,7 @@ from tasks.evaluate import stored_elements
 from tasks.losses import HiddenCapture, hint_loss, listwise_loss, output_layer
 from tasks.models import build
 from tasks.objectives import soft_loss, task_loss, train_scores
-from tasks.stages.context import StageContext
+from tasks.stages.context import NotApplicable, StageContext
 from tasks.train import task_of, train
 from tasks.types import DistillConfig, ModelSpec, NASTrialConfig, TrainConfig
 
@@ -61,7 +61,7 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: StageContext) -> nn.Modul
     student = build(spec, ctx.seed)
     n_student, n_input = stored_elements(student), stored_elements(model)
     if cfg.require_smaller and n_student >= n_input:
-        raise ValueError(
+        raise NotApplicable(
             f"distill.student has {n_student} stored elements, not fewer than its input model's "
             f"{n_input}; shrink student.embedding_dim or its MLP widths (layers, heads), or set "
             "require_smaller=false")

@@ -15,7 +15,7 @@ from tasks.modules import (
     set_submodule,
 )
 from tasks.modules.tt import full_ranks, tt_shape
-from tasks.stages.context import StageContext
+from tasks.stages.context import NotApplicable, StageContext
 from tasks.stages.finetune import finetune
 from tasks.types import FactorizeConfig
 
@@ -75,7 +75,7 @@ def factorize(model: nn.Module, cfg: FactorizeConfig, ctx: StageContext) -> nn.M
                 set_submodule(out, path, tt)
                 changed += 1
     if changed == 0:
-        raise ValueError(f"{cfg.label()}: no layer gets smaller at this rank; lower the rank "
+        raise NotApplicable(f"{cfg.label()}: no layer gets smaller at this rank; lower the rank "
                          "or the energy")
     ctx.log(f"{cfg.label()}: factorized {changed} layers")
     return finetune(out.to(ctx.device), model, cfg.finetune_epochs, cfg.finetune_lr, ctx,

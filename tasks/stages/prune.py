@@ -18,7 +18,7 @@ from tasks.modules import (
     semi_structured_ok,
     set_submodule,
 )
-from tasks.stages.context import StageContext, StageSkipped
+from tasks.stages.context import NotApplicable, StageContext, StageSkipped
 from tasks.stages.finetune import finetune
 from tasks.train import task_of
 from tasks.types import PruneConfig
@@ -180,7 +180,7 @@ def prune(model: nn.Module, cfg: PruneConfig, ctx: StageContext) -> nn.Module:
     if cfg.method == "semi_structured":
         n = prune_semi_structured(out)
         if n == 0:
-            raise ValueError("prune(2:4): no Linear layer has a shape the sparse kernels take "
+            raise NotApplicable("prune(2:4): no Linear layer has a shape the sparse kernels take "
                              "(out_features % 32 == 0 and in_features % 64 == 0)")
         ctx.log(f"{cfg.label()}: {n} layers made 2:4 sparse")
     elif cfg.method == "embedding_rows":
@@ -200,7 +200,7 @@ def prune(model: nn.Module, cfg: PruneConfig, ctx: StageContext) -> nn.Module:
             last = k == cfg.steps - 1
             if cfg.method == "structured":
                 if not _hidden_pairs(out) and not _attention(out):
-                    raise ValueError("prune(structured): the model has no hidden MLP neurons "
+                    raise NotApplicable("prune(structured): the model has no hidden MLP neurons "
                                      "or attention heads to remove")
                 share = 1 - (1 - target) / (1 - done)  # of what is left
                 n, h = prune_neurons(out, share), prune_heads(out, share)

@@ -18,7 +18,7 @@ from tasks.modules import (
     set_submodule,
 )
 from tasks.quant.mixed import Option, assign
-from tasks.stages.context import StageContext
+from tasks.stages.context import NotApplicable, StageContext
 from tasks.types import QuantizeConfig
 
 _EMB_BITS = {"rowwise_int8": 8, "rowwise_int4": 4, "rowwise_int2": 2}
@@ -40,7 +40,7 @@ def quantize_linear(layer: nn.Linear, choice: str, group_size: int | None = None
     if group_size is not None and layer.in_features <= group_size:
         group_size = None  # a row narrower than a group is one group: per channel
     if group_size is not None and layer.in_features % group_size:
-        raise ValueError(f"quantize.group_size {group_size} does not divide the width "
+        raise NotApplicable(f"quantize.group_size {group_size} does not divide the width "
                          f"{layer.in_features} of layer {path}; pick a divisor")
     if choice == "dynamic_int8":
         return DynamicInt8Linear.from_float(layer)
