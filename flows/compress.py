@@ -27,8 +27,8 @@ from cluster.runner import ray_task_runner
 from flows.nas import nas_search
 from flows.report import leaderboard, markdown, model_card, pareto_png
 from infra.settings import Settings
-from tasks.artifacts import ArtifactStore, Registry
-from tasks.gate import Champion, decide
+from tasks.artifacts import AliasMoved, ArtifactStore, Registry
+from tasks.gate import decide, preflight, resolution_warnings
 from tasks.models import resolve
 from tasks.nas import pareto
 from tasks.objectives import DEFAULT_KS
@@ -45,7 +45,7 @@ from tasks.run import (
     run_stage,
     train_baseline,
 )
-from tasks.stages.context import StageSkipped
+from tasks.stages.context import NotApplicable, StageSkipped
 from tasks.types import (
     METRIC_NAME,
     CandidateResult,
@@ -53,6 +53,7 @@ from tasks.types import (
     DatasetSpec,
     GateReport,
     budget_ks,
+    default_candidates,
 )
 
 
@@ -120,10 +121,11 @@ def compress(request: CompressionRequest) -> GateReport:
     store.put_json(f"runs/{run_id}/request.json", request.model_dump(mode="json"))
     # every task but `promote` is cached in S3 by its inputs and code (see tasks.run.cached)
     storage = result_storage(settings)
-    prepare, train_base, eval_base, calibrate_, stage_task, eval_cand, eval_champion = (
+    # (the champion is never served from cache: its bytes are verified on every run)
+    prepare, train_base, eval_base, calibrate_, stage_task, eval_cand = (
         cached(t, storage, refresh=not request.reuse_results)
         for t in (prepare_dataset, train_baseline, evaluate_baseline, calibrate_model, run_stage,
-                  evaluate_candidate, evaluate_champion))
+                  evaluate_candidate))
     res = request.resources
     gpus = cluster_gpus()
     opts = stage_options(res.cpus_per_stage, res.gpus_per_stage, gpus)
@@ -138,7 +140,24 @@ def compress(request: CompressionRequest) -> GateReport:
     with remote_options(**opts):
         baseline = train_base.submit(request.model, dataset, request.train)
     with remote_options(**cpu_opts):
-        base_eval = eval_base.submit(baseline, dataset, ks)
+        base_eval = eval_base.submit(baseline, dataset, ks, request.budget)
+    base_evaluated = base_eval.result()
+
+    # 1b. before any compression: a baseline worth compressing, budgets the test split resolves
+    warnings = resolution_warnings(base_evaluated.resolution, request.budget.confidence)
+    for warning in warnings:
+        log.warning(warning)
+    stop = preflight(base_evaluated.trivial, base_evaluated.resolution, request.budget,
+                     request.require_useful_baseline, base_evaluated.metrics)
+    if stop is not None:
+        log.error("stopped before compression: %s", stop)
+        report = GateReport(
+            run_id=run_id, model_name=request.model_name, dataset=dataset,
+            baseline=base_evaluated.metrics, leaderboard=(), chosen=None, promoted=None,
+            status="stopped", reason=stop, trivial=base_evaluated.trivial,
+            resolution=base_evaluated.resolution, warnings=warnings)
+        publish(store, report)
+        return report
 
     # 2. calibrate once (if any plan needs it), then every candidate's stages, chained; a
     #    prefix shared by several plans runs once
@@ -168,16 +187,18 @@ def compress(request: CompressionRequest) -> GateReport:
             evaluations.append(eval_cand.submit(
                 cand, parent, dataset, baseline, base_eval, request.budget.confidence, ks))
 
-    # 3. the production champion, measured on the same rows
+    # 3. the production champion, measured on the same rows (or its problem, which blocks
+    #    promotion); promotion later is a compare-and-swap on this version
     champion = None
     version = registry.alias(request.model_name)
-    base_evaluated = base_eval.result()
     if version is not None:
         with remote_options(**cpu_opts):
-            scored = eval_champion.submit(request.model_name, version, dataset, base_evaluated,
-                                          resolve(request.model, dataset.spec)).result()
-        if scored is not None:
-            champion = Champion(version=version, metrics=scored[0], loss=scored[1])
+            champion = evaluate_champion.submit(request.model_name, version, dataset,
+                                                base_evaluated,
+                                                resolve(request.model, dataset.spec)).result()
+        if champion.problem:
+            log.error("%s", champion.problem)
+    defaults = request.candidates == default_candidates(request.model.family)
 
     results: list[CandidateResult] = []
     failures: dict[str, str] = {}
@@ -190,7 +211,8 @@ def compress(request: CompressionRequest) -> GateReport:
             results.append(out)
             continue
         cause = out
-        if isinstance(cause, StageSkipped):
+        # a default candidate the user never chose that cannot apply to this model is skipped
+        if isinstance(cause, StageSkipped) or (defaults and isinstance(cause, NotApplicable)):
             skipped[cand.id] = str(cause)
             log.warning("candidate %s skipped: %s", cand.id, cause)
         else:
@@ -204,7 +226,7 @@ def compress(request: CompressionRequest) -> GateReport:
         runner = get_run_context().task_runner.duplicate()  # type: ignore[union-attr]
         tables = resolve(request.model, dataset.spec).tables
         built_trials = nas_search.with_options(task_runner=runner)(
-            request, tables, baseline.result(), dataset, base_evaluated, nodes, gpus)
+            request, tables, baseline.result(), dataset, base_evaluated, nodes, gpus, ks)
         trials = [r for r, _ in built_trials]
         for r, b in built_trials:
             chains[r.candidate.id] = [Resolved(b)]
@@ -225,7 +247,8 @@ def compress(request: CompressionRequest) -> GateReport:
         run_id=run_id, model_name=request.model_name, dataset=dataset,
         baseline=base_evaluated.metrics, leaderboard=rows, chosen=verdict.chosen, promoted=None,
         status="not_promoted", reason=verdict.reason, failures=failures,
-        skipped=skipped,
+        skipped=skipped, trivial=base_evaluated.trivial, resolution=base_evaluated.resolution,
+        warnings=warnings,
     )
     if verdict.promote and request.promote and verdict.chosen is not None:
         chosen = next(r for r in results if r.candidate.id == verdict.chosen)
@@ -254,8 +277,15 @@ def compress(request: CompressionRequest) -> GateReport:
             "card.md": model_card(report, row),
             "pareto.png": pareto_png(report),
         }
-        promotion = promote(request.model_name, chosen, files, run_id)
-        report = report.model_copy(update={"promoted": promotion, "status": "promoted"})
+        state = promote(request.model_name, chosen, files, run_id, version, return_state=True)
+        promotion = state.result(raise_on_failure=False)
+        if isinstance(promotion, AliasMoved):  # another run promoted since we measured
+            log.error("not promoted: %s", promotion)
+            report = report.model_copy(update={"reason": str(promotion)})
+        elif isinstance(promotion, BaseException):
+            raise promotion
+        else:
+            report = report.model_copy(update={"promoted": promotion, "status": "promoted"})
     elif verdict.chosen and not request.promote:
         report = report.model_copy(update={"reason": "promotion disabled by the request"})
 

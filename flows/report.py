@@ -49,7 +49,8 @@ def markdown(report: GateReport) -> str:
     b = report.baseline
     bayes = report.dataset.spec.bayes_auc
     promoted = (f"**Promoted** `{report.promoted.uri}` (v{report.promoted.version})"
-                if report.promoted else f"**Not promoted**: {report.reason}")
+                if report.promoted else f"**{'Stopped' if report.status == 'stopped' else 'Not promoted'}**: "
+                f"{report.reason}")
     failures = "".join(f"\n- `{c}` failed: {e}" for c, e in report.failures.items()) + "".join(
         f"\n- `{c}` skipped: {e}" for c, e in report.skipped.items())
     return (
@@ -58,8 +59,20 @@ def markdown(report: GateReport) -> str:
         f"Baseline: {baseline_line(b)}"
         + (f"; Bayes-optimal AUC of the generator {bayes:.5f}" if bayes and b.main == "auc"
            else "")
-        + f"\n\n{_table(report.leaderboard, b.main)}\n\n{promoted}{failures}\n"
+        + f"\n\n{checks(report)}\n\n{_table(report.leaderboard, b.main)}\n\n{promoted}"
+        f"{failures}\n"
     )
+
+
+def checks(report: GateReport) -> str:
+    """The baseline against its trivial predictors, and each budget's resolution."""
+    lines = [f"- vs trivial `{t.name}`: {t.metric} {t.value:.5f}, baseline margin "
+             f"{t.margin:+.5f} (lower bound {t.margin_low:+.5f})" for t in report.trivial]
+    lines += [f"- budget `{r.metric}`: allows a loss of {r.budget:.5f}; this test split "
+              f"resolves {r.resolution:.5f} ({r.relative_resolution:.3%}) - "
+              + ("ok" if r.resolvable else f"**too coarse**, ~{r.rows_needed or '?'} test rows "
+                 "needed") for r in report.resolution]
+    return "\n".join(lines + [f"- **warning**: {w}" for w in report.warnings])
 
 
 def baseline_line(b: Metrics) -> str:

@@ -43,6 +43,26 @@ class UnsafeArtifactError(ValueError):
     """The bytes are not a safetensors model (pickles and other code-bearing formats)."""
 
 
+class AliasMoved(ValueError):  # noqa: N818 (a verdict, not an error)
+    """`production` no longer points where it did when this run measured its champion."""
+
+    def __init__(self, model: str, expected: int | None, found: int | None,
+                 sealed: int | None = None) -> None:
+        def name(v: int | None) -> str:
+            return "no version" if v is None else f"v{v}"
+
+        self.expected, self.found, self.sealed = expected, found, sealed
+        tail = (f"; v{sealed} was sealed but not made production (review it, then "
+                f"`recsqueeze registry promote {model} {sealed}`)" if sealed is not None else
+                f"; rerun to judge the candidates against {name(found)}")
+        super().__init__(f"production moved from {name(expected)} to {name(found)} during "
+                         f"this run{tail}")
+
+
+ANY_VERSION = -1
+"""`publish(expected_production=ANY_VERSION)`: move the alias whatever it points at."""
+
+
 def s3_client(settings: Settings) -> Any:
     return boto3.client(
         "s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
@@ -205,6 +225,14 @@ class Registry:
         """Sealed versions (version.json present), ascending."""
         return self._numbered(model, "version.json")
 
+    def claimed_by(self, model: str, owner: str) -> int | None:
+        """The version `owner` claimed earlier (a retried promotion finds its own), if any."""
+        for n in reversed(self._numbered(model, "claim.json")):
+            claim = self.store.get_json(f"{self._prefix(model)}/versions/{n}/claim.json")
+            if isinstance(claim, dict) and claim.get("owner") == owner:
+                return n
+        return None
+
     def _claim(self, model: str, owner: str) -> int:
         """Reserve the next version number; concurrent claimers get distinct numbers."""
         n = max(self._numbered(model, "claim.json"), default=0) + 1
@@ -222,9 +250,39 @@ class Registry:
         raise RuntimeError(f"registry {model}: could not claim a version")
 
     def publish(self, model: str, model_ref: ArtifactRef, files: dict[str, Any], owner: str,
-                candidate_id: str, set_production: bool = True) -> Promotion:
-        """Write a new immutable version; seal it; then move the alias."""
-        n = self._claim(model, owner)
+                candidate_id: str, set_production: bool = True,
+                expected_production: int | None = ANY_VERSION) -> Promotion:
+        """Write a new immutable version; seal it; then move the alias.
+
+        Idempotent per `owner` (a run id and candidate): a retry finds the version it claimed,
+        finishes it if it was not sealed, and never publishes a second one. With
+        `expected_production` (a version, or None for "no production yet"), the alias moves
+        only if it still points there - a compare-and-swap on what the gate measured; else
+        `AliasMoved` (checked before anything is written, and again at the swap).
+        """
+        own = self.claimed_by(model, owner)
+        current = self.alias(model)
+        if own is not None and own in self.versions(model) and (
+                not set_production or current == own):
+            return self._promotion(model, own)  # a retry of a promotion that completed
+        if set_production and expected_production != ANY_VERSION and \
+                current != expected_production and current != own:
+            raise AliasMoved(model, expected_production, current)
+        n = own if own is not None else self._claim(model, owner)
+        if n not in self.versions(model):
+            self._write_version(model, n, model_ref, files, candidate_id)
+        if set_production:
+            self._move_production(model, n, expected_production)
+        return self._promotion(model, n)
+
+    def _promotion(self, model: str, n: int) -> Promotion:
+        info = self.version_info(model, n)
+        return Promotion(model_name=model, version=n, uri=info["uri"],
+                         candidate_id=info["candidate"])
+
+    def _write_version(self, model: str, n: int, model_ref: ArtifactRef, files: dict[str, Any],
+                       candidate_id: str) -> None:
+        """Every file of a claimed, unsealed version, then the seal (version.json) last."""
         base = f"{self._prefix(model)}/versions/{n}"
         bucket, key = _split_uri(model_ref.uri)
         self.s3.copy_object(Bucket=self.store.bucket, Key=f"{base}/model.safetensors",
@@ -242,9 +300,17 @@ class Registry:
         self.store.put_json(f"{base}/version.json", {
             "version": n, "model": model_ref.model_dump(), "uri": uri, "candidate": candidate_id,
         })
-        if set_production:
-            self.set_alias(model, "production", n)
-        return Promotion(model_name=model, version=n, uri=uri, candidate_id=candidate_id)
+
+    def _move_production(self, model: str, n: int, expected: int | None) -> None:
+        def move(current: dict[str, Any] | None) -> dict[str, Any]:
+            found = None if current is None else int(current["version"])
+            if found == n:
+                return current  # type: ignore[return-value]  # a retry: already there
+            if expected != ANY_VERSION and found != expected:
+                raise AliasMoved(model, expected, found, sealed=n)
+            return {"version": n, "previous": found}
+
+        self._swap_production(model, move)
 
     def _alias_key(self, model: str, alias: str) -> str:
         return f"{self._prefix(model)}/aliases/{alias}.json"
@@ -323,6 +389,20 @@ class Registry:
         if raw is None:
             raise ValueError(f"registry {model}: no sealed version {version}")
         return raw
+
+    def verify(self, model: str, version: int) -> str | None:
+        """Why version `version` cannot be trusted (sealed record missing, bytes that do not
+        match their sha256, not a recsqueeze safetensors model), or None when it loads."""
+        where = f"{self._prefix(model)}/versions/{version}"
+        try:
+            self.load(model, version)
+        except IntegrityError:
+            return (f"{model} v{version} could not be verified (sha256 mismatch in "
+                    f"{where}/model.safetensors): fix or roll back the registry")
+        except (ValueError, KeyError, TypeError) as exc:
+            return (f"{model} v{version} could not be verified ({where}: {exc}): fix or roll "
+                    "back the registry")
+        return None
 
     def load(self, model: str, version: int) -> tuple[nn.Module, ModelSpec]:
         info = self.version_info(model, version)

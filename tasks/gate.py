@@ -5,16 +5,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tasks.types import Budget, CandidateResult, GateDecision, Metrics
+from tasks.types import (
+    Budget,
+    CandidateResult,
+    GateDecision,
+    Metrics,
+    Resolution,
+    TrivialBaseline,
+    budget_target,
+)
 
 
 @dataclass(frozen=True)
 class Champion:
-    """The model the `production` alias points at, evaluated on this run's test split."""
+    """The model the `production` alias points at, evaluated on this run's test split; or,
+    with `problem` set, why it could not be (then nothing is promoted over it)."""
 
     version: int
-    metrics: Metrics
-    loss: float  # baseline - champion on the main metric, same rows (point estimate)
+    metrics: Metrics | None = None
+    loss: float | None = None  # baseline - champion on the main metric, same rows (point)
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,9 +71,8 @@ def check(c: CandidateResult, baseline: Metrics, budget: Budget) -> GateDecision
 
 
 def budget_metric(name: str, metrics: Metrics) -> str:
-    """The measured metric a budget key names: 'main' is the model's main metric (auc,
-    recall@50, ndcg@10); 'main[item_popularity=tail]' that metric on one segment."""
-    return metrics.main + name[4:] if name.startswith("main") else name
+    """The measured metric a budget key names (`tasks.types.budget_target`)."""
+    return budget_target(name, metrics.main)
 
 
 def _main_loss(c: CandidateResult) -> float:
@@ -78,7 +87,8 @@ def decide(baseline: Metrics, champion: Champion | None, candidates: list[Candid
     its loss against the baseline (paired, same test rows) is within the budget, and every
     size/latency constraint holds. Among the passing, the objective picks one. It is promoted
     only if there is no production champion, or it beats the champion on the objective
-    without a larger loss of the main metric (AUC for a ranker).
+    without a larger loss of the main metric (AUC for a ranker). A champion that could not
+    be verified or measured on these rows (`Champion.problem`) blocks promotion.
 
     Worked example (budget: AUC may drop 0.1% relative, objective smallest; baseline AUC
     0.8000, 40 MB):
@@ -95,6 +105,9 @@ def decide(baseline: Metrics, champion: Champion | None, candidates: list[Candid
     best = min(passing, key=lambda c: (_objective(c, budget), c.candidate.id))
     if champion is None:
         return Verdict(decisions, best.candidate.id, True, "no production model yet")
+    if champion.problem is not None or champion.metrics is None or champion.loss is None:
+        return Verdict(decisions, best.candidate.id, False,
+                       champion.problem or f"production v{champion.version} was not measured")
     loss = _main_loss(best)
     champion_score = _objective_of_metrics(champion.metrics, budget)
     if _objective(best, budget) >= champion_score:
@@ -116,3 +129,47 @@ def _objective_of_metrics(m: Metrics, budget: Budget) -> float:
     if budget.objective == "fastest":
         return m.p99_ms(budget.latency_batch_size) or float("inf")
     return -m.value()
+
+
+def resolution_warnings(resolution: tuple[Resolution, ...], confidence: float) -> tuple[str, ...]:
+    """One line per budget the test split cannot resolve, with the rows it would need."""
+    out = []
+    for r in resolution:
+        if r.resolvable:
+            continue
+        rows = (f"about {r.rows_needed:,} test rows would be needed (now {r.rows:,})"
+                if r.rows_needed else f"more test rows would be needed (now {r.rows:,})")
+        out.append(f"budget {r.metric}: the test split resolves a {r.measured} loss of "
+                   f"{r.resolution:.5f} ({r.relative_resolution:.3%} of the baseline) at "
+                   f"confidence {confidence:g}, more than the budget allows ({r.budget:.5f}); "
+                   f"a candidate can hardly be shown inside it: {rows}, or loosen the budget")
+    return tuple(out)
+
+
+def preflight(trivial: tuple[TrivialBaseline, ...], resolution: tuple[Resolution, ...],
+              budget: Budget, require_useful_baseline: bool, baseline: Metrics) -> str | None:
+    """Why the run must stop before compressing anything, or None.
+
+    A baseline is worth compressing when it beats every trivial predictor of its family on
+    the main metric: the one-sided lower bound of (baseline - trivial), paired on the same
+    test rows, is above zero. Example: a ranker with test AUC 0.5212 [0.4801, 0.5623] against
+    the item-CTR prior's 0.5150 has a margin of +0.0062 with lower bound -0.0310: not shown to
+    be better -> stop (unless `require_useful_baseline` is false). With
+    `budget.strict_resolution`, a budget below the split's resolution stops the run too.
+    """
+    if require_useful_baseline:
+        for t in sorted(trivial, key=lambda t: -t.value):
+            if not t.margin_low > 0:  # NaN is not a margin
+                q = baseline.quality[baseline.main]
+                return (f"the baseline is not worth compressing: its {t.metric} "
+                        f"{q.value:.4f} [{q.ci_low:.4f}, {q.ci_high:.4f}] does not beat the "
+                        f"trivial {t.name} predictor ({t.value:.4f}) on these {baseline.rows:,} "
+                        f"test rows (margin {t.margin:+.4f}, lower bound {t.margin_low:+.4f}); "
+                        "give it more data or more epochs (train.epochs, train.patience), or "
+                        "check that the label depends on the features - or set "
+                        "require_useful_baseline=false to compress it anyway")
+    if budget.strict_resolution:
+        lines = resolution_warnings(resolution, budget.confidence)
+        if lines:
+            return "budget.strict_resolution: " + " | ".join(lines)
+    return None

@@ -27,8 +27,10 @@ from prefect.events import emit_event
 
 from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
+from tasks.baselines import compare_trivial, resolution, trivial_predictions
 from tasks.data import Arrays, generate, read_dataset_ref, read_split, to_arrays, write_dataset
 from tasks.evaluate import evaluate, predict_logits
+from tasks.gate import Champion
 from tasks.models import build, resolve
 from tasks.objectives import DEFAULT_KS, paired_deltas
 from tasks.stages import StageContext, apply_stage, calibrate
@@ -48,13 +50,16 @@ from tasks.types import (
     Metrics,
     ModelSpec,
     Promotion,
+    Resolution,
     StageConfig,
     TrainConfig,
+    TrivialBaseline,
 )
 
 
 def _transient(task: object, task_run: object, state: State) -> bool:
-    """Retry S3/network/lost-worker failures; bad input fails at once (retrying cannot fix it)."""
+    """Retry S3/network/lost-worker failures; bad input fails at once (retrying cannot fix it;
+    NotApplicable and AliasMoved are ValueErrors)."""
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, (ValueError, TypeError, KeyError, AssertionError, StageSkipped))
 
@@ -151,6 +156,8 @@ class Built:
 class Evaluated:
     metrics: Metrics
     predictions: ArtifactRef
+    trivial: tuple[TrivialBaseline, ...] = ()  # the baseline vs its trivial predictors
+    resolution: tuple[Resolution, ...] = ()  # per budgeted metric
 
 
 def node_ip() -> str:
@@ -217,13 +224,26 @@ def train_baseline(spec: ModelSpec, dataset: DatasetRef, cfg: TrainConfig) -> Bu
 
 
 @task(name="evaluate-baseline", **_TASK)
-def evaluate_baseline(built: Built, dataset: DatasetRef,
-                      ks: tuple[int, ...] = DEFAULT_KS) -> Evaluated:
+def evaluate_baseline(built: Built, dataset: DatasetRef, ks: tuple[int, ...] = DEFAULT_KS,
+                      budget: Budget | None = None) -> Evaluated:
+    """The baseline's metrics and predictions on the test rows; with `budget`, also its
+    margins over the family's trivial predictors and each budget's resolution
+    (tasks.baselines)."""
     store = ArtifactStore(Settings())
     model, spec = store.get_model(built.model)
-    metrics, probs, _ = evaluate(model, arrays(dataset, "test", spec), built.model.size_bytes,
-                                 ks=ks)
-    return Evaluated(metrics, store.put_tensor(torch.from_numpy(probs)))
+    test = arrays(dataset, "test", spec)
+    metrics, probs, _ = evaluate(model, test, built.model.size_bytes, ks=ks)
+    if budget is None:
+        return Evaluated(metrics, store.put_tensor(torch.from_numpy(probs)))
+    task, data = spec.task_kind(), dataset.spec
+    names = [c.name for c in data.categorical]
+    item = names.index(data.item_id) if data.item_id in names and task == "ranking" else None
+    n_items = next((c.cardinality for c in data.categorical if c.name == data.item_id), 0)
+    trivial = trivial_predictions(task, arrays(dataset, "train", spec), test, item, n_items)
+    confidence = budget.confidence
+    return Evaluated(metrics, store.put_tensor(torch.from_numpy(probs)),
+                     compare_trivial(task, metrics.main, test, trivial, probs, confidence),
+                     resolution(task, test, probs, budget, metrics.main, ks))
 
 
 @task(name="calibrate", **_TASK)
@@ -351,47 +371,48 @@ def evaluate_candidate(candidate: Candidate, built: Built, dataset: DatasetRef,
 
 @task(name="evaluate-champion", **_TASK)
 def evaluate_champion(model_name: str, version: int, dataset: DatasetRef,
-                      baseline: Evaluated, baseline_spec: ModelSpec | None = None,
-                      ) -> tuple[Metrics, float] | None:
-    """The production model on this run's test rows: metrics and its loss of the main metric
-    vs the baseline (point estimate).
+                      baseline: Evaluated, baseline_spec: ModelSpec | None = None) -> Champion:
+    """The production model on this run's test rows: its metrics and its loss of the main
+    metric vs the baseline (point estimate).
 
-    None when it cannot score this dataset (other tables or features): it is then not a
-    comparable champion, and the caller says so.
+    Never cached: the champion's bytes are verified (sha256) on every run. A champion that
+    cannot be verified, or cannot be measured on these rows (built for other data or another
+    task), comes back with `problem` set, and the gate then does not promote: nothing is
+    promoted over a production model it was not compared with.
     """
     store = ArtifactStore(Settings())
-    try:
-        model, spec = Registry(store).load(model_name, version)
-    except ValueError as exc:  # written by an incompatible version of this code
-        get_run_logger().warning("production v%d cannot be loaded (%s); not comparable",
-                                 version, exc)
-        return None
-    if spec != resolve(spec, dataset.spec):
-        get_run_logger().warning("production v%d was built for other data; not comparable",
-                                 version)
-        return None
+    registry = Registry(store)
+    problem = registry.verify(model_name, version)
+    if problem is not None:
+        return Champion(version, problem="production " + problem.removeprefix(f"{model_name} "))
+    info = registry.version_info(model_name, version)
+    model, spec = registry.load(model_name, version)
+    if spec != resolve(spec, dataset.spec) or (
+            baseline_spec is not None and spec.task_kind() != baseline_spec.task_kind()):
+        return Champion(version, problem=f"production v{version} cannot be measured on this "
+                        "run's test rows (it was built for other data or another task); use "
+                        "another model_name, or roll back / promote by hand after review")
     task = spec.task_kind()
-    if baseline_spec is not None and task != baseline_spec.task_kind():
-        get_run_logger().warning("production v%d is a %s model, this run's baseline is not; "
-                                 "not comparable", version, task)
-        return None
-    info = Registry(store).version_info(model_name, version)
     test = arrays(dataset, "test", spec)
     metrics, pred, _ = evaluate(model, test, int(info["model"]["size_bytes"]))
     base = store.get_tensor(baseline.predictions).numpy()
     main = MAIN_METRIC[task]
     delta = next(d.delta for d in paired_deltas(task, test, base, pred) if d.metric == main)
-    return metrics, float(-delta)
-
+    return Champion(version, metrics, float(-delta))
 
 
 @task(name="promote", **_TASK)
 def promote(model_name: str, result: CandidateResult, files: dict[str, object],
-            run_id: str) -> Promotion:
-    """Publish `result` as a new immutable registry version and point `production` at it."""
+            run_id: str, expected_production: int | None) -> Promotion:
+    """Publish `result` as a new immutable registry version and point `production` at it -
+    only if `production` is still `expected_production`, the version the gate measured
+    (else `AliasMoved`). Retries are idempotent: keyed by run id and candidate, a retry
+    finds the version it claimed and never publishes a second one."""
     registry = Registry(ArtifactStore(Settings()))
-    promotion = registry.publish(model_name, result.model, files, owner=run_id,
-                                 candidate_id=result.candidate.id)
+    promotion = registry.publish(model_name, result.model, files,
+                                 owner=f"{run_id}/{result.candidate.id}",
+                                 candidate_id=result.candidate.id,
+                                 expected_production=expected_production)
     get_run_logger().info("promoted %s v%d: %s", model_name, promotion.version, promotion.uri)
     # for Prefect automations (e.g. roll a serving fleet): event name, resource = the version
     emit_event(event="recsqueeze.model.promoted",

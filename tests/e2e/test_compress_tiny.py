@@ -259,21 +259,35 @@ def test_missing_dataset_fails_clearly_and_leaves_registry_untouched(first_run, 
 
 
 @pytest.mark.parametrize("raw, needle", [
-    ({"budget": {"metrics": {"auc": {"max_drop": -0.1}}}}, "max_drop must be >= 0 (got -0.1)"),
-    ({"model": {"family": "resnet"}}, "model.family"),
+    ('{"budget": {"metrics": {"auc": {"max_drop": -0.1}}}}', "max_drop must be >= 0 (got -0.1)"),
+    ('{"model": {"family": "resnet"}}', "model.family"),
+    ('{"budget": {"metrics": {"main": {"max_drop": NaN}}}}',
+     "budget.metrics.main.max_drop must be a finite number (got nan); NaN and Infinity are not "
+     "allowed: give a number"),
+    ('{"budget": {"metrics": {"main": {"max_drop": Infinity}}}}',
+     "budget.metrics.main.max_drop must be a finite number (got inf)"),
+    ('{"train": {"lr": Infinity}}', "train.lr must be a finite number (got inf)"),
 ])
 def test_cli_refuses_malformed_request_before_touching_anything(raw, needle, stack, tmp_path,
                                                                 settings):
     path = tmp_path / "request.json"
-    path.write_text(json.dumps(raw))
+    path.write_text(raw)  # as a user writes it: Python's json reads NaN and Infinity
     reg = Registry(ArtifactStore(settings))
     before = {m: reg.versions(m) for m in reg.models()}
+    pages = reg.s3.get_paginator("list_objects_v2")
+
+    def registry_keys() -> set[str]:
+        return {o["Key"] for page in pages.paginate(Bucket=reg.store.bucket, Prefix="registry/")
+                for o in page.get("Contents", [])}
+
+    keys = registry_keys()
     out = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--request", str(path), "--json",
          "--state-dir", stack.state_dir], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert needle in " ".join(out.stderr.split()), out.stderr
     assert {m: reg.versions(m) for m in reg.models()} == before
+    assert registry_keys() == keys
 
 
 def test_promotion_emits_a_prefect_event(first_run, settings):

@@ -110,3 +110,30 @@ def test_deployments_carry_the_form_schedule_and_concurrency_limit(api, settings
                     for field, prop in d.get("properties", {}).items()
                     if "description" not in prop and field != "kind"]
     assert not undocumented, undocumented
+
+
+@pytest.mark.parametrize("field, value", [("max_drop", "NaN"), ("max_drop", "Infinity")])
+def test_rest_run_with_a_non_finite_budget_fails_at_parameter_validation(api, settings, field,
+                                                                         value):
+    deployment = api.get("/deployments/name/compress/on-demand").json()
+    request = _tiny("rest-nan-ranker")
+    request["budget"] = {"metrics": {"main": {field: "__VALUE__", "relative": True}}}
+    # what `curl -d '{"parameters": {"request": {... "max_drop": NaN ...}}}'` sends
+    body = json.dumps({"parameters": {"request": request}}).replace('"__VALUE__"', value)
+    created = api.post(f"/deployments/{deployment['id']}/create_flow_run", content=body,
+                       headers={"content-type": "application/json"})
+    s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
+                      aws_access_key_id=settings.s3_access_key.get_secret_value(),
+                      aws_secret_access_key=settings.s3_secret_key.get_secret_value())
+    written = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix="registry/rest-nan-ranker/")
+    if created.status_code != 201:  # refused by the API itself, before any run exists
+        assert created.status_code in (400, 422), created.text
+        assert written.get("KeyCount", 0) == 0
+        return
+    run = _wait(api, created.json()["id"])
+    assert run["state"]["type"] == "FAILED", run["state"]
+    message = run["state"]["message"] or ""
+    assert "parameter" in message.lower() and "max_drop" in message, message
+    for prefix in ("registry/rest-nan-ranker/", f"runs/{run['id']}/"):
+        listed = s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=prefix)
+        assert listed.get("KeyCount", 0) == 0, prefix
