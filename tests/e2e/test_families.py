@@ -81,8 +81,13 @@ def test_sasrec_end_to_end_with_a_segment_budget(stack, settings):
                     Candidate(id="tt-items", plan=(FactorizeConfig(
                         target="tt_embeddings", rank=16, finetune_epochs=1),))),
         budget={"metrics": {"main": {"max_drop": 0.05, "relative": True},
-                            "hr@10[user_type=returning]": {"max_drop": 0.05}}})
+                            "hr@10[user_type=returning]": {"max_drop": 0.05}}},
+        # on `tiny` this SASRec baseline does not beat the popularity ranking yet (the
+        # generator's clicks carry little sequential signal: issue 12 item 4); this test is
+        # about the stages, so it goes on as an expert would - and the check is reported
+        require_useful_baseline=False)
     report = run_compress(request, settings)
+    assert [t.name for t in report.trivial] == ["popularity"] and report.status != "stopped"
     assert not report.failures and not report.skipped, (report.failures, report.skipped)
     rows = {r.candidate: r for r in report.leaderboard}
     assert set(rows) == {*(c.id for c in default_candidates("sasrec")), *EXTRA_IDS, "tt-items"}
