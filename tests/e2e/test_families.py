@@ -145,8 +145,13 @@ def test_a_user_model_class_from_outside_the_package_is_compressed(stack, settin
                     Candidate(id="pruned", plan=(PruneConfig(method="structured"),)),
                     Candidate(id="lowrank", plan=(FactorizeConfig(target="linear", rank=8),)),
                     Candidate(id="student", plan=(DistillConfig(student=student),))),
-        budget={"metrics": {"main": {"max_drop": 0.01, "relative": True}}})
+        budget={"metrics": {"main": {"max_drop": 0.01, "relative": True}}},
+        # this wide & deep, two epochs on `tiny`, does not beat the item-CTR prior (AUC ~0.63
+        # vs 0.655): the test is about compressing a user's class, so it goes on as an expert
+        # would; the comparison is still measured and reported
+        require_useful_baseline=False)
     report = run_compress(request, settings)
+    assert {t.name for t in report.trivial} == {"global_ctr", "item_ctr"}
     assert not report.failures, report.failures
     rows = {r.candidate: r for r in report.leaderboard}
     assert set(rows) == {"int8-all", "int8-emb", "int4-emb", "pruned", "lowrank", "student"}

@@ -102,8 +102,8 @@ def test_promote_and_rollback_move_production_and_previous_together(store):
     model, spec = _model()
     ref = store.put_model(model, spec)
     reg = Registry(store)
-    for _ in range(3):
-        reg.publish("rolly", ref, {}, "t", "c")
+    for i in range(3):  # three runs (one owner = one promotion, retries included)
+        reg.publish("rolly", ref, {}, f"t{i}", "c")
     assert (reg.alias("rolly"), reg.alias("rolly", "previous")) == (3, 2)
     assert reg.rollback("rolly") == (2, 3)
     assert (reg.alias("rolly"), reg.alias("rolly", "previous")) == (2, 3)
@@ -124,8 +124,8 @@ def test_concurrent_alias_moves_leave_a_consistent_pair(store):
     model, spec = _model()
     ref = store.put_model(model, spec)
     reg = Registry(store)
-    for _ in range(5):
-        reg.publish("racy", ref, {}, "t", "c", set_production=False)
+    for i in range(5):
+        reg.publish("racy", ref, {}, f"t{i}", "c", set_production=False)
     threads = [threading.Thread(target=reg.set_alias, args=("racy", "production", v))
                for v in range(1, 6)]
     for t in threads:
@@ -136,3 +136,27 @@ def test_concurrent_alias_moves_leave_a_consistent_pair(store):
     # every move read the alias it replaced under a compare-and-swap: the last writer's
     # previous is the version the second-to-last move set, so the two always differ
     assert production in range(1, 6) and previous in range(1, 6) and previous != production
+
+
+def test_a_retried_promotion_is_one_version_and_the_alias_move_is_a_compare_and_swap(store):
+    from tasks.artifacts import AliasMoved
+
+    model, spec = _model()
+    ref = store.put_model(model, spec)
+    reg = Registry(store)
+    first = reg.publish("cas", ref, {"note.json": {"n": 1}}, "run-a/c", "c",
+                        expected_production=None)
+    again = reg.publish("cas", ref, {"note.json": {"n": 1}}, "run-a/c", "c",
+                        expected_production=None)  # a retry after the seal
+    assert first == again and reg.versions("cas") == [1] and reg.alias("cas") == 1
+    keys = {o["Key"] for o in store.s3.list_objects_v2(Bucket=store.bucket,
+                                                       Prefix="registry/cas/")["Contents"]}
+    # another run measured "no production yet"; production is v1 now: refused, nothing written
+    with pytest.raises(AliasMoved, match=r"^production moved from no version to v1 during "
+                                         r"this run; rerun to judge the candidates against v1$"):
+        reg.publish("cas", ref, {}, "run-b/c", "c", expected_production=None)
+    assert {o["Key"] for o in store.s3.list_objects_v2(
+        Bucket=store.bucket, Prefix="registry/cas/")["Contents"]} == keys
+    # a run that measured v1 moves it
+    promo = reg.publish("cas", ref, {}, "run-c/c", "c", expected_production=1)
+    assert promo.version == 2 and (reg.alias("cas"), reg.alias("cas", "previous")) == (2, 1)
