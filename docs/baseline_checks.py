@@ -1,0 +1,56 @@
+"""The gate's checks before compression, on the built-in data, in one process (no stack).
+
+Trains a family's default baseline on a built-in size, then prints its margin over each
+trivial predictor and the resolution of the default budget (tasks/baselines.py) - the
+numbers a run reports in `trivial_baselines` and `resolution`.
+
+    .venv/bin/python docs/baseline_checks.py --size small --family two_tower --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from tasks.baselines import compare_trivial, resolution, trivial_predictions
+from tasks.data import generate, to_arrays
+from tasks.evaluate import predict
+from tasks.models import build, resolve
+from tasks.types import MAIN_METRIC, Budget, ModelSpec, TrainConfig
+from tasks.train import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--family", default="dlrm", choices=["dlrm", "two_tower", "sasrec"])
+    parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    tables, data = generate(args.size, args.seed)
+    spec = resolve(ModelSpec(family=args.family), data)
+    task = spec.task_kind()
+    train_rows, valid, test = (to_arrays(tables[s], data, task, spec.max_history)
+                               for s in ("train", "valid", "test"))
+    start = time.perf_counter()
+    model = train(build(spec, args.seed), train_rows,
+                  TrainConfig(epochs=args.epochs, seed=args.seed), valid=valid)
+    pred = predict(model, test)
+    names = [c.name for c in data.categorical]
+    n_items = next(c.cardinality for c in data.categorical if c.name == data.item_id)
+    trivial = trivial_predictions(task, train_rows, test,
+                                  names.index(data.item_id) if task == "ranking" else None,
+                                  n_items)
+    main_metric = MAIN_METRIC[task]
+    print(json.dumps({"size": args.size, "family": args.family, "epochs": args.epochs,
+                      "seed": args.seed, "test_rows": len(test),
+                      "train_s": round(time.perf_counter() - start, 1)}))
+    for t in compare_trivial(task, main_metric, test, trivial, pred, Budget().confidence):
+        print(json.dumps({"trivial": t.model_dump(mode="json")}))
+    for r in resolution(task, test, pred, Budget(), main_metric, ()):
+        print(json.dumps({"resolution": r.model_dump(mode="json")}))
+
+
+if __name__ == "__main__":
+    main()
