@@ -17,8 +17,8 @@ from tasks.baselines import compare_trivial, resolution, trivial_predictions
 from tasks.data import generate, to_arrays
 from tasks.evaluate import predict
 from tasks.models import build, resolve
-from tasks.types import MAIN_METRIC, Budget, ModelSpec, TrainConfig
 from tasks.train import train
+from tasks.types import MAIN_METRIC, Budget, ModelSpec, TrainConfig
 
 
 def main() -> None:
