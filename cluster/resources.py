@@ -24,6 +24,18 @@ def worker_nodes() -> list[str]:
     return [n["NodeID"] for n in sorted(alive, key=lambda n: n["NodeManagerAddress"])]
 
 
+def exclusive_options(node_id: str | None) -> dict[str, Any]:
+    """`remote_options` that hold every CPU of `node_id` (soft affinity): no other task is
+    scheduled on that node while this one runs (latency timing)."""
+    import ray
+
+    cpus = 1.0
+    if node_id is not None and ray.is_initialized():
+        cpus = next((n["Resources"].get("CPU", 1.0) for n in ray.nodes()
+                     if n["NodeID"] == node_id), 1.0)
+    return stage_options(cpus, 0, 0, node_id)
+
+
 def stage_options(cpus: float, gpus: float, available_gpus: float,
                   node_id: str | None = None) -> dict[str, Any]:
     """`remote_options` for one stage task.

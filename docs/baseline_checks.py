@@ -17,6 +17,7 @@ from tasks.baselines import compare_trivial, resolution, trivial_predictions
 from tasks.data import generate, to_arrays
 from tasks.evaluate import predict
 from tasks.models import build, resolve
+from tasks.objectives import DEFAULT_KS
 from tasks.train import train
 from tasks.types import MAIN_METRIC, Budget, ModelSpec, TrainConfig
 
@@ -48,7 +49,7 @@ def main() -> None:
                       "train_s": round(time.perf_counter() - start, 1)}))
     for t in compare_trivial(task, main_metric, test, trivial, pred, Budget().confidence):
         print(json.dumps({"trivial": t.model_dump(mode="json")}))
-    for r in resolution(task, test, pred, Budget(), main_metric, ()):
+    for r in resolution(task, test, pred, Budget(), main_metric, DEFAULT_KS):
         print(json.dumps({"resolution": r.model_dump(mode="json")}))
 
 

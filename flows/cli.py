@@ -133,7 +133,9 @@ def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
     for r in report.leaderboard:
         table.add_row(r.candidate, r.plan, f"{r.size_ratio:.2f}x", f"{r.delta:+.5f}",
                       f"{r.loss_ci_high:.5f}", f"{r.p99_ms_bs512:.3f}",
-                      f"{r.latency_ratio:.2f}x" if r.latency_ratio else "-",
+                      (f"{r.latency_ratio:.2f}x [{r.latency_ratio_low:.2f}, "
+                       f"{r.latency_ratio_high:.2f}]" if r.latency_ratio_low is not None else
+                       f"{r.latency_ratio:.2f}x") if r.latency_ratio else "-",
                       "yes" if r.passed else "no: " + "; ".join(r.reasons), r.node_ip)
     console.print(table)
     for cand, error in report.failures.items():

@@ -22,7 +22,7 @@ from prefect.artifacts import (
 from prefect.context import get_run_context
 from prefect_ray.context import remote_options
 
-from cluster.resources import cluster_gpus, stage_options, worker_nodes
+from cluster.resources import cluster_gpus, exclusive_options, stage_options, worker_nodes
 from cluster.runner import ray_task_runner
 from flows.nas import nas_search
 from flows.report import leaderboard, markdown, model_card, pareto_png
@@ -43,6 +43,7 @@ from tasks.run import (
     promote,
     result_storage,
     run_stage,
+    time_candidates,
     train_baseline,
 )
 from tasks.stages.context import NotApplicable, StageSkipped
@@ -185,7 +186,8 @@ def compress(request: CompressionRequest) -> GateReport:
         chains[cand.id] = [calibration, *chain] if needs_calibration else chain
         with remote_options(**stage_options(res.cpus_per_stage, 0, 0, node)):
             evaluations.append(eval_cand.submit(
-                cand, parent, dataset, baseline, base_eval, request.budget.confidence, ks))
+                cand, parent, dataset, baseline, base_eval, request.budget.confidence, ks,
+                timed=False))
 
     # 3. the production champion, measured on the same rows (or its problem, which blocks
     #    promotion); promotion later is a compare-and-swap on this version
@@ -239,6 +241,13 @@ def compress(request: CompressionRequest) -> GateReport:
                 r.metrics.main: r.metrics.value(), "p99_ms": r.metrics.p99_ms(512),
                 "on_front": r in front} for r in trials], description="every NAS trial")
         results.extend(front)
+
+    # 3c. latency: every candidate timed side by side with the baseline, in one task that
+    #     holds all CPUs of its node once every other task is done (nothing else on its
+    #     cores); each ratio gets a 95% interval, and latency constraints judge its low end
+    if results:
+        with remote_options(**exclusive_options(nodes[0])):
+            results = time_candidates.submit(baseline, results, dataset).result()
 
     # 4. gate, then promote at most one
     verdict = decide(base_evaluated.metrics, champion, results, request.budget)

@@ -19,13 +19,17 @@ def leaderboard(baseline: Metrics, results: list[CandidateResult],
         base_p99 = next((lat.p99_ms for lat in r.baseline_latency
                          if lat.batch_size == LATENCY_BS), None)
         main = deltas[r.metrics.main]
+        ratio = next((x for x in r.latency_ratio if x.batch_size == LATENCY_BS), None)
         rows.append(LeaderboardRow(
             candidate=r.candidate.id, plan=r.candidate.label(), size_bytes=r.metrics.size_bytes,
             size_ratio=baseline.size_bytes / r.metrics.size_bytes, metric=r.metrics.main,
             quality=r.metrics.value(), delta=main.delta, loss_ci_high=main.loss_ci_high,
             logloss_delta=deltas["logloss"].delta if "logloss" in deltas else None,
             p99_ms_bs512=p99,
-            latency_ratio=(base_p99 / p99) if (base_p99 and p99) else None,
+            latency_ratio=ratio.value if ratio else (base_p99 / p99) if (base_p99 and p99)
+            else None,
+            latency_ratio_low=ratio.ci_low if ratio else None,
+            latency_ratio_high=ratio.ci_high if ratio else None,
             passed=decisions[r.candidate.id].passed, reasons=decisions[r.candidate.id].reasons,
             node_ip=r.node_ip,
         ))
@@ -37,6 +41,8 @@ def _table(rows: tuple[LeaderboardRow, ...], metric: str) -> str:
              "| p99 ms @512 | latency ratio | passed | node |", "|" + "---|" * 11]
     for r in rows:
         lat = f"{r.latency_ratio:.2f}x" if r.latency_ratio else "-"
+        if r.latency_ratio and r.latency_ratio_low is not None:
+            lat += f" [{r.latency_ratio_low:.2f}, {r.latency_ratio_high:.2f}]"
         p99 = f"{r.p99_ms_bs512:.3f}" if r.p99_ms_bs512 else "-"
         lines.append(f"| {r.candidate} | {r.plan} | {r.size_bytes} | {r.size_ratio:.2f}x | "
                      f"{r.quality:.5f} | {r.delta:+.5f} | {r.loss_ci_high:.5f} | {p99} | "

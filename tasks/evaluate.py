@@ -11,7 +11,7 @@ from torch import nn
 from tasks import objectives
 from tasks.data import Arrays
 from tasks.train import task_of
-from tasks.types import Latency, Metrics
+from tasks.types import Latency, LatencyRatio, Metrics
 
 LATENCY_BATCHES = (1, 512)
 
@@ -74,6 +74,90 @@ def _timed(models: list[nn.Module], data: Arrays, batch_sizes: tuple[int, ...], 
     return [tuple(lat) for lat in out]
 
 
+def latency_ratios(reference: nn.Module, models: list[nn.Module], data: Arrays,
+                   batch_sizes: tuple[int, ...] = LATENCY_BATCHES, iters: int = 25,
+                   min_rounds: int = 10, max_rounds: int = 60, width: float = 0.10,
+                   max_seconds: float = 240.0, warmup: int = 10, resamples: int = 200,
+                   ) -> tuple[tuple[Latency, ...], list[tuple[Latency, ...]],
+                              list[tuple[LatencyRatio, ...]]]:
+    """The reference's and every model's CPU latency, timed side by side on one intra-op
+    thread, and each model's latency ratio (reference p99 / model p99) with a 95% interval.
+
+    Rounds interleave all models (each runs `iters` timed calls per round), so a busy moment
+    slows them alike. The interval is a bootstrap over rounds (resampling whole rounds keeps
+    each round's shared conditions paired). Rounds are added, `min_rounds` at a time, until
+    every interval's width is at most `width` times its ratio, or `max_rounds` / `max_seconds`
+    is reached; `LatencyRatio.rounds` says how many it took. Run it while nothing else runs on
+    the machine's cores: the flow times all candidates in one task that holds its node's CPUs
+    after every other stage is done.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _ratios([reference, *models], data, batch_sizes, iters, min_rounds, max_rounds,
+                       width, max_seconds, warmup, resamples)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.inference_mode()
+def _ratios(models: list[nn.Module], data: Arrays, batch_sizes: tuple[int, ...], iters: int,
+            min_rounds: int, max_rounds: int, width: float, max_seconds: float, warmup: int,
+            resamples: int) -> tuple[tuple[Latency, ...], list[tuple[Latency, ...]],
+                                     list[tuple[LatencyRatio, ...]]]:
+    rng = np.random.default_rng(0)
+    lat: list[list[Latency]] = [[] for _ in models]
+    ratios: list[list[LatencyRatio]] = [[] for _ in models[1:]]
+    start = time.perf_counter()
+    for bs in batch_sizes:
+        idx = rng.integers(0, len(data), bs)
+        dense, sparse = torch.from_numpy(data.dense[idx]), torch.from_numpy(data.sparse[idx])
+        for m in models:
+            m.eval()
+            for _ in range(warmup):
+                m(dense, sparse)
+        rounds: list[np.ndarray] = []  # [models, iters] per round
+        while True:
+            for _ in range(min_rounds):
+                block = np.empty((len(models), iters))
+                for i, m in enumerate(models):
+                    for j in range(iters):
+                        t0 = time.perf_counter()
+                        m(dense, sparse)
+                        block[i, j] = (time.perf_counter() - t0) * 1e3
+                rounds.append(block)
+            times = np.stack(rounds, 1)  # [models, rounds, iters]
+            value, low, high = _ratio_interval(times, resamples, rng)
+            narrow = bool(np.all(high - low <= width * value))
+            if narrow or len(rounds) >= max_rounds or time.perf_counter() - start > max_seconds:
+                break
+        flat = times.reshape(len(models), -1)
+        for i in range(len(models)):
+            lat[i].append(Latency(batch_size=bs, p50_ms=float(np.percentile(flat[i], 50)),
+                                  p99_ms=float(np.percentile(flat[i], 99))))
+        for i in range(len(models) - 1):
+            ratios[i].append(LatencyRatio(batch_size=bs, value=float(value[i]),
+                                          ci_low=float(low[i]), ci_high=float(high[i]),
+                                          rounds=len(rounds)))
+    return tuple(lat[0]), [tuple(x) for x in lat[1:]], [tuple(r) for r in ratios]
+
+
+def _ratio_interval(times: np.ndarray, resamples: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """times [models, rounds, iters], model 0 the reference: each other model's p99 ratio
+    and its 95% bootstrap interval over rounds."""
+    n_models, n_rounds, _ = times.shape
+
+    def ratio(rows: np.ndarray) -> np.ndarray:
+        p99 = np.percentile(times[:, rows].reshape(n_models, -1), 99, axis=1)
+        return p99[0] / p99[1:]
+
+    value = ratio(np.arange(n_rounds))
+    boot = np.stack([ratio(rng.integers(0, n_rounds, n_rounds)) for _ in range(resamples)])
+    low, high = np.percentile(boot, [2.5, 97.5], axis=0)
+    return value, low, high
+
+
 def stored_elements(model: nn.Module) -> int:
     return sum(t.numel() for t in model.state_dict().values())
 
@@ -103,13 +187,19 @@ def dense_flops(model: nn.Module) -> int:
 
 def evaluate(model: nn.Module, test: Arrays, size_bytes: int,
              reference: nn.Module | None = None, ks: tuple[int, ...] = objectives.DEFAULT_KS,
-             ) -> tuple[Metrics, np.ndarray, tuple[Latency, ...] | None]:
+             timed: bool = True) -> tuple[Metrics, np.ndarray, tuple[Latency, ...] | None]:
     """Metrics of `model` on `test` (size = the serialized artifact's bytes), its predictions
     (probabilities or ranks, see `predict`), and - when a `reference` model is given - the
-    reference's latency timed side by side with the model's (for an honest latency ratio)."""
+    reference's latency timed side by side with the model's (for an honest latency ratio).
+    `timed=False` leaves latency out (the flow times every candidate later, in one quiet
+    task: `latency_ratios`)."""
     task = task_of(model)
     pred = predict(model, test)
     quality, ll = objectives.quality(task, test, pred, ks)
+    if not timed:
+        return Metrics(main=objectives.main_metric(task), quality=quality, logloss=ll,
+                       rows=len(test), size_bytes=size_bytes, params=stored_elements(model),
+                       latency=()), pred, None
     lat = measure_latency([model] if reference is None else [model, reference], test)
     metrics = Metrics(main=objectives.main_metric(task), quality=quality, logloss=ll,
                       rows=len(test), size_bytes=size_bytes, params=stored_elements(model),

@@ -67,6 +67,14 @@ def check(c: CandidateResult, baseline: Metrics, budget: Budget) -> GateDecision
         p99 = m.p99_ms(budget.latency_batch_size)
         if p99 is None or p99 > budget.max_p99_ms:
             reasons.append(f"p99@{budget.latency_batch_size}: {p99} ms > max {budget.max_p99_ms} ms")
+    if budget.min_latency_ratio is not None:
+        bs = budget.latency_batch_size
+        ratio = next((r for r in c.latency_ratio if r.batch_size == bs), None)
+        if ratio is None:
+            reasons.append(f"latency_ratio@{bs}: not measured for this candidate")
+        elif not ratio.ci_low >= budget.min_latency_ratio:  # NaN never passes
+            reasons.append(f"latency_ratio@{bs}: lower bound {ratio.ci_low:.2f}x (ratio "
+                           f"{ratio.value:.2f}x) < min {budget.min_latency_ratio:.2f}x")
     return GateDecision(candidate_id=c.candidate.id, passed=not reasons, reasons=tuple(reasons))
 
 

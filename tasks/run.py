@@ -29,7 +29,7 @@ from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
 from tasks.baselines import compare_trivial, resolution, trivial_predictions
 from tasks.data import Arrays, generate, read_dataset_ref, read_split, to_arrays, write_dataset
-from tasks.evaluate import evaluate, predict_logits
+from tasks.evaluate import evaluate, latency_ratios, predict_logits
 from tasks.gate import Champion
 from tasks.models import build, resolve
 from tasks.objectives import DEFAULT_KS, paired_deltas
@@ -353,20 +353,45 @@ def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int,
 @task(name="evaluate-candidate", **_TASK)
 def evaluate_candidate(candidate: Candidate, built: Built, dataset: DatasetRef,
                        baseline_model: Built, baseline: Evaluated, confidence: float,
-                       ks: tuple[int, ...] = DEFAULT_KS) -> CandidateResult:
-    """Quality paired with the baseline's predictions on the same rows; latency timed side
-    by side with the baseline in this same process."""
+                       ks: tuple[int, ...] = DEFAULT_KS, timed: bool = True) -> CandidateResult:
+    """Quality paired with the baseline's predictions on the same rows; with `timed`, latency
+    timed side by side with the baseline in this same process (the compress flow passes
+    False and times every candidate in one quiet task: `time_candidates`)."""
     store = ArtifactStore(Settings())
     model, spec = store.get_model(built.model)
-    reference = _reference_model(baseline_model.model.model_dump_json())
+    reference = _reference_model(baseline_model.model.model_dump_json()) if timed else None
     test = arrays(dataset, "test", spec)
-    metrics, pred, base_latency = evaluate(model, test, built.model.size_bytes, reference, ks)
+    metrics, pred, base_latency = evaluate(model, test, built.model.size_bytes, reference, ks,
+                                           timed)
     base = store.get_tensor(baseline.predictions).numpy()
     return CandidateResult(
         candidate=candidate, model=built.model, metrics=metrics,
         deltas=paired_deltas(spec.task_kind(), test, base, pred, ks, confidence),
         baseline_latency=base_latency or (), node_ip=built.node_ip, wall_s=built.wall_s,
     )
+
+
+@task(name="time-candidates", **_TASK)
+def time_candidates(baseline: Built, results: list[CandidateResult],
+                    dataset: DatasetRef) -> list[CandidateResult]:
+    """Every candidate's latency and latency ratio with its 95% interval, timed side by side
+    with the baseline in this one task - which the flow starts after every other task, holding
+    all CPUs of its node, so nothing else runs on its cores while it times."""
+    store = ArtifactStore(Settings())
+    reference, spec = store.get_model(baseline.model)
+    models = [store.get_model(r.model)[0] for r in results]
+    test = arrays(dataset, "test", spec)
+    # a retrieval forward scores the whole catalogue (tens of ms): fewer calls per round
+    iters = 25 if spec.task_kind() == "ranking" else 10
+    base_lat, lats, ratios = latency_ratios(reference, models, test, iters=iters)
+    for r, ratio in zip(results, ratios):
+        wide = [x for x in ratio if x.ci_high - x.ci_low > 0.1 * x.value]
+        if wide:
+            get_run_logger().warning("latency of %s: interval still wide after %d rounds: %s",
+                                     r.candidate.id, wide[0].rounds, wide)
+    return [r.model_copy(update={"metrics": r.metrics.model_copy(update={"latency": lat}),
+                                 "baseline_latency": base_lat, "latency_ratio": ratio})
+            for r, lat, ratio in zip(results, lats, ratios)]
 
 
 @task(name="evaluate-champion", **_TASK)

@@ -531,6 +531,16 @@ MAIN_METRIC: dict[str, str] = {"ranking": "auc", "retrieval": "recall@50",
                                "next_item": "ndcg@10"}
 
 
+class LatencyRatio(Measured):
+    """Baseline p99 / candidate p99 at one batch size (> 1 = faster), timed side by side."""
+
+    batch_size: int
+    value: float = Field(description="the ratio of the pooled p99s")
+    ci_low: float = Field(description="lower end of its 95% interval (bootstrap over rounds)")
+    ci_high: float = Field(description="upper end of its 95% interval")
+    rounds: int = Field(description="interleaved timing rounds it took")
+
+
 class Metrics(Measured):
     """What one evaluation measured on the test split (sizes and latencies measured, too)."""
 
@@ -649,6 +659,10 @@ class Budget(Frozen):
     max_size_bytes: int | None = Field(None, gt=0, description="size constraint")
     min_size_ratio: float | None = Field(None, gt=0, description="baseline bytes / candidate")
     max_p99_ms: float | None = Field(None, gt=0, description="p99 latency constraint (ms)")
+    min_latency_ratio: float | None = Field(
+        None, gt=0, description="the candidate must be this many times faster than the "
+        "baseline at latency_batch_size (baseline p99 / candidate p99), judged on the lower "
+        "end of the ratio's 95% interval")
     latency_batch_size: int = Field(512, description="batch size of the latency constraint")
     objective: Literal["smallest", "fastest", "best_quality"] = Field(
         "smallest", description="how to pick among passing candidates"
@@ -808,6 +822,8 @@ class CandidateResult(Measured):
     deltas: tuple[PairedDelta, ...]
     baseline_latency: tuple[Latency, ...] = Field(
         (), description="the baseline's latency, timed side by side with this candidate's")
+    latency_ratio: tuple[LatencyRatio, ...] = Field(
+        (), description="baseline p99 / this p99 per batch size, with a 95% interval")
     node_ip: str = Field(description="Ray node that built the candidate")
     wall_s: float = Field(description="seconds spent building it")
 
@@ -830,6 +846,8 @@ class LeaderboardRow(Measured):
     logloss_delta: float | None
     p99_ms_bs512: float | None
     latency_ratio: float | None
+    latency_ratio_low: float | None = Field(None, description="95% interval of latency_ratio")
+    latency_ratio_high: float | None = Field(None, description="95% interval of latency_ratio")
     passed: bool
     reasons: tuple[str, ...]
     node_ip: str

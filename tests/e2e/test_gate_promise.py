@@ -91,6 +91,9 @@ def test_leaderboard_json_carries_resolution_and_trivial_baselines(promoted):
     [res] = report.resolution
     assert res.metric == "main" and res.measured == "auc" and res.rows == report.baseline.rows
     assert 0 < res.resolution < 0.05
+    # latency: timed in one quiet task, each ratio with its 95% interval
+    for row in report.leaderboard:
+        assert row.latency_ratio_low <= row.latency_ratio <= row.latency_ratio_high, row
     names = {t.name for t in report.trivial}
     assert names == {"global_ctr", "item_ctr"} and all(t.margin_low > 0 for t in report.trivial)
     assert next(t for t in report.trivial if t.name == "global_ctr").value == 0.5

@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.gate import Champion, decide
+from tasks.gate import Champion, check, decide
 from tasks.types import (
     ArtifactRef,
     Budget,
@@ -146,3 +146,19 @@ def test_pareto_front_and_plot():
 
     png = pareto_png(Report())  # type: ignore[arg-type]
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_a_latency_constraint_is_judged_on_the_low_end_of_the_ratio_interval():
+    from tasks.types import LatencyRatio
+
+    budget = Budget(metrics={"auc": MetricBudget(max_drop=0.01)}, min_latency_ratio=1.5)
+    timed = result("fast", 10, 0.0, 0.0001).model_copy(update={"latency_ratio": (
+        LatencyRatio(batch_size=512, value=1.8, ci_low=1.4, ci_high=2.2, rounds=30),)})
+    [reason] = check(timed, metrics(100), budget).reasons
+    assert reason == "latency_ratio@512: lower bound 1.40x (ratio 1.80x) < min 1.50x"
+    surely = timed.model_copy(update={"latency_ratio": (
+        LatencyRatio(batch_size=512, value=1.8, ci_low=1.6, ci_high=2.0, rounds=30),)})
+    assert check(surely, metrics(100), budget).passed
+    untimed = result("untimed", 10, 0.0, 0.0001)
+    assert check(untimed, metrics(100), budget).reasons == (
+        "latency_ratio@512: not measured for this candidate",)

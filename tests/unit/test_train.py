@@ -57,3 +57,22 @@ def test_patience_trains_past_a_worse_epoch_and_restores_the_best(monkeypatch):
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshots[2][k]), k
     assert not all(torch.equal(v, snapshots[4][k]) for k, v in model.state_dict().items())
+
+
+def test_a_copy_of_the_baseline_gets_a_latency_ratio_interval_around_one():
+    """Timed side by side, an identical model is as fast as the baseline: its ratio interval
+    contains 1.0 (three copies, at least two must: a 95% interval may miss once in 20)."""
+    import copy
+
+    from tasks.evaluate import latency_ratios
+
+    spec, tr, va, te = _data()
+    model = train(build(resolve(SPEC, spec)), tr.take(slice(0, 4000)),
+                  TrainConfig(epochs=1, batch_size=512))
+    copies = [copy.deepcopy(model) for _ in range(3)]
+    base, lats, ratios = latency_ratios(model, copies, te, batch_sizes=(512,), iters=10,
+                                        min_rounds=8, max_rounds=40)
+    inside = [r[0].ci_low <= 1.0 <= r[0].ci_high for r in ratios]
+    assert sum(inside) >= 2, ratios
+    assert all(r[0].ci_low <= r[0].value <= r[0].ci_high and r[0].rounds >= 8 for r in ratios)
+    assert base[0].batch_size == 512 and all(lat[0].p99_ms > 0 for lat in lats)
