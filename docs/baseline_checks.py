@@ -19,7 +19,7 @@ from tasks.evaluate import predict
 from tasks.models import build, resolve
 from tasks.objectives import DEFAULT_KS
 from tasks.train import train
-from tasks.types import MAIN_METRIC, Budget, ModelSpec, TrainConfig
+from tasks.types import MAIN_METRIC, ModelSpec, TrainConfig, default_budget
 
 
 def main() -> None:
@@ -47,9 +47,10 @@ def main() -> None:
     print(json.dumps({"size": args.size, "family": args.family, "epochs": args.epochs,
                       "seed": args.seed, "test_rows": len(test),
                       "train_s": round(time.perf_counter() - start, 1)}))
-    for t in compare_trivial(task, main_metric, test, trivial, pred, Budget().confidence):
+    budget = default_budget(args.family)
+    for t in compare_trivial(task, main_metric, test, trivial, pred, budget.confidence):
         print(json.dumps({"trivial": t.model_dump(mode="json")}))
-    for r in resolution(task, test, pred, Budget(), main_metric, DEFAULT_KS):
+    for r in resolution(task, test, pred, budget, main_metric, DEFAULT_KS):
         print(json.dumps({"resolution": r.model_dump(mode="json")}))
 
 

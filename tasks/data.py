@@ -8,7 +8,15 @@ Ground truth, per impression (user u, query q, item i shown at position k of a s
     logit = -2.4 + 1.2*[cat(i) == intent(q)] + 0.9*tanh(<a_u, b_i>) + 0.6*affinity[seg(u), cat(i)]
             - 0.35*log(1+k) - 0.5*price_z(i)*price_sensitivity[seg(u)] + 0.4*quality(i)
             + 0.2*device_hour[device, hour] + 0.8*[cat(i) == cat(u's last clicked item)]
-Users and items follow Zipf popularity; half of the shown items match the query's category.
+            + 1.0*[i among u's earlier clicks] + 1.0*[i == next(u's last clicked item)]
+            + 0.8*[i among u's favourites]
+Users and items follow Zipf popularity. What a session shows is drawn per impression: 35%
+items of the query's category; 30% personal - half of it one of the user's 8 favourites (fixed
+items of the two categories they like most), and for a returning user the rest one of their
+last five clicks again (re-purchase, re-visit) or `next` of their last click (each item has one
+fixed successor in its category: the accessory, the next volume); the rest by popularity. So the
+user's id and history carry signal beyond popularity: the two-tower model's and the sequential
+recommender's to learn (and to lose under compression).
 """
 
 from __future__ import annotations
@@ -45,6 +53,9 @@ SIZES = {
 _CATEGORIES, _BRANDS, _SEGMENTS, _DEVICES, _HOURS = 40, 400, 6, 3, 24
 _SESSION, _HISTORY = 10, 20  # results per search session; clicks kept in a history
 _SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # by time: train on the past, test on the future
+_EXPOSURE = (0.35, 0.30)  # shares of impressions: the query's category, personal
+_RECENT = 5  # a personal slot repeats one of the user's last _RECENT clicks
+_FAVOURITES = 8  # items each user likes from the start (of their two favourite categories)
 
 
 def _zipf(rng: np.random.Generator, n: int, size: int, a: float) -> np.ndarray:
@@ -58,8 +69,9 @@ def generate(size: str, seed: int = 0) -> tuple[dict[str, pa.Table], DatasetSpec
 
     Impressions come in search sessions (one user, one query, _SESSION results at positions
     1.._SESSION). Each row carries the user's history (their last _HISTORY clicked items
-    before the session), and the user's next click leans to the category of their last one,
-    so the history is informative (the sequential recommender's signal).
+    before the session); the user's next click leans to the category of their last one, to
+    items they clicked before and to their last click's successor, and the personal share of
+    what a session shows comes from the same history, so the history is informative.
     """
     if size not in SIZES:
         raise ValueError(f"dataset.builtin must be one of {sorted(SIZES)} (got {size!r})")
@@ -92,48 +104,84 @@ def generate(size: str, seed: int = 0) -> tuple[dict[str, pa.Table], DatasetSpec
     session = np.repeat(np.arange(sessions), _SESSION)
     users, queries = s_user[session], s_query[session]
     items = _zipf(rng, g.items, n, 1.05)
-    match = rng.random(n) < 0.5
+    # what a session shows, per impression: 35% items of the query's category, 30% personal
+    # (for a returning user: one of their last _RECENT clicks again, or the successor of the
+    # last one - set in the loop below, it needs the history), the rest by popularity
+    source = rng.random(n)
+    match, personal = source < _EXPOSURE[0], source >= 1 - _EXPOSURE[1]
     intents = query_intent[queries]
-    for c in range(_CATEGORIES):  # search results: half the impressions match the intent
+    for c in range(_CATEGORIES):  # search results that match the query's intent
         rows = np.flatnonzero(match & (intents == c))
         if len(rows) and len(items_by_cat[c]):
             items[rows] = rng.choice(items_by_cat[c], size=len(rows))
+    # each user's favourites: _FAVOURITES items of the two categories they like most, fixed
+    liked = np.argsort(user_vec @ cat_vec.T, axis=1)[:, -2:]
+    by_cat = np.argsort(item_cat, kind="stable")
+    starts = np.searchsorted(item_cat[by_cat], np.arange(_CATEGORIES))
+    counts = np.bincount(item_cat, minlength=_CATEGORIES)
+    fav_cat = liked[np.arange(g.users)[:, None], rng.integers(0, 2, (g.users, _FAVOURITES))]
+    favourites = by_cat[starts[fav_cat] + (rng.random(fav_cat.shape) * counts[fav_cat]).astype(
+        np.int64)]
+    # each item's successor: another item of its category (a fixed cycle through it)
+    successor = np.arange(g.items)
+    for members in items_by_cat:
+        if len(members) > 1:
+            cycle = rng.permutation(members)
+            successor[cycle] = np.roll(cycle, -1)
     position = np.tile(np.arange(1, _SESSION + 1), sessions)
     hour = s_hour[session]
     seg, dev = user_seg[users], user_dev[users]
-    base = (
-        -2.4
-        + 1.2 * (item_cat[items] == intents)
-        + 0.9 * np.tanh(np.einsum("nk,nk->n", user_vec[users], item_vec[items]))
-        + 0.6 * affinity[seg, item_cat[items]]
-        - 0.35 * np.log1p(position)
-        - 0.5 * item_price_z[items] * price_sens[seg]
-        + 0.4 * item_quality[items]
-        + 0.2 * device_hour[dev, hour]
-    )
-    # sequential part: the user's last clicked category; histories, built in time order
+
+    def base_logit(rows: np.ndarray | slice, shown: np.ndarray) -> np.ndarray:
+        return (-2.4
+                + 1.2 * (item_cat[shown] == intents[rows])
+                + 0.9 * np.tanh(np.einsum("nk,nk->n", user_vec[users[rows]], item_vec[shown]))
+                + 0.6 * affinity[seg[rows], item_cat[shown]]
+                - 0.35 * np.log1p(position[rows])
+                - 0.5 * item_price_z[shown] * price_sens[seg[rows]]
+                + 0.4 * item_quality[shown]
+                + 0.2 * device_hour[dev[rows], hour[rows]])
+
+    base = base_logit(slice(None), items)
+    # sequential part: the user's last clicks; histories, built in time order
     uniform = rng.random(n)
+    # a personal slot: a favourite (half), a recent click again or the last click's successor
+    kind = rng.random(n)
+    pick = rng.integers(0, max(_RECENT, _FAVOURITES), n)
+    slots = np.flatnonzero(personal & (kind < 0.5))  # favourites need no history
+    items[slots] = favourites[users[slots], pick[slots] % _FAVOURITES]
+    base[slots] = base_logit(slots, items[slots])
+    again = kind < 0.75
     p_true = np.empty(n)
     click = np.zeros(n, np.int8)
-    last_cat = np.full(g.users, -1)
     history: dict[int, list[int]] = {}
     offsets = np.zeros(n + 1, np.int64)
     values: list[int] = []
     for s in range(sessions):
         lo, hi, u = s * _SESSION, (s + 1) * _SESSION, int(s_user[s])
-        logit = base[lo:hi] + 0.8 * (item_cat[items[lo:hi]] == last_cat[u])
+        past = history.get(u, [])
+        slots = lo + np.flatnonzero(personal[lo:hi] & (kind[lo:hi] >= 0.5))
+        if past and len(slots):  # (without a history these stay popular items)
+            recent = past[-_RECENT:]
+            items[slots] = np.where(again[slots], np.asarray(recent)[pick[slots] % len(recent)],
+                                    successor[past[-1]])
+            base[slots] = base_logit(slots, items[slots])
+        shown = items[lo:hi]
+        logit = base[lo:hi] + 0.8 * np.isin(shown, favourites[u])
+        if past:
+            last = past[-1]
+            logit = logit + (0.8 * (item_cat[shown] == item_cat[last]) + 1.0 * np.isin(shown, past)
+                             + 1.0 * (shown == successor[last]))
         p = 1.0 / (1.0 + np.exp(-logit))
         p_true[lo:hi] = p
         clicked = uniform[lo:hi] < p
         click[lo:hi] = clicked
-        past = history.get(u, [])
         for r in range(lo, hi):  # every impression of the session sees the same history
             values.extend(past)
             offsets[r + 1] = len(values)
         new = items[lo:hi][clicked].tolist()
         if new:
             history[u] = (past + new)[-_HISTORY:]
-            last_cat[u] = item_cat[new[-1]]
 
     price = np.exp(3.0 + 0.8 * item_price_z[items])
     impressions = np.bincount(items, minlength=g.items)

@@ -31,3 +31,18 @@ def test_model_runs_on_generated_batch():
     model = build(resolve(ModelSpec(embedding_dim=8, bottom_mlp=(8,), top_mlp=(8,)), spec))
     out = model(torch.from_numpy(arrays.dense), torch.from_numpy(arrays.sparse))
     assert out.shape == (16,)
+
+
+def test_the_history_carries_signal_beyond_popularity():
+    """A returning user's click is often one of their own earlier clicks (the personal share
+    of what sessions show and the ground truth's repeat term): far more often than the
+    popularity of those items alone would make it."""
+    tables, spec = generate("tiny", 0)
+    train = tables["train"]
+    clicked = np.flatnonzero(train["click"].to_numpy() == 1)
+    history, items = train["history"].to_pylist(), train["item_id"].to_numpy()
+    returning = [r for r in clicked if history[r]]
+    repeat = np.mean([items[r] in history[r] for r in returning])
+    share = np.bincount(items[clicked], minlength=1000) / len(clicked)  # click popularity
+    by_chance = np.mean([share[np.unique(history[r])].sum() for r in returning])
+    assert repeat > 0.25 and repeat > 2 * by_chance, (repeat, by_chance)
