@@ -393,16 +393,20 @@ class Registry:
     def verify(self, model: str, version: int) -> str | None:
         """Why version `version` cannot be trusted (sealed record missing, bytes that do not
         match their sha256, not a recsqueeze safetensors model), or None when it loads."""
+        return self.load_verified(model, version)[1]
+
+    def load_verified(self, model: str, version: int,
+                      ) -> tuple[tuple[nn.Module, ModelSpec] | None, str | None]:
+        """(the loaded version, None), or (None, why it cannot be trusted) - read once."""
         where = f"{self._prefix(model)}/versions/{version}"
         try:
-            self.load(model, version)
+            return self.load(model, version), None
         except IntegrityError:
-            return (f"{model} v{version} could not be verified (sha256 mismatch in "
-                    f"{where}/model.safetensors): fix or roll back the registry")
+            return None, (f"{model} v{version} could not be verified (sha256 mismatch in "
+                          f"{where}/model.safetensors): fix or roll back the registry")
         except (ValueError, KeyError, TypeError) as exc:
-            return (f"{model} v{version} could not be verified ({where}: {exc}): fix or roll "
-                    "back the registry")
-        return None
+            return None, (f"{model} v{version} could not be verified ({where}: {exc}): fix or "
+                          "roll back the registry")
 
     def load(self, model: str, version: int) -> tuple[nn.Module, ModelSpec]:
         info = self.version_info(model, version)

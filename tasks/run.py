@@ -407,11 +407,12 @@ def evaluate_champion(model_name: str, version: int, dataset: DatasetRef,
     """
     store = ArtifactStore(Settings())
     registry = Registry(store)
-    problem = registry.verify(model_name, version)
-    if problem is not None:
-        return Champion(version, problem="production " + problem.removeprefix(f"{model_name} "))
+    loaded, problem = registry.load_verified(model_name, version)  # the bytes are read once
+    if loaded is None:
+        return Champion(version, problem="production " + str(problem).removeprefix(
+            f"{model_name} "))
+    model, spec = loaded
     info = registry.version_info(model_name, version)
-    model, spec = registry.load(model_name, version)
     if spec != resolve(spec, dataset.spec) or (
             baseline_spec is not None and spec.task_kind() != baseline_spec.task_kind()):
         return Champion(version, problem=f"production v{version} cannot be measured on this "
