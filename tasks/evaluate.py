@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -78,6 +79,7 @@ def latency_ratios(reference: nn.Module, models: list[nn.Module], data: Arrays,
                    batch_sizes: tuple[int, ...] = LATENCY_BATCHES, iters: int = 25,
                    min_rounds: int = 10, max_rounds: int = 60, width: float = 0.10,
                    max_seconds: float = 90.0, warmup: int = 10, resamples: int = 200,
+                   clock: Callable[[], float] = time.perf_counter,
                    ) -> tuple[tuple[Latency, ...], list[tuple[Latency, ...]],
                               list[tuple[LatencyRatio, ...]]]:
     """The reference's and every model's CPU latency, timed side by side on one intra-op
@@ -88,7 +90,8 @@ def latency_ratios(reference: nn.Module, models: list[nn.Module], data: Arrays,
     moment slows them alike. The interval is a bootstrap over rounds (resampling whole rounds keeps
     each round's shared conditions paired). Rounds are added, `min_rounds` at a time, until
     every interval's width is at most `width` times its ratio, or `max_rounds` / `max_seconds`
-    is reached; `LatencyRatio.rounds` says how many it took. Run it while nothing else runs on
+    is reached; `LatencyRatio.rounds` says how many it took (`clock` is injectable so the
+    statistics can be tested on scripted times). Run it while nothing else runs on
     the machine's cores: the flow times all candidates in one task that holds its node's CPUs
     after every other stage is done.
     """
@@ -96,7 +99,7 @@ def latency_ratios(reference: nn.Module, models: list[nn.Module], data: Arrays,
     torch.set_num_threads(1)
     try:
         return _ratios([reference, *models], data, batch_sizes, iters, min_rounds, max_rounds,
-                       width, max_seconds, warmup, resamples)
+                       width, max_seconds, warmup, resamples, clock)
     finally:
         torch.set_num_threads(threads)
 
@@ -104,12 +107,12 @@ def latency_ratios(reference: nn.Module, models: list[nn.Module], data: Arrays,
 @torch.inference_mode()
 def _ratios(models: list[nn.Module], data: Arrays, batch_sizes: tuple[int, ...], iters: int,
             min_rounds: int, max_rounds: int, width: float, max_seconds: float, warmup: int,
-            resamples: int) -> tuple[tuple[Latency, ...], list[tuple[Latency, ...]],
-                                     list[tuple[LatencyRatio, ...]]]:
+            resamples: int, clock: Callable[[], float],
+            ) -> tuple[tuple[Latency, ...], list[tuple[Latency, ...]], list[tuple[LatencyRatio, ...]]]:
     rng = np.random.default_rng(0)
     lat: list[list[Latency]] = [[] for _ in models]
     ratios: list[list[LatencyRatio]] = [[] for _ in models[1:]]
-    start = time.perf_counter()
+    start = clock()
     for bs in batch_sizes:
         idx = rng.integers(0, len(data), bs)
         dense, sparse = torch.from_numpy(data.dense[idx]), torch.from_numpy(data.sparse[idx])
@@ -127,14 +130,14 @@ def _ratios(models: list[nn.Module], data: Arrays, batch_sizes: tuple[int, ...],
                 for i in (*range(first, len(models)), *range(first)):
                     m = models[i]
                     for j in range(iters):
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         m(dense, sparse)
-                        block[i, j] = (time.perf_counter() - t0) * 1e3
+                        block[i, j] = (clock() - t0) * 1e3
                 rounds.append(block)
             times = np.stack(rounds, 1)  # [models, rounds, iters]
             value, low, high = _ratio_interval(times, resamples, rng)
             narrow = bool(np.all(high - low <= width * value))
-            if narrow or len(rounds) >= max_rounds or time.perf_counter() - start > max_seconds:
+            if narrow or len(rounds) >= max_rounds or clock() - start > max_seconds:
                 break
         flat = times.reshape(len(models), -1)
         for i in range(len(models)):
