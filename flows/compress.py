@@ -247,7 +247,8 @@ def compress(request: CompressionRequest) -> GateReport:
     #     cores); each ratio gets a 95% interval, and latency constraints judge its low end
     if results:
         with remote_options(**exclusive_options(nodes[0])):
-            results = time_candidates.submit(baseline, results, dataset).result()
+            results = time_candidates.submit(baseline, results, dataset,
+                                             res.timing_seconds).result()
 
     # 4. gate, then promote at most one
     verdict = decide(base_evaluated.metrics, champion, results, request.budget)

@@ -154,8 +154,10 @@ def plan_label(plan: Plan) -> str:
 
 
 def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
-              log: Callable[[str], None] = print, data_seed: int = 0) -> list[dict[str, object]]:
-    """One row per candidate of `suite` (leaderboard columns + the config).
+              log: Callable[[str], None] = print, data_seed: int = 0,
+              timing_seconds: float = 90.0) -> list[dict[str, object]]:
+    """One row per candidate of `suite` (leaderboard columns + the config); the latency
+    timing of all candidates takes at most `timing_seconds` (the flow's default).
 
     `seed` is the training seed (init, shuffling); the data stays the same (`data_seed`), so
     rows of several seeds show the spread that training alone causes.
@@ -198,7 +200,8 @@ def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
     # the flow's timing, side by side, rounds until each ratio's interval is narrow; a
     # retrieval forward scores the whole catalogue (tens of ms): fewer calls per round
     base_lat, lats, ratios = latency_ratios(baseline, candidates, test, batch_sizes=(batch_size,),
-                                            iters=25 if task == "ranking" else 10)
+                                            iters=25 if task == "ranking" else 10,
+                                            max_seconds=timing_seconds)
     p99 = [base_lat[0].p99_ms, *(lat[0].p99_ms for lat in lats)]
     metric = main_metric(task)
     rows: list[dict[str, object]] = []

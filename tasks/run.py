@@ -372,8 +372,8 @@ def evaluate_candidate(candidate: Candidate, built: Built, dataset: DatasetRef,
 
 
 @task(name="time-candidates", **_TASK)
-def time_candidates(baseline: Built, results: list[CandidateResult],
-                    dataset: DatasetRef) -> list[CandidateResult]:
+def time_candidates(baseline: Built, results: list[CandidateResult], dataset: DatasetRef,
+                    max_seconds: float = 90.0) -> list[CandidateResult]:
     """Every candidate's latency and latency ratio with its 95% interval, timed side by side
     with the baseline in this one task - which the flow starts after every other task, holding
     all CPUs of its node, so nothing else runs on its cores while it times."""
@@ -383,7 +383,8 @@ def time_candidates(baseline: Built, results: list[CandidateResult],
     test = arrays(dataset, "test", spec)
     # a retrieval forward scores the whole catalogue (tens of ms): fewer calls per round
     iters = 25 if spec.task_kind() == "ranking" else 10
-    base_lat, lats, ratios = latency_ratios(reference, models, test, iters=iters)
+    base_lat, lats, ratios = latency_ratios(reference, models, test, iters=iters,
+                                            max_seconds=max_seconds)
     for r, ratio in zip(results, ratios):
         wide = [x for x in ratio if x.ci_high - x.ci_low > 0.1 * x.value]
         if wide:

@@ -674,6 +674,10 @@ class Resources(Frozen):
     gpus_per_stage: float = Field(
         1.0, ge=0, description="Ray num_gpus per stage, used only if the cluster has GPUs"
     )
+    timing_seconds: float = Field(
+        90.0, gt=0, le=3600,
+        description="Most seconds the side-by-side latency timing of all candidates may take "
+                    "(longer = narrower latency-ratio intervals)")
 
 
 RANK_FAMILIES_MAX_DROP = 0.01

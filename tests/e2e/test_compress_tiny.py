@@ -28,11 +28,14 @@ from tasks.types import (
     ModelSpec,
     PruneConfig,
     QuantizeConfig,
+    Resources,
     TrainConfig,
     default_candidates,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
+# these tests check what the flow does with latencies, not how narrow their intervals get
+QUICK_TIMING = Resources(timing_seconds=10)
 
 
 STUDENT = ModelSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64,))
@@ -48,6 +51,7 @@ def _request(name: str, *extra: Candidate, **kw) -> CompressionRequest:
                   Candidate(id="student-int8", plan=(student, QuantizeConfig())),
                   Candidate(id="sparse-2of4", plan=(PruneConfig(method="semi_structured"),)),
                   *extra)
+    kw.setdefault("resources", QUICK_TIMING)
     return CompressionRequest(model_name=name, dataset=DatasetRequest(builtin="tiny"),
                               train=TrainConfig(epochs=2, batch_size=512),
                               candidates=candidates, **kw)
@@ -334,6 +338,7 @@ def test_nas_search_fans_out_generations_and_feeds_its_front_to_the_gate(stack, 
     from tasks.types import NASRequest, NASSpace
 
     request = CompressionRequest(
+        resources=QUICK_TIMING,
         model_name="nas-ranker", dataset=DatasetRequest(builtin="tiny"),
         train=TrainConfig(epochs=1, batch_size=512),
         candidates=(Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),),

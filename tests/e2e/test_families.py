@@ -22,11 +22,14 @@ from tasks.types import (
     ModelSpec,
     PruneConfig,
     QuantizeConfig,
+    Resources,
     TrainConfig,
     default_candidates,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
+# these tests check what the flow does with latencies, not how narrow their intervals get
+QUICK_TIMING = Resources(timing_seconds=10)
 
 TINY = DatasetRequest(builtin="tiny")
 # the stages the default plans of the retrieval families leave out: calibration + mixed
@@ -51,6 +54,7 @@ def test_two_tower_retrieval_end_to_end(stack, settings):
     defaults = CompressionRequest(model=ModelSpec(family="two_tower"))
     assert [c.id for c in defaults.candidates] == [c.id for c in default_candidates("two_tower")]
     request = CompressionRequest(
+        resources=QUICK_TIMING,
         model_name="e2e-retriever", model=ModelSpec(family="two_tower"), dataset=TINY,
         train=TrainConfig(epochs=3, batch_size=256),
         candidates=(*default_candidates("two_tower"), *EXTRA),
@@ -75,6 +79,7 @@ def test_two_tower_retrieval_end_to_end(stack, settings):
 
 def test_sasrec_end_to_end_with_a_segment_budget(stack, settings):
     request = CompressionRequest(
+        resources=QUICK_TIMING,
         model_name="e2e-sequential", model=ModelSpec(family="sasrec", max_history=20),
         dataset=TINY, train=TrainConfig(epochs=2, batch_size=256),
         candidates=(*default_candidates("sasrec"), *EXTRA,
@@ -107,6 +112,7 @@ def test_sasrec_end_to_end_with_a_segment_budget(stack, settings):
 
 def test_budget_naming_an_unknown_segment_fails_before_training(stack, settings):
     request = CompressionRequest(
+        resources=QUICK_TIMING,
         model_name="e2e-bad-segment", dataset=TINY, train=TrainConfig(epochs=1),
         candidates=(Candidate(id="int8", plan=(QuantizeConfig(),)),),
         budget={"metrics": {"auc[country=de]": {"max_drop": 0.002}}})
@@ -118,6 +124,7 @@ def test_budget_naming_an_unknown_segment_fails_before_training(stack, settings)
 
 def test_ranker_tail_item_budget_and_session_ndcg(stack, settings):
     request = CompressionRequest(
+        resources=QUICK_TIMING,
         model_name="e2e-tail", dataset=TINY, train=TrainConfig(epochs=2, batch_size=512),
         candidates=(Candidate(id="int8-all", plan=(QuantizeConfig(),)),
                     Candidate(id="int2-emb", plan=(QuantizeConfig(linear="none",
@@ -139,6 +146,7 @@ def test_a_user_model_class_from_outside_the_package_is_compressed(stack, settin
                      options={"hidden": 64})
     student = user.model_copy(update={"embedding_dim": 8, "options": {"hidden": 16}})
     request = CompressionRequest(
+        resources=QUICK_TIMING,
         model_name="e2e-user-model", model=user, dataset=TINY,
         train=TrainConfig(epochs=2, batch_size=512),
         candidates=(*default_candidates("custom"),

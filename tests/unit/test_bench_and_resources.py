@@ -11,7 +11,7 @@ def test_gpu_requested_only_when_the_cluster_has_one():
 
 
 def test_quantize_suite_rows_are_measured_side_by_side():
-    rows = run_suite("quantize", "tiny", log=lambda _: None)
+    rows = run_suite("quantize", "tiny", log=lambda _: None, timing_seconds=5)
     assert len(rows) == len(SUITES["quantize"])
     by_plan = {r["plan"]: r for r in rows}
     both = by_plan["quantize(dynamic_int8+rowwise_int8)"]
@@ -30,7 +30,7 @@ def test_unknown_suite_is_named():
 
 
 def test_prune_suite_reports_flops_and_embedding_bytes():
-    rows = {r["plan"]: r for r in run_suite("prune", "tiny", log=lambda _: None)}
+    rows = {r["plan"]: r for r in run_suite("prune", "tiny", log=lambda _: None, timing_seconds=5)}
     structured = rows["prune(structured@0.75)"]
     assert structured["dense_flops"] < structured["baseline_dense_flops"] / 2
     emb = rows["prune(embedding_rows@0.5)"]
@@ -42,7 +42,7 @@ def test_prune_suite_reports_flops_and_embedding_bytes():
 
 
 def test_distill_and_factorize_suites_follow_the_row_contract():
-    rows = run_suite("distill", "tiny", log=lambda _: None)
+    rows = run_suite("distill", "tiny", log=lambda _: None, timing_seconds=5)
     assert len(rows) == len(SUITES["distill"]) and {r["suite"] for r in rows} == {"distill"}
     by_plan = {r["plan"]: r for r in rows}
     half = next(r for p, r in by_plan.items() if p.startswith("distill(d32") and "->" not in p)
