@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,6 +110,7 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> int:
         proc = subprocess.Popen(
             args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stopped alone, outlives the CLI
+            umask=0o077,  # its logs and sockets are the user's alone
         )
     return proc.pid
 
@@ -157,8 +160,11 @@ def start_local_cluster(
     if not token_path.exists():
         token_path.write_text(secrets.token_hex(32))
     os.chmod(token_path, 0o600)
-    # Ray's socket paths must stay under 107 bytes: keep its temp dir short.
-    temp_dir = f"/tmp/rsq-{secrets.token_hex(4)}"
+    # Ray's socket paths must stay under 107 bytes: keep its temp dir short. It lives inside a
+    # mode-0700 directory (Ray makes its temp dir and some below it 0777: behind the 0700 one
+    # nobody else reaches them), its files are created under umask 077, and
+    # `stop_local_cluster` removes the whole directory.
+    temp_dir = f"{tempfile.mkdtemp(prefix='rsq-', dir='/tmp')}/r"
     env = os.environ | (extra_env or {}) | ray_env(str(token_path))
     ray_bin = str(Path(sys.executable).with_name("ray"))
     common = [
@@ -198,9 +204,13 @@ def _has_cuda() -> bool:
 
 
 def stop_local_cluster(cluster: LocalRayCluster, timeout_s: float = 30.0) -> None:
-    """Stop the nodes this cluster started (workers first), and only those."""
+    """Stop the nodes this cluster started (workers first), and only those; then remove its
+    temp dir (logs, sockets, spilled objects)."""
     for node in sorted(cluster.nodes, key=lambda n: n.head):
         _stop_group(node.pid, timeout_s)
+    private = Path(cluster.temp_dir).parent
+    if private.name.startswith("rsq-"):
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _stop_group(pid: int, timeout_s: float) -> None:

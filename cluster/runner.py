@@ -25,8 +25,9 @@ def ray_task_runner(address: str, node_ip: str = "", env: dict[str, str] | None 
     """A RayTaskRunner joined to the cluster at `address` (never a throwaway local one).
 
     `node_ip` is the driver's address in the cluster (a 127.0.0.x address on the local stack:
-    Ray rewrites 127.0.0.1). `env` travels to every task through the job's runtime_env, so a
-    remote cluster's workers reach the same S3 store without any setting on the nodes.
+    Ray rewrites 127.0.0.1). `env` travels to every task through the job's runtime_env, which
+    Ray logs and keeps in its job table: it must hold no secret (`Settings.public_env`); the
+    nodes bring their own keys.
     """
     if not address:
         raise ValueError(

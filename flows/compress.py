@@ -6,6 +6,7 @@ the Ray cluster, with its resources at the call site; shared plan prefixes run o
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from itertools import accumulate
 from pathlib import Path
@@ -109,7 +110,7 @@ def cluster_runner() -> Any:
     settings = Settings()
     if not settings.ray_address:
         return None
-    return ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.s3_env())
+    return ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.public_env())
 
 
 @flow(name="compress", validate_parameters=True, task_runner=cluster_runner())
@@ -318,14 +319,16 @@ def publish(store: ArtifactStore, report: GateReport) -> None:
     store.put_json(f"{base}/report.json", report.model_dump(mode="json"))
     text = markdown(report)
     if rows:
-        store.s3.put_object(Bucket=store.bucket, Key=f"{base}/pareto.png",
-                            Body=pareto_png(report), ContentType="image/png")
-        url = store.s3.generate_presigned_url("get_object", ExpiresIn=7 * 24 * 3600, Params={
-            "Bucket": store.bucket, "Key": f"{base}/pareto.png"})
-        create_image_artifact(image_url=url, key="pareto",
-                              description=f"{report.model_name}: size vs "
-                                          f"{report.baseline.main} (link valid 7 days)")
-        text += f"\n![size vs {report.baseline.main}, Pareto front]({url})\n"
+        png = pareto_png(report)
+        store.s3.put_object(Bucket=store.bucket, Key=f"{base}/pareto.png", Body=png,
+                            ContentType="image/png")
+        # no presigned link anywhere persistent (it carries the access key id and a
+        # signature): the UI gets the image itself, the report a link relative to its folder
+        create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(png).decode(),
+                              key="pareto", description=f"{report.model_name}: size vs "
+                                                        f"{report.baseline.main}")
+        text += (f"\n![size vs {report.baseline.main}, Pareto front](pareto.png)\n\n"
+                 f"(`s3://{store.bucket}/{base}/pareto.png`)\n")
     store.put_text(f"{base}/report.md", text)
     if rows:
         create_table_artifact(key="leaderboard", table=rows,

@@ -55,7 +55,7 @@ def deployments() -> list:  # type: ignore[type-arg]
 
 def cluster_env(settings: Settings) -> dict[str, str]:
     """What a served flow run needs to find the Prefect API, S3 and the Ray cluster."""
-    env = driver_env(settings) | settings.s3_env() | {
+    env = driver_env(settings) | settings.public_env() | {
         "RECSQUEEZE_PREFECT_API_URL": settings.prefect_api_url,
         "RECSQUEEZE_RAY_ADDRESS": settings.ray_address,
         "RECSQUEEZE_RAY_NODE_IP": settings.ray_node_ip,

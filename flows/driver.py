@@ -44,6 +44,6 @@ def run_compress(request: CompressionRequest, settings: Settings) -> GateReport:
 
     from flows.compress import compress
 
-    runner = ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.s3_env())
+    runner = ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.public_env())
     with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
         return compress.with_options(task_runner=runner)(request)

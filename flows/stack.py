@@ -16,7 +16,7 @@ from pathlib import Path
 from cluster.local import LocalRayCluster, start_local_cluster, stop_local_cluster
 from infra.prefect_server import PrefectServer, start_prefect
 from infra.process import alive, spawn, stop
-from infra.s3server import S3Server, start_s3
+from infra.s3server import S3Server, credentials, credentials_path, start_s3
 from infra.settings import QUIET_ENV, Settings
 
 REPO = Path(__file__).resolve().parent.parent  # deployments' entrypoints are relative to it
@@ -35,12 +35,13 @@ class Stack:
         return [self.s3.pid, self.prefect.pid, *(n.pid for n in self.ray.nodes), *extra]
 
     def settings(self) -> Settings:
+        """The stack's settings; the keys come from its credentials file."""
         return Settings(
             state_dir=Path(self.state_dir), s3_endpoint=self.s3.endpoint,
-            s3_bucket=self.s3.bucket, s3_access_key=self.s3.access_key,  # type: ignore[arg-type]
-            s3_secret_key=self.s3.secret_key,  # type: ignore[arg-type]
-            prefect_api_url=self.prefect.api_url, ray_address=self.ray.address,
-            ray_node_ip=self.ray.head_ip, ray_auth_token_path=self.ray.token_path,
+            s3_bucket=self.s3.bucket, prefect_api_url=self.prefect.api_url,
+            ray_address=self.ray.address, ray_node_ip=self.ray.head_ip,
+            ray_auth_token_path=self.ray.token_path,
+            credentials_file=str(credentials_path(Path(self.state_dir))),
         )
 
 
@@ -65,9 +66,9 @@ def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
     try:
         prefect = start_prefect(state_dir, port=4200 if well_known_ports else None)
         started.append(prefect.pid)
+        # the nodes find the keys in the credentials file: none is in their environment
         s3_env = {"RECSQUEEZE_S3_ENDPOINT": s3.endpoint, "RECSQUEEZE_S3_BUCKET": s3.bucket,
-                  "RECSQUEEZE_S3_ACCESS_KEY": s3.access_key,
-                  "RECSQUEEZE_S3_SECRET_KEY": s3.secret_key}
+                  "RECSQUEEZE_CREDENTIALS_FILE": str(credentials_path(state_dir))}
         ray = start_local_cluster(state_dir, head_ip, worker_ips, cpus_per_node,
                                   extra_env=QUIET_ENV | s3_env)
     except BaseException:
@@ -86,9 +87,12 @@ def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
 
 
 def _write(stack: Stack) -> None:
+    """stack.json, without the keys (they stay in the credentials file alone)."""
     path = _stack_file(Path(stack.state_dir))
-    path.write_text(json.dumps(asdict(stack), indent=2))
-    os.chmod(path, 0o600)  # holds the S3 secret
+    raw = asdict(stack)
+    raw["s3"] |= {"access_key": "", "secret_key": ""}
+    path.write_text(json.dumps(raw, indent=2))
+    os.chmod(path, 0o600)
 
 
 def load_stack(state_dir: Path) -> Stack | None:
@@ -96,6 +100,8 @@ def load_stack(state_dir: Path) -> Stack | None:
     if not path.exists():
         return None
     raw = json.loads(path.read_text())
+    access, secret = credentials(Path(raw["state_dir"]))
+    raw["s3"] |= {"access_key": access, "secret_key": secret}
     return Stack(raw["state_dir"], S3Server(**raw["s3"]), PrefectServer(**raw["prefect"]),
                  LocalRayCluster.from_json(json.dumps(raw["ray"])), raw.get("deployments_pid"))
 

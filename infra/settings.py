@@ -6,10 +6,15 @@ Secrets (the S3 keys) are ``SecretStr`` so they never show up in reprs, logs or 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_FROM_FILE = {"access_key": "s3_access_key", "secret_key": "s3_secret_key",
+              "signing_key": "signing_key"}
 
 
 class Settings(BaseSettings):
@@ -27,16 +32,54 @@ class Settings(BaseSettings):
     ray_address: str = Field("", description="host:port of a running Ray cluster's GCS")
     ray_node_ip: str = Field("", description="IP the driver uses to join the Ray cluster")
     ray_auth_token_path: str = Field("", description="Ray token-auth file; empty = no auth")
+    credentials_file: str = Field(
+        "", description="JSON file (mode 0600) with access_key, secret_key and signing_key: "
+                        "fills those not set otherwise, so no secret travels in an environment")
+    signing_key: SecretStr = Field(
+        SecretStr(""), description="HMAC key sealing cached task results; never in the bucket")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_credentials_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("credentials_file"):
+            return data
+        path = Path(data["credentials_file"])
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            # not a ValueError: pydantic would print the input (with its secrets) in the error
+            raise CredentialsError(f"credentials_file {path}: cannot read it ({exc}); point "
+                             "RECSQUEEZE_CREDENTIALS_FILE at a JSON file with access_key, "
+                             "secret_key and signing_key") from None
+        missing = {field: raw[key] for key, field in _FROM_FILE.items()
+                   if key in raw and not _given(data.get(field))}
+        return data | missing
+
+    def public_env(self) -> dict[str, str]:
+        """What a worker needs to find the store, without any secret: the keys come from the
+        node itself (its credentials file, its environment, a pod's Secret)."""
+        env = {"RECSQUEEZE_S3_ENDPOINT": self.s3_endpoint, "RECSQUEEZE_S3_BUCKET": self.s3_bucket,
+               "RECSQUEEZE_S3_REGION": self.s3_region}
+        if self.credentials_file:
+            env["RECSQUEEZE_CREDENTIALS_FILE"] = self.credentials_file
+        return env
 
     def s3_env(self) -> dict[str, str]:
-        """The RECSQUEEZE_S3_* variables a remote worker needs to reach the store."""
-        return {
-            "RECSQUEEZE_S3_ENDPOINT": self.s3_endpoint,
-            "RECSQUEEZE_S3_BUCKET": self.s3_bucket,
-            "RECSQUEEZE_S3_REGION": self.s3_region,
+        """`public_env` plus the keys themselves, for this process's own environment only
+        (never a runtime_env, a block or a log)."""
+        return self.public_env() | {
             "RECSQUEEZE_S3_ACCESS_KEY": self.s3_access_key.get_secret_value(),
             "RECSQUEEZE_S3_SECRET_KEY": self.s3_secret_key.get_secret_value(),
+            "RECSQUEEZE_SIGNING_KEY": self.signing_key.get_secret_value(),
         }
+
+
+class CredentialsError(RuntimeError):
+    """The credentials file cannot be read."""
+
+
+def _given(value: Any) -> bool:
+    return bool(value.get_secret_value() if isinstance(value, SecretStr) else value)
 
 
 QUIET_ENV = {

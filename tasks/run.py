@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -22,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from prefect import State, get_run_logger, task
-from prefect.cache_policies import INPUTS, NO_CACHE, CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.events import emit_event
+from pydantic import BaseModel
 
 from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
@@ -33,6 +35,7 @@ from tasks.evaluate import evaluate, latency_ratios, predict_logits
 from tasks.gate import Champion
 from tasks.models import build, resolve
 from tasks.objectives import DEFAULT_KS, paired_deltas
+from tasks.results import JSONResults, ResultJSON, result_type
 from tasks.stages import StageContext, apply_stage, calibrate
 from tasks.stages.calibrate import table_bytes
 from tasks.stages.context import StageSkipped
@@ -47,6 +50,8 @@ from tasks.types import (
     CandidateResult,
     DatasetRef,
     DatasetRequest,
+    Frozen,
+    Measured,
     Metrics,
     ModelSpec,
     Promotion,
@@ -68,21 +73,11 @@ _TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay
              retry_condition_fn=_transient)
 
 
-def result_storage(settings: Settings) -> object:
-    """Prefect task results in the artifact bucket (prefect-results/), through prefect-aws;
-    saved as the block `s3-bucket/recsqueeze-results`."""
-    from prefect_aws import AwsCredentials, S3Bucket
-    from prefect_aws.client_parameters import AwsClientParameters
-
-    credentials = AwsCredentials(
-        aws_access_key_id=settings.s3_access_key.get_secret_value(),
-        aws_secret_access_key=settings.s3_secret_key.get_secret_value(),
-        region_name=settings.s3_region,
-        aws_client_parameters=AwsClientParameters(endpoint_url=settings.s3_endpoint))
-    block = S3Bucket(bucket_name=settings.s3_bucket, credentials=credentials,
-                     bucket_folder="prefect-results")
-    # Prefect keeps result-storage configuration server-side (results name their storage
-    # block); the keys live in the Prefect server's block store, as Prefect intends secrets to
+def result_storage(settings: Settings) -> JSONResults:
+    """Prefect task results in the artifact bucket (prefect-results/), as JSON of known types
+    only (tasks.results). Prefect wants the storage saved server-side: the block holds no keys
+    (each process uses its own settings), so nothing secret is in the server's block store."""
+    block = JSONResults()
     block.save("recsqueeze-results", overwrite=True)
     return block
 
@@ -119,22 +114,52 @@ class CodeVersion(CachePolicy):
         return code_version()
 
 
+# fields that say where or how fast something ran, not what it is
+VOLATILE = frozenset({"node_ip", "wall_s", "cpu_s", "latency", "baseline_latency",
+                      "latency_ratio"})
+
+
+def content(value: Any) -> Any:
+    """`value` as plain JSON data without its `VOLATILE` fields, at any depth: two inputs that
+    hold the same models, data and configs have equal content, whichever node built them and
+    how long it took."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: content(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, (list, tuple)):
+        return [content(v) for v in value]
+    return value
+
+
+@dataclass
+class ContentInputs(CachePolicy):
+    """Cache key component: the task's name and the content of its inputs (`content`)."""
+
+    def compute_key(self, task_ctx: Any, inputs: Any, flow_parameters: Any,
+                    **kwargs: Any) -> str:
+        blob = json.dumps({"task": task_ctx.task.name, "inputs": content(inputs or {})},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
 # every cached task is defined in this module, so the code version covers its own source too
-CACHE_POLICY = INPUTS + CodeVersion()
+CACHE_POLICY = ContentInputs() + CodeVersion()
 
 
 def cached(task_: Any, storage: object, refresh: bool) -> Any:
     """`task_` with its result persisted to S3 and cached by (inputs, code version): a later
     call with equal inputs on the same code -- in this run or any other -- is served from the
     cache (state Cached) instead of recomputed. `refresh` recomputes and overwrites the cache
-    entry. Every task input is a content-addressed ref, so equal inputs mean equal data and
-    models."""
+    entry. Results are stored as JSON of known types, and a record that is not one reads as a
+    miss (tasks.results): nothing read back from the bucket runs."""
     return task_.with_options(cache_policy=CACHE_POLICY, persist_result=True,
-                              result_storage=storage, refresh_cache=refresh)
+                              result_storage=storage, result_serializer=ResultJSON(),
+                              refresh_cache=refresh)
 
 
-@dataclass(frozen=True)
-class Built:
+@result_type
+class Built(Frozen):
     """A model a task produced: where it is, and where/how long it was built."""
 
     model: ArtifactRef
@@ -152,8 +177,8 @@ class Built:
                 "gpu_s": round(self.wall_s, 3) if self.device == "cuda" else 0.0}
 
 
-@dataclass(frozen=True)
-class Evaluated:
+@result_type
+class Evaluated(Measured):
     metrics: Metrics
     predictions: ArtifactRef
     trivial: tuple[TrivialBaseline, ...] = ()  # the baseline vs its trivial predictors
@@ -219,8 +244,8 @@ def train_baseline(spec: ModelSpec, dataset: DatasetRef, cfg: TrainConfig) -> Bu
                   valid=arrays(dataset, "valid", resolved))
     ref = ArtifactStore(Settings()).put_model(model.cpu(), resolved)
     get_run_logger().info("baseline %s (%d bytes) on %s", ref.uri, ref.size_bytes, node_ip())
-    return Built(ref, node_ip(), time.perf_counter() - start, ("baseline",),
-                 time.process_time() - cpu, device().type)
+    return Built(model=ref, node_ip=node_ip(), wall_s=time.perf_counter() - start,
+                 chain=("baseline",), cpu_s=time.process_time() - cpu, device=device().type)
 
 
 @task(name="evaluate-baseline", **_TASK)
@@ -234,16 +259,16 @@ def evaluate_baseline(built: Built, dataset: DatasetRef, ks: tuple[int, ...] = D
     test = arrays(dataset, "test", spec)
     metrics, probs, _ = evaluate(model, test, built.model.size_bytes, ks=ks)
     if budget is None:
-        return Evaluated(metrics, store.put_tensor(torch.from_numpy(probs)))
+        return Evaluated(metrics=metrics, predictions=store.put_tensor(torch.from_numpy(probs)))
     task, data = spec.task_kind(), dataset.spec
     names = [c.name for c in data.categorical]
     item = names.index(data.item_id) if data.item_id in names and task == "ranking" else None
     n_items = next((c.cardinality for c in data.categorical if c.name == data.item_id), 0)
     trivial = trivial_predictions(task, arrays(dataset, "train", spec), test, item, n_items)
     confidence = budget.confidence
-    return Evaluated(metrics, store.put_tensor(torch.from_numpy(probs)),
-                     compare_trivial(task, metrics.main, test, trivial, probs, confidence),
-                     resolution(task, test, probs, budget, metrics.main, ks))
+    return Evaluated(metrics=metrics, predictions=store.put_tensor(torch.from_numpy(probs)),
+                     trivial=compare_trivial(task, metrics.main, test, trivial, probs, confidence),
+                     resolution=resolution(task, test, probs, budget, metrics.main, ks))
 
 
 @task(name="calibrate", **_TASK)
@@ -346,8 +371,9 @@ def run_stage(parent: Built, cfg: StageConfig, dataset: DatasetRef, seed: int,
     )
     out = apply_stage(model, cfg, ctx)
     ref = store.put_model(out.cpu(), getattr(out, "spec", spec))  # distill changes the spec
-    return Built(ref, node_ip(), time.perf_counter() - start, (*parent.chain, cfg.label()),
-                 time.process_time() - cpu, ctx.device.type)
+    return Built(model=ref, node_ip=node_ip(), wall_s=time.perf_counter() - start,
+                 chain=(*parent.chain, cfg.label()), cpu_s=time.process_time() - cpu,
+                 device=ctx.device.type)
 
 
 @task(name="evaluate-candidate", **_TASK)

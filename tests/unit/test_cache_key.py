@@ -39,3 +39,27 @@ def test_the_policy_includes_the_installed_code_version() -> None:
     assert key == code_version() and len(key) == 64
     real_root = Path(__file__).resolve().parents[2]
     assert key == source_digest(real_root)
+
+
+def test_the_input_key_is_content_not_where_or_how_fast_it_ran() -> None:
+    """A model rebuilt on another node in another time has the same key; another model, other
+    data or another task does not (the issue-13 canary relies on it: a retried stage reads
+    the same record)."""
+    from types import SimpleNamespace
+
+    from tasks.run import Built, ContentInputs
+    from tasks.types import ArtifactRef
+
+    def built(sha: str, node: str, wall: float) -> Built:
+        ref = ArtifactRef(uri=f"s3://b/objects/{sha}", sha256=sha, size_bytes=10, kind="model")
+        return Built(model=ref, node_ip=node, wall_s=wall, chain=("baseline",), cpu_s=wall)
+
+    def key(task: str, **inputs) -> str:
+        return ContentInputs().compute_key(SimpleNamespace(task=SimpleNamespace(name=task)),
+                                           inputs, {})
+
+    a = key("run-stage", parent=built("a" * 64, "127.0.0.2", 1.5), seed=0)
+    assert a == key("run-stage", parent=built("a" * 64, "127.0.0.3", 9.0), seed=0)
+    assert a != key("run-stage", parent=built("b" * 64, "127.0.0.2", 1.5), seed=0)
+    assert a != key("run-stage", parent=built("a" * 64, "127.0.0.2", 1.5), seed=1)
+    assert a != key("evaluate-candidate", parent=built("a" * 64, "127.0.0.2", 1.5), seed=0)
