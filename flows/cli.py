@@ -241,14 +241,24 @@ def registry_show(model: str, version: int | None = None, state_dir: Path = STAT
     """One version's record (default: production)."""
     from tasks.artifacts import ArtifactStore, Registry
 
+    if version is not None and version < 1:
+        err.print(f"--version must be 1 or more (got {version}); omit it for production")
+        raise typer.Exit(2)
     reg = Registry(ArtifactStore(settings_for(state_dir)))
-    n = version or reg.alias(model)
-    if n is None:
-        err.print(f"{model} has no production version")
-        raise typer.Exit(1)
+    try:
+        n = version if version is not None else reg.alias(model)
+        if n is None:
+            err.print(f"{model} has no production version")
+            raise typer.Exit(1)
+        if n not in reg.versions(model):
+            err.print(f"{model} has no version {n} (versions: {reg.versions(model)})")
+            raise typer.Exit(1)
+    except ValueError as exc:  # not a registry name
+        err.print(str(exc), soft_wrap=True, markup=False)
+        raise typer.Exit(2) from None
     problem = reg.verify(model, n)  # the bytes are read and checked, not only the record
     if problem is not None:
-        err.print(f"[red]{problem}[/red]", soft_wrap=True)
+        err.print(problem, style="red", soft_wrap=True, markup=False)
         raise typer.Exit(1)
     print(json.dumps({**reg.version_info(model, n), "verified": True}, indent=2))
 

@@ -16,7 +16,9 @@ sealed by version.json last; the alias is written after the seal. A version is n
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import re
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +35,8 @@ from infra.settings import Settings
 from tasks.models import build
 from tasks.modules import apply_manifest, manifest_of
 from tasks.types import ArtifactRef, ModelSpec, Promotion
+
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9\-]{0,62}")
 
 
 class IntegrityError(ValueError):
@@ -84,16 +88,19 @@ class ArtifactStore:
     def __init__(self, settings: Settings) -> None:
         self.bucket = settings.s3_bucket
         self.s3 = s3_client(settings)
+        self.signing_key = settings.signing_key.get_secret_value().encode()
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
     # --- blobs -------------------------------------------------------------------------
     def put_blob(self, data: bytes, kind: str) -> ArtifactRef:
-        """Store `data` under objects/SHA (idempotent: same bytes, same key)."""
+        """Store `data` under objects/SHA (idempotent: same bytes, same key). An object already
+        there whose bytes do not hash to its key (corrupted, truncated, replaced) is rewritten:
+        the next writer heals it instead of every later reader failing on it."""
         sha = hashlib.sha256(data).hexdigest()
         key = f"objects/{sha}"
-        if not self._exists(key):
+        if not self._holds(key, sha, len(data)):
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
         return ArtifactRef(uri=self.uri(key), sha256=sha, size_bytes=len(data), kind=kind)  # type: ignore[arg-type]
 
@@ -104,6 +111,19 @@ class ArtifactStore:
         if got != ref.sha256:
             raise IntegrityError(f"{ref.uri}: sha256 {got} != recorded {ref.sha256} (corrupted)")
         return data
+
+    def _holds(self, key: str, sha: str, size: int) -> bool:
+        """Whether `key` already holds exactly the bytes of sha256 `sha`."""
+        try:
+            head = self.s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        if head["ContentLength"] != size:
+            return False
+        body = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        return hashlib.sha256(body).hexdigest() == sha
 
     def _exists(self, key: str) -> bool:
         try:
@@ -138,7 +158,14 @@ class ArtifactStore:
         return self.put_blob(serialize_model(model, spec), "model")
 
     def get_model(self, ref: ArtifactRef) -> tuple[nn.Module, ModelSpec]:
-        return deserialize_model(self.get_blob(ref))
+        data = self.get_blob(ref)
+        try:
+            return deserialize_model(data)
+        except UnsafeArtifactError as exc:
+            raise UnsafeArtifactError(f"{ref.uri}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 (a truncated or malformed file: name it)
+            raise UnsafeArtifactError(f"{ref.uri}: not a loadable recsqueeze model "
+                                      f"({type(exc).__name__}: {exc})") from None
 
     # --- predictions -------------------------------------------------------------------
     def put_tensor(self, tensor: torch.Tensor) -> ArtifactRef:
@@ -147,6 +174,22 @@ class ArtifactStore:
 
     def get_tensor(self, ref: ArtifactRef) -> torch.Tensor:
         return st_load(self.get_blob(ref))["values"]
+
+
+def _file_bytes(content: Any) -> bytes:
+    """The bytes `_write_version` stores for one file of a version."""
+    if isinstance(content, str):
+        return content.encode()
+    if isinstance(content, bytes):
+        return content
+    return json.dumps(content, indent=2).encode()
+
+
+def seal_record(signing_key: bytes, key: str, record: dict[str, Any]) -> str:
+    """HMAC-SHA256 of a registry record (without its seal) and its object key."""
+    body = json.dumps({k: v for k, v in record.items() if k != "seal"}, sort_keys=True)
+    return hmac.new(signing_key, key.encode() + b"\0" + body.encode(),
+                    hashlib.sha256).hexdigest()
 
 
 def canonical_safetensors(data: bytes) -> bytes:
@@ -207,6 +250,9 @@ class Registry:
         self.s3 = store.s3
 
     def _prefix(self, model: str) -> str:
+        if not MODEL_NAME.fullmatch(model):
+            raise ValueError(f"model name {model!r} is not a registry name: 1-63 lowercase "
+                             "letters, digits and '-', starting with a letter or digit")
         return f"registry/{model}"
 
     def _numbered(self, model: str, filename: str) -> list[int]:
@@ -297,9 +343,14 @@ class Registry:
             else:
                 self.store.put_json(f"{base}/{name}", content)
         uri = self.store.uri(f"{base}/model.safetensors")
-        self.store.put_json(f"{base}/version.json", {
-            "version": n, "model": model_ref.model_dump(), "uri": uri, "candidate": candidate_id,
-        })
+        digests = {"model.safetensors": model_ref.sha256, **{
+            name: hashlib.sha256(_file_bytes(content)).hexdigest()
+            for name, content in files.items()}}
+        record = {"version": n, "model": model_ref.model_dump(), "uri": uri,
+                  "candidate": candidate_id, "files": digests}
+        if self.store.signing_key:
+            record["seal"] = seal_record(self.store.signing_key, f"{base}/version.json", record)
+        self.store.put_json(f"{base}/version.json", record)
 
     def _move_production(self, model: str, n: int, expected: int | None) -> None:
         def move(current: dict[str, Any] | None) -> dict[str, Any]:
@@ -385,15 +436,47 @@ class Registry:
         return None if doc is None else int(doc["version"])
 
     def version_info(self, model: str, version: int) -> dict[str, Any]:
-        raw = self.store.get_json(f"{self._prefix(model)}/versions/{version}/version.json")
+        """The sealed record of a version, checked: its seal (an HMAC under the signing key,
+        which never enters the bucket: someone who can write the bucket but is not the
+        promotion cannot re-point a version at other bytes), and that its weights' uri is
+        their content address."""
+        key = f"{self._prefix(model)}/versions/{version}/version.json"
+        raw = self.store.get_json(key)
         if raw is None:
             raise ValueError(f"registry {model}: no sealed version {version}")
+        if self.store.signing_key:
+            given = raw.get("seal") if isinstance(raw, dict) else None
+            want = seal_record(self.store.signing_key, key, raw)
+            if not isinstance(given, str) or not hmac.compare_digest(given, want):
+                raise IntegrityError(f"{self.store.uri(key)}: the version record's seal does not "
+                                     "match (edited outside a promotion, or sealed with another "
+                                     "signing key): fix or roll back the registry")
+        ref = raw.get("model", {})
+        if ref.get("uri") != self.store.uri(f"objects/{ref.get('sha256')}"):
+            raise IntegrityError(f"{self.store.uri(key)}: the weights' uri {ref.get('uri')!r} is "
+                                 "not their content address objects/SHA256")
         return raw
+
+    def verify_files(self, model: str, version: int) -> str | None:
+        """Why some file of the version does not match the digest its record carries, or
+        None: every file is read back and hashed."""
+        info = self.version_info(model, version)
+        base = f"{self._prefix(model)}/versions/{version}"
+        for name, sha in sorted(info.get("files", {}).items()):
+            try:
+                body = self.s3.get_object(Bucket=self.store.bucket, Key=f"{base}/{name}")[
+                    "Body"].read()
+            except ClientError:
+                return f"{self.store.uri(f'{base}/{name}')}: missing"
+            if hashlib.sha256(body).hexdigest() != sha:
+                return f"{self.store.uri(f'{base}/{name}')}: sha256 does not match version.json"
+        return None
 
     def verify(self, model: str, version: int) -> str | None:
         """Why version `version` cannot be trusted (sealed record missing, bytes that do not
         match their sha256, not a recsqueeze safetensors model), or None when it loads."""
-        return self.load_verified(model, version)[1]
+        problem = self.load_verified(model, version)[1]
+        return problem or self.verify_files(model, version)
 
     def load_verified(self, model: str, version: int,
                       ) -> tuple[tuple[nn.Module, ModelSpec] | None, str | None]:
@@ -401,7 +484,9 @@ class Registry:
         where = f"{self._prefix(model)}/versions/{version}"
         try:
             return self.load(model, version), None
-        except IntegrityError:
+        except IntegrityError as exc:
+            if "seal" in str(exc) or "content address" in str(exc):
+                return None, f"{model} v{version} could not be verified: {exc}"
             return None, (f"{model} v{version} could not be verified (sha256 mismatch in "
                           f"{where}/model.safetensors): fix or roll back the registry")
         except (ValueError, KeyError, TypeError) as exc:

@@ -328,6 +328,16 @@ def test_registry_cli_refuses_bad_moves_clearly(first_run, stack):
     assert out.returncode == 1 and "no previous version to roll back to" in out.stderr
     out = cli("promote", "e2e-ranker", "1")
     assert out.returncode == 0 and "production=1" in out.stdout
+    # registry show: bad input is refused in one line, no traceback
+    for args, code, needle in (
+            (("show", "e2e-ranker", "--version", "0"), 2, "--version must be 1 or more (got 0)"),
+            (("show", "e2e-ranker", "--version", "7"), 1, "e2e-ranker has no version 7"),
+            (("show", "../etc"), 2, "model name '../etc' is not a registry name")):
+        out = cli(*args)
+        assert out.returncode == code and needle in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr
+    shown = cli("show", "e2e-ranker", "--version", "1")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["verified"] is True
 
 
 def test_nas_search_fans_out_generations_and_feeds_its_front_to_the_gate(stack, settings):

@@ -160,3 +160,55 @@ def test_a_retried_promotion_is_one_version_and_the_alias_move_is_a_compare_and_
     # a run that measured v1 moves it
     promo = reg.publish("cas", ref, {}, "run-c/c", "c", expected_production=1)
     assert promo.version == 2 and (reg.alias("cas"), reg.alias("cas", "previous")) == (2, 1)
+
+
+def test_a_corrupted_blob_is_healed_by_the_next_writer(store):
+    ref = store.put_blob(b"weights to heal" * 50, "model")
+    key = ref.uri.split("/", 3)[3]
+    for bad in (b"tampered weights" * 50, b"weights to heal"):  # same size; truncated
+        store.s3.put_object(Bucket=store.bucket, Key=key, Body=bad)
+        with pytest.raises(IntegrityError):
+            store.get_blob(ref)
+        assert store.put_blob(b"weights to heal" * 50, "model") == ref
+        assert store.get_blob(ref) == b"weights to heal" * 50
+
+
+def test_a_truncated_model_whose_sha_matches_is_named_in_the_error(store):
+    from tasks.artifacts import serialize_model
+
+    model, spec = _model()
+    data = serialize_model(model, spec)
+    ref = store.put_blob(data[: len(data) // 2], "model")  # its own sha: only parsing fails
+    with pytest.raises(UnsafeArtifactError, match=f"{ref.uri}: "):
+        store.get_model(ref)
+
+
+def test_a_version_record_edited_outside_a_promotion_is_refused(store):
+    """Someone who can write the bucket but holds no signing key re-points version.json at
+    another object and carries its matching sha: the seal tells; a report edited after the
+    seal is named by `verify`."""
+    import json as _json
+
+    reg = Registry(store)
+    model, spec = _model()
+    ref = reg.store.put_model(model, spec)
+    promo = reg.publish("sealed", ref, {"report.md": "# measured\n"}, "run-s/c", "c")
+    assert reg.verify("sealed", promo.version) is None
+    info = reg.version_info("sealed", promo.version)
+    assert set(info["files"]) == {"model.safetensors", "report.md"} and info["seal"]
+
+    other = reg.store.put_model(build(spec, 7), spec)  # a real model, another sha
+    key = f"registry/sealed/versions/{promo.version}/version.json"
+    forged = {**info, "model": other.model_dump(), "files": {**info["files"],
+                                                             "model.safetensors": other.sha256}}
+    store.s3.put_object(Bucket=store.bucket, Key=key, Body=_json.dumps(forged).encode())
+    with pytest.raises(IntegrityError, match="seal does not match"):
+        reg.load("sealed", promo.version)
+    assert "seal does not match" in reg.verify("sealed", promo.version)
+
+    store.s3.put_object(Bucket=store.bucket, Key=key, Body=_json.dumps(info).encode())
+    assert reg.verify("sealed", promo.version) is None  # the original record verifies again
+    store.s3.put_object(Bucket=store.bucket, Key=f"registry/sealed/versions/{promo.version}/"
+                        "report.md", Body=b"# edited\n")
+    assert reg.verify("sealed", promo.version).endswith(
+        "report.md: sha256 does not match version.json")
