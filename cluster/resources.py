@@ -24,6 +24,26 @@ def worker_nodes() -> list[str]:
     return [n["NodeID"] for n in sorted(alive, key=lambda n: n["NodeManagerAddress"])]
 
 
+def check_fits_cluster(cpus_per_stage: float, gpus_per_stage: float) -> None:
+    """Refuse, before any work, a stage size no alive node can hold: Ray would queue the task
+    for ever (the flow run would stay RUNNING with nothing to say why)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    cpus = max((r.get("CPU", 0.0) for r in alive), default=0.0)
+    if cpus_per_stage > cpus:
+        raise ValueError(f"resources.cpus_per_stage ({cpus_per_stage:g}) is more than any Ray "
+                         f"node has (the largest has {cpus:g} CPUs): set it to at most "
+                         f"{cpus:g}, or add a larger node")
+    gpus = max((r.get("GPU", 0.0) for r in alive), default=0.0)
+    if gpus > 0 and gpus_per_stage > gpus:
+        raise ValueError(f"resources.gpus_per_stage ({gpus_per_stage:g}) is more than any Ray "
+                         f"node has (the largest has {gpus:g} GPUs): set it to at most "
+                         f"{gpus:g}")
+
+
 def exclusive_options(node_id: str | None) -> dict[str, Any]:
     """`remote_options` that hold every CPU of `node_id` (soft affinity): no other task is
     scheduled on that node while this one runs (latency timing)."""

@@ -23,7 +23,13 @@ from prefect.artifacts import (
 from prefect.context import get_run_context
 from prefect_ray.context import remote_options
 
-from cluster.resources import cluster_gpus, exclusive_options, stage_options, worker_nodes
+from cluster.resources import (
+    check_fits_cluster,
+    cluster_gpus,
+    exclusive_options,
+    stage_options,
+    worker_nodes,
+)
 from cluster.runner import ray_task_runner
 from flows.nas import nas_search
 from flows.report import leaderboard, markdown, model_card, pareto_png
@@ -129,6 +135,7 @@ def compress(request: CompressionRequest) -> GateReport:
         for t in (prepare_dataset, train_baseline, evaluate_baseline, calibrate_model, run_stage,
                   evaluate_candidate))
     res = request.resources
+    check_fits_cluster(res.cpus_per_stage, res.gpus_per_stage)
     gpus = cluster_gpus()
     opts = stage_options(res.cpus_per_stage, res.gpus_per_stage, gpus)
     cpu_opts = stage_options(res.cpus_per_stage, 0, 0)

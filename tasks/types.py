@@ -165,6 +165,9 @@ class ModelSpec(Frozen):
             if self.class_path is None or self.task is None:
                 raise ValueError("model: family 'custom' needs class_path ('package.module:"
                                  "Class') and task (ranking | retrieval | next_item)")
+            from tasks.models import user_class
+
+            user_class(self.class_path)  # refused here, before any work, if it cannot be built
         elif self.class_path is not None:
             raise ValueError(f"model.class_path is for family 'custom' only (family is "
                              f"{self.family!r}); remove it or set family to 'custom'")

@@ -60,8 +60,12 @@ def user_class(class_path: str) -> type[nn.Module]:
                          "the package that defines it on the driver and every Ray worker") \
             from exc
     cls = getattr(module, name, None)
+    if cls is None:
+        raise ValueError(f"model.class_path: module {module_name!r} has no {name!r}; give "
+                         "'package.module:Class' of the model class")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"model.class_path: {class_path} is not a torch.nn.Module subclass")
+        raise ValueError(f"model.class_path: {class_path} is not a torch.nn.Module subclass "
+                         "(it must name the model class itself)")
     return cls
 
 

@@ -262,6 +262,24 @@ def test_missing_dataset_fails_clearly_and_leaves_registry_untouched(first_run, 
     assert reg.versions("e2e-ranker") == before and reg.alias("e2e-ranker") == 1
 
 
+def test_a_stage_larger_than_any_node_is_refused_before_work(first_run, settings):
+    """cpus_per_stage: 100 on 1-CPU nodes used to queue for ever (the run stayed RUNNING)."""
+    store = ArtifactStore(settings)
+    before = _keys(store, "registry/"), _keys(store, "datasets/"), _keys(store, "objects/")
+    big = _request("e2e-ranker", resources=Resources(cpus_per_stage=100))
+    with pytest.raises(Exception, match=r"resources.cpus_per_stage \(100\) is more than any "
+                                        r"Ray node has \(the largest has 1 CPUs\)"):
+        run_compress(big, settings)
+    assert (_keys(store, "registry/"), _keys(store, "datasets/"), _keys(store, "objects/")) == \
+        before
+
+
+def _keys(store: ArtifactStore, prefix: str) -> dict[str, str]:
+    pages = store.s3.get_paginator("list_objects_v2").paginate(Bucket=store.bucket,
+                                                               Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
 @pytest.mark.parametrize("raw, needle", [
     ('{"budget": {"metrics": {"auc": {"max_drop": -0.1}}}}', "max_drop must be >= 0 (got -0.1)"),
     ('{"model": {"family": "resnet"}}', "model.family"),
