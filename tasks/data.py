@@ -245,21 +245,29 @@ def _split_path(uri: str, split: str) -> str:
 
 
 def write_dataset(tables: dict[str, pa.Table], spec: DatasetSpec, settings: Settings) -> DatasetRef:
-    """Upload splits + spec.json under datasets/NAME/SHA/; idempotent (content-addressed)."""
+    """Upload splits + spec.json under datasets/NAME/SHA/, SHA over the splits and the spec:
+    the same rows under another spec are another dataset, and an existing dataset's files are
+    never rewritten (an identical import finds them and writes nothing)."""
     blobs = {}
     for split in SPLITS:
         buf = io.BytesIO()
         pq.write_table(tables[split], buf, compression="zstd")
         blobs[split] = buf.getvalue()
     shas = {s: hashlib.sha256(b).hexdigest() for s, b in blobs.items()}
-    sha = hashlib.sha256("".join(shas[s] for s in SPLITS).encode()).hexdigest()
+    sha = hashlib.sha256(("".join(shas[s] for s in SPLITS)
+                          + spec.model_dump_json()).encode()).hexdigest()
     uri = f"s3://{settings.s3_bucket}/datasets/{spec.name}/{sha[:16]}/"
     filesystem = s3_filesystem(settings)
+    ref = DatasetRef(uri=uri, sha256=sha, spec=spec, splits=shas,
+                     rows={s: tables[s].num_rows for s in SPLITS})
+    try:
+        if read_dataset_ref(uri, settings) == ref:
+            return ref  # already there, complete (spec.json is written last)
+    except (OSError, ValueError):
+        pass
     for split, blob in blobs.items():
         with filesystem.open_output_stream(_split_path(uri, split)) as out:
             out.write(blob)
-    ref = DatasetRef(uri=uri, sha256=sha, spec=spec, splits=shas,
-                     rows={s: tables[s].num_rows for s in SPLITS})
     with filesystem.open_output_stream(uri.removeprefix("s3://") + "spec.json") as out:
         out.write(ref.model_dump_json(indent=2).encode())
     return ref

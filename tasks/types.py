@@ -36,9 +36,16 @@ class ArtifactRef(Frozen):
 
 
 # --- data ----------------------------------------------------------------------------------
+MAX_CARDINALITY = 50_000_000
+"""Ids per categorical column: a table of 50M rows x 64 dims is 12.8 GB of float32, more than a
+worker of the local stack holds; a larger id space must be hashed or bucketed first."""
+
+
 class CategoricalColumn(Frozen):
     name: str = Field(description="column name; int64 ids in [0, cardinality)")
-    cardinality: int = Field(gt=0, description="number of distinct ids (embedding table rows)")
+    cardinality: int = Field(
+        gt=0, le=MAX_CARDINALITY,
+        description=f"number of distinct ids (embedding table rows), at most {MAX_CARDINALITY:,}")
 
 
 class DatasetSpec(Frozen):
@@ -70,7 +77,7 @@ class DatasetSpec(Frozen):
 
 class DatasetRef(Frozen):
     uri: str = Field(description="s3://bucket/datasets/NAME/SHA/ (holds {train,valid,test}.parquet)")
-    sha256: str = Field(description="sha256 over the split files, in split order")
+    sha256: str = Field(description="sha256 over the split files (in split order) and the spec")
     spec: DatasetSpec = Field(description="column roles")
     splits: dict[str, str] = Field(description="sha256 of each split file")
     rows: dict[str, int] = Field(description="rows per split")

@@ -57,3 +57,23 @@ def test_import_csv_then_read_it_back(settings, tmp_path):
 
     again = CliRunner().invoke(app, args)  # content-addressed: the same data, the same URI
     assert again.exit_code == 0 and again.stdout.strip() == uri
+
+    # the same rows under another spec are another dataset: the first one is never rewritten
+    from tasks.artifacts import ArtifactStore
+
+    store = ArtifactStore(settings)
+    key = uri.removeprefix(f"s3://{settings.s3_bucket}/") + "spec.json"
+    first = store.s3.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    spec["categorical"][0]["cardinality"] = 25
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    other = CliRunner().invoke(app, args)
+    assert other.exit_code == 0 and other.stdout.strip() != uri, other.output
+    assert store.s3.get_object(Bucket=store.bucket, Key=key)["Body"].read() == first
+    assert read_dataset_ref(other.stdout.strip(), settings).spec.categorical[0].cardinality == 25
+
+    # a cardinality no table could hold is refused, naming the limit
+    spec["categorical"][0]["cardinality"] = 10**12
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    huge = CliRunner().invoke(app, args)
+    assert huge.exit_code == 2 and "less than or equal to 50000000" in huge.output, huge.output
