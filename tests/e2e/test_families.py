@@ -81,7 +81,7 @@ def test_sasrec_end_to_end_with_a_segment_budget(stack, settings):
     request = CompressionRequest(
         resources=QUICK_TIMING,
         model_name="e2e-sequential", model=ModelSpec(family="sasrec", max_history=20),
-        dataset=TINY, train=TrainConfig(epochs=2, batch_size=256),
+        dataset=TINY, train=TrainConfig(epochs=1, batch_size=256),
         candidates=(*default_candidates("sasrec"), *EXTRA,
                     Candidate(id="tt-items", plan=(FactorizeConfig(
                         target="tt_embeddings", rank=16, finetune_epochs=1),))),

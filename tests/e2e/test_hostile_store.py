@@ -81,14 +81,22 @@ def _pickle_record(key: str, canary: str) -> bytes:
                         result=_Canary(canary)).serialize()
 
 
-def test_planted_pickles_and_forged_records_are_recomputed_never_run(stack, settings, tmp_path):
+@pytest.fixture(scope="module")
+def first_run(stack, settings):
+    """One run whose cached results are all new: (its report, the result keys it wrote)."""
+    store = ArtifactStore(settings)
+    before = _result_keys(store)
+    report = run_compress(_request("hostile-cache", seed=11), settings)
+    assert report.status == "promoted", report.reason
+    return report, sorted(_result_keys(store) - before)
+
+
+def test_planted_pickles_and_forged_records_are_recomputed_never_run(first_run, settings,
+                                                                      tmp_path):
     from prefect._internal.result_records import ResultRecord
 
     store = ArtifactStore(settings)
-    before = _result_keys(store)
-    first = run_compress(_request("hostile-cache", seed=11), settings)
-    assert first.status == "promoted", first.reason
-    ours = sorted(_result_keys(store) - before)
+    _, ours = first_run
     objects = {k: store.s3.get_object(Bucket=store.bucket, Key=k) for k in ours}
     records = {k: (o["Body"].read(), o["Metadata"]) for k, o in objects.items()}
     kinds = {k: json.loads(json.loads(body)["result"])["type"] for k, (body, _) in records.items()}
@@ -146,12 +154,11 @@ def _hits(blob: bytes, secrets: dict[str, bytes]) -> list[str]:
     return [name for name, value in secrets.items() if value in blob]
 
 
-def test_no_secret_outside_the_credentials_file(stack, settings):
+def test_no_secret_outside_the_credentials_file(first_run, stack, settings):
+    """After runs (this module's, and any earlier in the session) and a promotion."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    report = run_compress(_request("secret-hunt", seed=12), settings)
-    assert report.status == "promoted", report.reason
     secrets = _secrets(settings)
     leaks: list[str] = []
 
