@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -90,8 +92,12 @@ def run(
         err.print(f"[red]invalid request:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     settings = settings_for(state_dir)
-    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the result
-        report = run_compress(request, settings)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), _user_errors_without_traceback():
+            report = run_compress(request, settings)  # stdout is kept for the result
+    except ValueError as exc:  # bad input found once the run could look (data, cluster)
+        err.print(f"[red]run refused:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
     ui = settings.prefect_api_url.removesuffix("/api")
     if as_json:
         out = {"run_id": report.run_id, "status": report.status, "reason": report.reason,
@@ -223,6 +229,30 @@ def gate_sim(margins: str = typer.Option("-0.5,0,0.1,0.25,0.5", help="true loss 
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(out, indent=2))
+
+
+class _NoTraceback(logging.Filter):
+    """Drops the traceback of a log record whose exception is bad input (a ValueError names
+    the field and the fix; its stack says nothing more to a user), keeping its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ValueError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def _user_errors_without_traceback() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    quiet = _NoTraceback()
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 @registry_app.command("list")

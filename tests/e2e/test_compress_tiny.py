@@ -289,6 +289,11 @@ def _keys(store: ArtifactStore, prefix: str) -> dict[str, str]:
     ('{"budget": {"metrics": {"main": {"max_drop": Infinity}}}}',
      "budget.metrics.main.max_drop must be a finite number (got inf)"),
     ('{"train": {"lr": Infinity}}', "train.lr must be a finite number (got inf)"),
+    # refused once the run can look (the data, the cluster): still one line, exit 2
+    ('{"dataset": {"builtin": null, "uri": "s3://artifacts/datasets/nope/"}}',
+     "run refused: dataset.uri: no dataset at s3://artifacts/datasets/nope/"),
+    ('{"dataset": {"builtin": "tiny"}, "resources": {"cpus_per_stage": 100}}',
+     "run refused: resources.cpus_per_stage (100) is more than any Ray node has"),
 ])
 def test_cli_refuses_malformed_request_before_touching_anything(raw, needle, stack, tmp_path,
                                                                 settings):
@@ -308,6 +313,7 @@ def test_cli_refuses_malformed_request_before_touching_anything(raw, needle, sta
          "--state-dir", stack.state_dir], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert needle in " ".join(out.stderr.split()), out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
     assert {m: reg.versions(m) for m in reg.models()} == before
     assert registry_keys() == keys
 
