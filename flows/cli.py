@@ -86,7 +86,7 @@ def run(
             raw["dataset"] = DatasetRequest(builtin=size).model_dump(mode="json")  # type: ignore[arg-type]
         request = CompressionRequest.model_validate(raw)
     except ValidationError as exc:
-        err.print(f"[red]invalid request:[/red]\n{escape(explain(exc))}", soft_wrap=True)
+        err.print(f"[red]invalid request:[/red]\n{escape(explain(exc, CompressionRequest))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except (ValueError, OSError) as exc:
         err.print(f"[red]invalid request:[/red] {escape(str(exc))}", soft_wrap=True)

@@ -3,7 +3,10 @@ field's path, what is wrong with the value and how to fix it."""
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 _STAGE_TAGS = {"quantize", "prune", "factorize", "distill", "nas_trial", "calibrate"}
 _UNION_MEMBERS = {"int", "float", "str", "bool"}  # pydantic's loc of each member of a union
@@ -27,8 +30,60 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return out or "request"
 
 
-def explain(exc: ValidationError) -> str:
-    """Every error of `exc`, one per line: 'PATH: what is wrong (got VALUE); the fix'."""
+def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The pydantic model an annotation holds (through Optional, tuples, unions) and whether
+    it is a dict's value (the next path part is then a key, not a field)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is dict:
+        inner, _ = _model_in(args[1]) if len(args) == 2 else (None, False)
+        return inner, True
+    for arg in args:
+        inner, keyed = _model_in(arg)
+        if inner is not None:
+            return inner, keyed
+    return None, False
+
+
+def _union_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """The members of a discriminated union of stage configs, by their `kind` tag."""
+    found: dict[str, type[BaseModel]] = {}
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel) and "kind" in arg.model_fields:
+            found[str(arg.model_fields["kind"].default)] = arg
+        else:
+            found |= _union_members(arg)
+    return found
+
+
+def allowed_fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str] | None:
+    """The field names of the model found at `loc` below `model`, or None if unknown."""
+    cls: type[BaseModel] | None = model
+    members: dict[str, type[BaseModel]] = {}
+    skip_key = False
+    for part in loc:
+        if cls is None:
+            return None
+        if isinstance(part, int):
+            continue
+        if skip_key:
+            skip_key = False
+            continue
+        if part in members:
+            cls, members = members[part], {}
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        members = _union_members(field.annotation)
+        cls, skip_key = _model_in(field.annotation)
+    return None if cls is None else sorted(cls.model_fields)
+
+
+def explain(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """Every error of `exc`, one per line: 'PATH: what is wrong (got VALUE); the fix'. With
+    `model` (the validated type), an unknown field's line lists the fields allowed there."""
     errors = []
     for e in exc.errors(include_url=False):
         loc = tuple(e["loc"])
@@ -52,8 +107,10 @@ def explain(exc: ValidationError) -> str:
         elif kind == "value_error":
             lines.append(f"{path}: {e['msg'].removeprefix('Value error, ')}")
         elif kind == "extra_forbidden":
-            lines.append(f"{path}: unknown field; remove it (see the request's documented "
-                         "fields: `recsqueeze run --help`, docs/)")
+            allowed = allowed_fields(model, loc[:-1]) if model is not None else None
+            fix = (f"allowed here: {', '.join(allowed)}" if allowed else
+                   "see the request's documented fields: `recsqueeze run --help`, docs/")
+            lines.append(f"{path}: unknown field; remove it or fix its name ({fix})")
         else:
             lines.append(f"{path}: {e['msg']} (got {got!r})")
     return "\n".join(lines)

@@ -95,3 +95,23 @@ def test_measurements_may_hold_nan():
     from tasks.types import Estimate
 
     assert Estimate(value=float("nan"), ci_low=0.0, ci_high=1.0).ci_low == 0.0
+
+
+@pytest.mark.parametrize("raw, line", [
+    ({"budjet": {}}, "budjet: unknown field; remove it or fix its name (allowed here: budget, "),
+    ({"train": {"epoch": 1}}, "train.epoch: unknown field; remove it or fix its name (allowed "
+                              "here: batch_size, epochs, lr, patience, seed, weight_decay)"),
+    ({"budget": {"metrics": {"main": {"max_drop": 0.1, "rel": True}}}},
+     "budget.metrics.main.rel: unknown field; remove it or fix its name (allowed here: "
+     "max_drop, relative)"),
+    ({"candidates": [{"id": "a", "plan": [{"kind": "prune", "amount": 0.5}]}]},
+     "candidates[0].plan[0].amount: unknown field; remove it or fix its name (allowed here: "),
+])
+def test_an_unknown_field_is_named_with_the_fields_allowed_there(raw, line):
+    from tasks.errors import explain
+
+    with pytest.raises(ValidationError) as info:
+        CompressionRequest.model_validate(raw)
+    assert explain(info.value, CompressionRequest).splitlines()[0].startswith(line)
+    if "prune" in str(raw):
+        assert "sparsity" in explain(info.value, CompressionRequest)
