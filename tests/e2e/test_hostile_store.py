@@ -33,10 +33,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def _request(name: str, seed: int) -> CompressionRequest:
-    # a training seed of its own: every cached result of this request is new
+    # data and training seeds of its own: every cached result of this request is new, in
+    # whatever order the session's tests run (cache keys are content)
     return CompressionRequest(
-        model_name=name, dataset=DatasetRequest(builtin="tiny"),
-        train=TrainConfig(epochs=1, batch_size=512, seed=seed),
+        model_name=name, dataset=DatasetRequest(builtin="tiny", seed=seed),
+        train=TrainConfig(epochs=2, batch_size=512, seed=seed),
         candidates=(Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),),
         resources=Resources(timing_seconds=5))
 
