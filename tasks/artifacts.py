@@ -125,15 +125,6 @@ class ArtifactStore:
         body = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         return hashlib.sha256(body).hexdigest() == sha
 
-    def _exists(self, key: str) -> bool:
-        try:
-            self.s3.head_object(Bucket=self.bucket, Key=key)
-            return True
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
-
     def put_json(self, key: str, obj: Any) -> str:
         self.s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(obj, indent=2).encode(),
                            ContentType="application/json")
@@ -185,11 +176,17 @@ def _file_bytes(content: Any) -> bytes:
     return json.dumps(content, indent=2).encode()
 
 
+def seal(signing_key: bytes, key: str, content: bytes) -> str:
+    """HMAC-SHA256 of an object's bytes and its key, under a key that never enters the
+    bucket: a writer of the bucket without it can neither forge an object that verifies (not
+    even a well-formed one) nor move one to another key."""
+    return hmac.new(signing_key, key.encode() + b"\0" + content, hashlib.sha256).hexdigest()
+
+
 def seal_record(signing_key: bytes, key: str, record: dict[str, Any]) -> str:
-    """HMAC-SHA256 of a registry record (without its seal) and its object key."""
+    """`seal` of a registry record (without its seal field), as canonical JSON."""
     body = json.dumps({k: v for k, v in record.items() if k != "seal"}, sort_keys=True)
-    return hmac.new(signing_key, key.encode() + b"\0" + body.encode(),
-                    hashlib.sha256).hexdigest()
+    return seal(signing_key, key, body.encode())
 
 
 def canonical_safetensors(data: bytes) -> bytes:

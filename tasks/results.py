@@ -4,7 +4,7 @@ Prefect's default result serializer is cloudpickle, and a result record names it
 serializer, so whoever can write `prefect-results/` in the bucket could make every cache hit
 run code. Here the cached tasks' results are pydantic models of an allow-list, written as JSON
 (`ResultJSON`), and the storage (`JSONResults`) hands Prefect only records that say they are
-ours, carry this deployment's seal (`seal`: an HMAC under `Settings.signing_key`) and parse:
+ours, carry this deployment's seal (`tasks.artifacts.seal`: an HMAC under `Settings.signing_key`) and parse:
 any other record (a pickle, a record naming another serializer, a result of an unknown type,
 bytes that do not parse, a well-formed record someone else wrote) reads as missing, so Prefect
 recomputes the task and overwrites the record. The storage holds no keys: every process
@@ -13,7 +13,6 @@ reaches the bucket with its own settings (`infra.settings.Settings`).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -27,6 +26,7 @@ from prefect.serializers import Serializer
 from pydantic import BaseModel, SecretStr
 
 from infra.settings import Settings
+from tasks.artifacts import s3_client, seal
 from tasks.types import CalibrationRefs, CandidateResult, DatasetRef
 
 log = logging.getLogger(__name__)
@@ -142,13 +142,6 @@ class JSONResults(WritableFileSystem):
         return content
 
 
-def seal(signing_key: bytes, key: str, content: bytes) -> str:
-    """HMAC-SHA256 of a record and its object key, under a key that never enters the bucket:
-    a writer of the bucket without it cannot forge a result that reads back (not even a
-    well-formed JSON one claiming better metrics), nor move a record to another key."""
-    return hmac.new(signing_key, key.encode() + b"\0" + content, hashlib.sha256).hexdigest()
-
-
 @lru_cache(maxsize=1)
 def _warn_unsigned() -> None:
     log.warning("RECSQUEEZE_SIGNING_KEY is not set: cached results are checked for their type "
@@ -158,8 +151,6 @@ def _warn_unsigned() -> None:
 
 @lru_cache(maxsize=4)
 def _s3(endpoint: str, region: str, access_key: SecretStr, secret_key: SecretStr) -> Any:
-    from tasks.artifacts import s3_client
-
     return s3_client(Settings(s3_endpoint=endpoint, s3_region=region, s3_access_key=access_key,
                               s3_secret_key=secret_key))
 

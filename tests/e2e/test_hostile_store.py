@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from flows.driver import run_compress
-from tasks.artifacts import ArtifactStore
-from tasks.results import SEAL, check_record, seal
+from tasks.artifacts import ArtifactStore, seal
+from tasks.results import SEAL, check_record
 from tasks.types import (
     Candidate,
     CompressionRequest,
