@@ -15,13 +15,14 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from infra.process import alive, port_free
 
 _WORKER_PORTS = 48  # worker processes per node; each needs one port
 
@@ -32,6 +33,8 @@ class RayNode:
     pid: int
     head: bool
     log: str
+    args: tuple[str, ...] = ()  # its `ray start` command line (ports included): a restart
+    # brings it back on the same addresses
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class LocalRayCluster:
     @classmethod
     def from_json(cls, text: str) -> LocalRayCluster:
         raw = json.loads(text)
-        raw["nodes"] = tuple(RayNode(**n) for n in raw["nodes"])
+        raw["nodes"] = tuple(RayNode(**(n | {"args": tuple(n.get("args", ()))}))
+                             for n in raw["nodes"])
         return cls(**raw)
 
     def env(self) -> dict[str, str]:
@@ -58,20 +62,63 @@ class LocalRayCluster:
         return ray_env(self.token_path)
 
 
+# What Ray 2.60 binds to every interface whenever the node's IP is not 127.0.0.1 (the one
+# address it rewrites to the machine's routable one, so the local stack cannot use it): the
+# C++ gRPC servers and the dashboard agent's gRPC server pick the wildcard for any other IP,
+# and the dashboard head serves Prometheus on it. No flag or variable binds them elsewhere.
+# Every gRPC one checks the cluster's token (RAY_AUTH_MODE=token); the metrics one does not.
+# The rest of the stack (S3, Prefect, Ray's runtime-env agent, dashboard and client server)
+# listens on loopback, and the agents' and autoscaler's metrics servers are not started.
+WILDCARD_LISTENERS = {
+    "gcs": "the head's GCS gRPC (--port)",
+    "raylet": "each node's node-manager and object-manager gRPC (--node-manager-port, "
+              "--object-manager-port)",
+    "agent": "each node's dashboard-agent gRPC (--dashboard-agent-grpc-port)",
+    "worker": "each Ray worker process's core-worker gRPC (--min-worker-port..--max-worker-port)",
+    "driver": "the driver's core-worker gRPC (a free port of the driver's choosing)",
+    "metrics": "the dashboard head's Prometheus metrics (DASHBOARD_METRIC_PORT, default 44227, "
+               "no auth)",
+}
+
+
+def _flag(args: tuple[str, ...], name: str) -> int | None:
+    for arg in args:
+        if arg.startswith(f"--{name}="):
+            return int(arg.split("=", 1)[1])
+    return None
+
+
+def wildcard_listener(cluster: LocalRayCluster, process: str, port: int) -> str | None:
+    """Which `WILDCARD_LISTENERS` entry a socket listening on every interface is (process
+    name, port), or None when it is none of them (a leak)."""
+    dashboard_metrics = int(os.environ.get("DASHBOARD_METRIC_PORT", "44227"))
+    for node in cluster.nodes:
+        ports = {"raylet": {_flag(node.args, "node-manager-port"),
+                            _flag(node.args, "object-manager-port")},
+                 "agent": {_flag(node.args, "dashboard-agent-grpc-port")}}
+        if node.head:
+            ports["gcs"] = {_flag(node.args, "port")}
+        low, high = _flag(node.args, "min-worker-port"), _flag(node.args, "max-worker-port")
+        if process == "gcs_server" and port in ports.get("gcs", ()):
+            return "gcs"
+        if process == "raylet" and port in ports["raylet"]:
+            return "raylet"
+        if process == "ray::DashboardAgent" and port in ports["agent"]:
+            return "agent"
+        if process.startswith("ray::") and low is not None and high is not None \
+                and low <= port <= high:
+            return "worker"
+        if node.head and port == dashboard_metrics and process.startswith("python"):
+            return "metrics"
+    return None
+
+
 def ray_env(token_path: str) -> dict[str, str]:
-    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    # no usage stats, and no metrics: each node's agent would serve Prometheus on 0.0.0.0
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
     if token_path:
         env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path}
     return env
-
-
-def _port_free(ip: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((ip, port))
-        except OSError:
-            return False
-    return True
 
 
 def _free_block(ip: str, count: int, taken: set[int]) -> int:
@@ -80,7 +127,7 @@ def _free_block(ip: str, count: int, taken: set[int]) -> int:
     for _ in range(200):
         base = rng.randrange(20000, 60000 - count)
         ports = range(base, base + count)
-        if not taken.intersection(ports) and all(_port_free(ip, p) for p in ports):
+        if not taken.intersection(ports) and all(port_free(ip, p) for p in ports):
             taken.update(ports)
             return base
     raise RuntimeError(f"no block of {count} free ports on {ip}")
@@ -115,30 +162,32 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> int:
     return proc.pid
 
 
-def _wait_nodes(address: str, count: int, env: dict[str, str], timeout_s: float) -> None:
-    """Block until `count` nodes are alive (asked in a child process: a driver without the
-    right token would otherwise retry forever)."""
+def _wait_nodes(address: str, ips: set[str], env: dict[str, str], timeout_s: float) -> None:
+    """Block until the GCS lists a live node at every address in `ips` (asked in a child
+    process: a driver without the right token would otherwise retry forever)."""
     probe = (
         "import ray,sys;ray.init(address=sys.argv[1],_node_ip_address=sys.argv[2],"
         "logging_level='ERROR',log_to_driver=False);"
-        "print(sum(1 for n in ray.nodes() if n['Alive']))"
+        "print(' '.join(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))"
     )
     deadline = time.monotonic() + timeout_s
     head_ip = address.rsplit(":", 1)[0]
-    alive = -1
+    seen: set[str] = set()
     while time.monotonic() < deadline:
         try:
             out = subprocess.run(
                 [sys.executable, "-c", probe, address, head_ip], env=env, capture_output=True,
                 text=True, timeout=max(5.0, min(60.0, deadline - time.monotonic())),
             )
-            alive = int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else -1
-        except (subprocess.TimeoutExpired, ValueError, IndexError):
-            alive = -1
-        if alive >= count:
+            lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
+            seen = set(lines[-1].split()) if lines else set()
+        except subprocess.TimeoutExpired:
+            seen = set()
+        if ips <= seen:
             return
         time.sleep(1.0)
-    raise TimeoutError(f"Ray cluster at {address}: {alive} of {count} nodes alive after {timeout_s}s")
+    raise TimeoutError(f"Ray cluster at {address}: nodes {sorted(ips - seen)} not alive after "
+                       f"{timeout_s}s")
 
 
 def start_local_cluster(
@@ -172,26 +221,62 @@ def start_local_cluster(
         f"--object-store-memory={object_store_bytes}", "--disable-usage-stats", "--block",
     ]
     common = [a for a in common if a]
+    # no autoscaler monitor (a fixed cluster needs none; it would serve metrics on 0.0.0.0)
     head_args = [ray_bin, "start", "--head", f"--node-ip-address={head_ip}",
-                 "--include-dashboard=false", f"--temp-dir={temp_dir}", *common,
+                 "--include-dashboard=false", "--no-monitor", f"--temp-dir={temp_dir}", *common,
                  *_node_ports(head_ip, head=True)]
     address = f"{head_ip}:{head_args[-2].split('=')[1]}"
     head_log = state_dir / "ray-head.log"
-    nodes = [RayNode(head_ip, _spawn(head_args, env, head_log), True, str(head_log))]
+    nodes = [RayNode(head_ip, _spawn(head_args, env, head_log), True, str(head_log),
+                     tuple(head_args))]
     cluster = LocalRayCluster(address, head_ip, str(token_path), temp_dir, tuple(nodes))
     try:
-        _wait_nodes(address, 1, env, timeout_s)
+        _wait_nodes(address, {head_ip}, env, timeout_s)
         for ip in worker_ips:
             args = [ray_bin, "start", f"--address={address}", f"--node-ip-address={ip}",
                     *common, *_node_ports(ip, head=False)]
             log = state_dir / f"ray-worker-{ip}.log"
-            nodes.append(RayNode(ip, _spawn(args, env, log), False, str(log)))
+            nodes.append(RayNode(ip, _spawn(args, env, log), False, str(log), tuple(args)))
         cluster = LocalRayCluster(address, head_ip, str(token_path), temp_dir, tuple(nodes))
-        _wait_nodes(address, 1 + len(worker_ips), env, timeout_s)
+        _wait_nodes(address, {head_ip, *worker_ips}, env, timeout_s)
     except BaseException:
         stop_local_cluster(cluster)
         raise
     return cluster
+
+
+def heal_cluster(cluster: LocalRayCluster, extra_env: dict[str, str] | None = None,
+                 timeout_s: float = 120.0) -> tuple[LocalRayCluster, list[str]]:
+    """Restart the nodes of `cluster` that died, each with its own command line (same
+    address, same ports), and leave the living ones alone; return the cluster and the
+    addresses restarted. A dead head takes the cluster's state with it (its GCS): then the
+    whole cluster restarts, on the same ports, so the address clients know stays valid.
+    """
+    dead = [n for n in cluster.nodes if not alive(n.pid)]
+    if not dead:
+        return cluster, []
+    if any(not n.args for n in dead):
+        raise RuntimeError("this cluster was started by an older recsqueeze that did not record "
+                           "its nodes' command lines: `recsqueeze down`, then `up`")
+    if any(n.head for n in dead):
+        for node in cluster.nodes:  # workers of a lost GCS cannot rejoin: restart them too
+            _stop_group(node.pid, 30.0)
+        dead = list(cluster.nodes)
+    private = Path(cluster.temp_dir).parent
+    private.mkdir(mode=0o700, exist_ok=True)
+    env = os.environ | (extra_env or {}) | ray_env(cluster.token_path)
+    nodes = []
+    for node in sorted(cluster.nodes, key=lambda n: not n.head):  # the head first
+        if node in dead:
+            node = RayNode(node.ip, _spawn(list(node.args), env, Path(node.log)), node.head,
+                           node.log, node.args)
+            if node.head:
+                _wait_nodes(cluster.address, {node.ip}, env, timeout_s)
+        nodes.append(node)
+    healed = LocalRayCluster(cluster.address, cluster.head_ip, cluster.token_path,
+                             cluster.temp_dir, tuple(nodes))
+    _wait_nodes(cluster.address, {n.ip for n in nodes}, env, timeout_s)
+    return healed, [n.ip for n in dead]
 
 
 def _has_cuda() -> bool:

@@ -6,6 +6,8 @@ import os
 
 from prefect_ray import RayTaskRunner
 
+from infra.settings import CLIENT_ENV
+
 
 def use_ray_env(env: dict[str, str]) -> None:
     """Put Ray's auth settings into this process's environment and make Ray see them.
@@ -27,7 +29,8 @@ def ray_task_runner(address: str, node_ip: str = "", env: dict[str, str] | None 
     `node_ip` is the driver's address in the cluster (a 127.0.0.x address on the local stack:
     Ray rewrites 127.0.0.1). `env` travels to every task through the job's runtime_env, which
     Ray logs and keeps in its job table: it must hold no secret (`Settings.public_env`); the
-    nodes bring their own keys.
+    nodes bring their own keys. The Prefect client settings that ride out a server restart
+    (`CLIENT_ENV`) travel the same way.
     """
     if not address:
         raise ValueError(
@@ -37,6 +40,5 @@ def ray_task_runner(address: str, node_ip: str = "", env: dict[str, str] | None 
     init_kwargs: dict = {"log_to_driver": False, "logging_level": "WARNING"}
     if node_ip:
         init_kwargs["_node_ip_address"] = node_ip
-    if env:
-        init_kwargs["runtime_env"] = {"env_vars": env}
+    init_kwargs["runtime_env"] = {"env_vars": (env or {}) | CLIENT_ENV}
     return RayTaskRunner(address=address, init_kwargs=init_kwargs)

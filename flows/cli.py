@@ -13,7 +13,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.stack import load_stack, settings_for, stack_alive, start_stack, stop_stack
+from flows.stack import (
+    heal_stack,
+    load_stack,
+    settings_for,
+    stack_alive,
+    start_stack,
+    stop_stack,
+)
 from tasks.types import CompressionRequest, DatasetRequest
 
 app = typer.Typer(help="Distributed compression of recommendation models.", no_args_is_help=True)
@@ -28,13 +35,25 @@ STATE = typer.Option(Path(".recsqueeze"), "--state-dir", envvar="RECSQUEEZE_STAT
 
 @app.command()
 def up(state_dir: Path = STATE, workers: int = typer.Option(1, min=1, max=8)) -> None:
-    """Start S3 (SeaweedFS), a Prefect server and a Ray head + worker nodes on loopback."""
+    """Start S3 (SeaweedFS), a Prefect server and a Ray head + worker nodes on loopback.
+
+    On a stack that is partly down, restart only what is down, on the same ports: a run in
+    flight, the UI and the other nodes keep their addresses.
+    """
     existing = load_stack(state_dir)
-    if existing and all(stack_alive(existing).values()):
-        err.print(f"stack already up (Prefect UI {existing.prefect.ui_url})")
+    if existing is not None:
+        down = [name for name, ok in stack_alive(existing).items() if not ok]
+        if not down:
+            err.print(f"stack already up (Prefect UI {existing.prefect.ui_url})")
+            return
+        try:
+            with err.status(f"restarting {', '.join(down)} ..."):
+                stack, restarted = heal_stack(existing)
+        except (RuntimeError, TimeoutError) as exc:
+            err.print(f"could not restart {', '.join(down)}: {exc}", markup=False)
+            raise typer.Exit(1) from None
+        err.print(f"restarted {', '.join(restarted)} on the same ports")
         return
-    if existing:
-        stop_stack(existing)
     with err.status("starting S3, Prefect and Ray ..."):
         stack = start_stack(state_dir, worker_ips=tuple(f"127.0.0.{3 + i}" for i in range(workers)),
                             well_known_ports=True)
@@ -56,14 +75,20 @@ def down(state_dir: Path = STATE) -> None:
 
 @app.command()
 def status(state_dir: Path = STATE) -> None:
-    """Show the local stack's services and whether they are alive."""
+    """Show each part of the local stack and whether it is up; exit 1 if any part is down."""
     stack = load_stack(state_dir)
     if stack is None:
         err.print("no stack running")
         raise typer.Exit(1)
-    for name, ok in stack_alive(stack).items():
+    states = stack_alive(stack)
+    for name, ok in states.items():
         print(f"{name:20s} {'up' if ok else 'DOWN'}")
     print(f"Prefect UI           {stack.prefect.ui_url}")
+    down = [name for name, ok in states.items() if not ok]
+    if down:
+        err.print(f"down: {', '.join(down)}; `recsqueeze up` restarts only those, on the same "
+                  "ports")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -77,21 +102,31 @@ def run(
     from pydantic import ValidationError
     from rich.markup import escape
 
-    from flows.driver import run_compress
+    from flows.driver import require_prefect_server, run_compress
     from tasks.errors import explain
 
     try:
-        raw = json.loads(request_file.read_text()) if request_file else {}
+        raw = _read_request(request_file) if request_file else {}
         if size:
+            if size not in ("tiny", "small"):
+                raise ValueError(f"--size must be tiny or small (got {size!r}); for your own data "
+                                 "give --request with dataset.uri")
             raw["dataset"] = DatasetRequest(builtin=size).model_dump(mode="json")  # type: ignore[arg-type]
         request = CompressionRequest.model_validate(raw)
     except ValidationError as exc:
-        err.print(f"[red]invalid request:[/red]\n{escape(explain(exc, CompressionRequest))}", soft_wrap=True)
+        lines = explain(exc, CompressionRequest)
+        sep = "\n" if "\n" in lines else " "  # one line per field; one error, one line
+        err.print(f"[red]invalid request:[/red]{sep}{escape(lines)}", soft_wrap=True)
         raise typer.Exit(2) from None
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:
         err.print(f"[red]invalid request:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     settings = settings_for(state_dir)
+    try:
+        require_prefect_server(settings)
+    except RuntimeError as exc:  # no stack at --state-dir: say so, not a traceback
+        err.print(f"[red]no stack:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
     try:
         with contextlib.redirect_stdout(sys.stderr), _user_errors_without_traceback():
             report = run_compress(request, settings)  # stdout is kept for the result
@@ -114,6 +149,32 @@ def run(
         print_report(report, ui)
     if report.status == "stopped":  # nothing was compressed: say so to scripts too
         raise typer.Exit(1)
+
+
+def _read_request(path: Path) -> dict[str, object]:
+    """The JSON object in `path`; a ValueError naming the file and the fix otherwise."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"--request {path}: file not found; give the path of a "
+                         "CompressionRequest JSON file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--request {path}: cannot read it as text ({exc}); give a JSON "
+                         "file") from None
+    if not text.strip():
+        raise ValueError(f"--request {path}: empty file; write the request as a JSON object "
+                         "({} takes every default)")
+    try:
+        raw = json.loads(text)  # as a user writes it: NaN and Infinity are read, then refused
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--request {path}: invalid JSON at line {exc.lineno} column "
+                         f"{exc.colno}: {exc.msg}") from None
+    if not isinstance(raw, dict):
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+            type(raw), "number")
+        raise ValueError(f"--request {path}: a request is a JSON object of fields, "
+                         f'e.g. {{"model_name": "ctr-ranker"}} (got a JSON {kind})')
+    return raw
 
 
 def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
@@ -257,35 +318,49 @@ def _user_errors_without_traceback() -> Iterator[None]:
 
 @registry_app.command("list")
 def registry_list(state_dir: Path = STATE) -> None:
-    """Models, their versions and aliases."""
+    """Models, their versions and aliases (exit 1 if an alias record cannot be read)."""
     from tasks.artifacts import ArtifactStore, Registry
 
     reg = Registry(ArtifactStore(settings_for(state_dir)))
+    broken = 0
     for model in reg.models():
-        print(f"{model}: versions {reg.versions(model)} production={reg.alias(model)} "
-              f"previous={reg.alias(model, 'previous')}")
+        try:
+            print(f"{model}: versions {reg.versions(model)} production={reg.alias(model)} "
+                  f"previous={reg.alias(model, 'previous')}")
+        except ValueError as exc:  # a tampered alias record: name it, list the others
+            err.print(str(exc), style="red", soft_wrap=True, markup=False)
+            broken += 1
+    if broken:
+        raise typer.Exit(1)
 
 
 @registry_app.command("show")
 def registry_show(model: str, version: int | None = None, state_dir: Path = STATE) -> None:
     """One version's record (default: production)."""
-    from tasks.artifacts import ArtifactStore, Registry
+    from tasks.artifacts import ArtifactStore, IntegrityError, Registry
+
+    def say(message: str, code: int) -> typer.Exit:
+        err.print(message, soft_wrap=True, markup=False)
+        return typer.Exit(code)
 
     if version is not None and version < 1:
-        err.print(f"--version must be 1 or more (got {version}); omit it for production")
-        raise typer.Exit(2)
+        raise say(f"--version must be 1 or more (got {version}); omit it for production", 2)
     reg = Registry(ArtifactStore(settings_for(state_dir)))
     try:
         n = version if version is not None else reg.alias(model)
-        if n is None:
-            err.print(f"{model} has no production version")
-            raise typer.Exit(1)
-        if n not in reg.versions(model):
-            err.print(f"{model} has no version {n} (versions: {reg.versions(model)})")
-            raise typer.Exit(1)
+        versions = reg.versions(model)
+    except IntegrityError as exc:  # a tampered alias record
+        raise say(str(exc), 1) from None
     except ValueError as exc:  # not a registry name
-        err.print(str(exc), soft_wrap=True, markup=False)
-        raise typer.Exit(2) from None
+        raise say(str(exc), 2) from None
+    if not versions:
+        raise say(f"registry has no model {model!r}; `recsqueeze registry list` shows the "
+                  "models", 1)
+    if n is None:
+        raise say(f"{model} has no production version (versions: {versions}); give --version "
+                  f"N, or `recsqueeze registry promote {model} N`", 1)
+    if n not in versions:
+        raise say(f"{model} has no version {n} (versions: {versions})", 1)
     problem = reg.verify(model, n)  # the bytes are read and checked, not only the record
     if problem is not None:
         err.print(problem, style="red", soft_wrap=True, markup=False)
@@ -302,7 +377,7 @@ def registry_promote(model: str, version: int, state_dir: Path = STATE) -> None:
     try:
         reg.set_alias(model, "production", version)
     except ValueError as exc:
-        err.print(str(exc))
+        err.print(str(exc), soft_wrap=True, markup=False)
         raise typer.Exit(1) from None
     print(f"{model}: production={reg.alias(model)} previous={reg.alias(model, 'previous')}")
 
@@ -316,7 +391,7 @@ def registry_rollback(model: str, state_dir: Path = STATE) -> None:
     try:
         production, previous = reg.rollback(model)
     except ValueError as exc:
-        err.print(str(exc))
+        err.print(str(exc), soft_wrap=True, markup=False)
         raise typer.Exit(1) from None
     print(f"{model}: production={production} previous={previous}")
 

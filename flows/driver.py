@@ -7,7 +7,7 @@ import urllib.request
 
 from cluster.local import ray_env
 from cluster.runner import ray_task_runner, use_ray_env
-from infra.settings import QUIET_ENV, Settings
+from infra.settings import CLIENT_ENV, QUIET_ENV, Settings
 from tasks.types import CompressionRequest, GateReport
 
 
@@ -31,7 +31,7 @@ def require_prefect_server(settings: Settings) -> None:
 
 
 def driver_env(settings: Settings) -> dict[str, str]:
-    env = QUIET_ENV | {"PREFECT_API_URL": settings.prefect_api_url}
+    env = QUIET_ENV | CLIENT_ENV | {"PREFECT_API_URL": settings.prefect_api_url}
     return env | ray_env(settings.ray_auth_token_path)
 
 
@@ -40,10 +40,19 @@ def run_compress(request: CompressionRequest, settings: Settings) -> GateReport:
     require_prefect_server(settings)
     os.environ.update(settings.s3_env())
     use_ray_env(driver_env(settings))
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_CLIENT_MAX_RETRIES,
+        PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED,
+        temporary_settings,
+    )
 
     from flows.compress import compress
 
     runner = ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.public_env())
-    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+    # (settings read at import predate the environment set above)
+    with temporary_settings(updates={
+            PREFECT_API_URL: settings.prefect_api_url,
+            PREFECT_CLIENT_MAX_RETRIES: int(CLIENT_ENV["PREFECT_CLIENT_MAX_RETRIES"]),
+            PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED: False}):
         return compress.with_options(task_runner=runner)(request)

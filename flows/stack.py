@@ -13,11 +13,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cluster.local import LocalRayCluster, start_local_cluster, stop_local_cluster
-from infra.prefect_server import PrefectServer, start_prefect
+from cluster.local import LocalRayCluster, heal_cluster, start_local_cluster, stop_local_cluster
+from infra.prefect_server import PrefectServer, restart_prefect, start_prefect
 from infra.process import alive, spawn, stop
-from infra.s3server import S3Server, credentials, credentials_path, start_s3
-from infra.settings import QUIET_ENV, Settings
+from infra.s3server import S3Server, credentials, credentials_path, restart_s3, start_s3
+from infra.settings import CLIENT_ENV, QUIET_ENV, Settings
 
 REPO = Path(__file__).resolve().parent.parent  # deployments' entrypoints are relative to it
 
@@ -66,11 +66,8 @@ def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
     try:
         prefect = start_prefect(state_dir, port=4200 if well_known_ports else None)
         started.append(prefect.pid)
-        # the nodes find the keys in the credentials file: none is in their environment
-        s3_env = {"RECSQUEEZE_S3_ENDPOINT": s3.endpoint, "RECSQUEEZE_S3_BUCKET": s3.bucket,
-                  "RECSQUEEZE_CREDENTIALS_FILE": str(credentials_path(state_dir))}
         ray = start_local_cluster(state_dir, head_ip, worker_ips, cpus_per_node,
-                                  extra_env=QUIET_ENV | s3_env)
+                                  extra_env=node_env(state_dir, s3))
     except BaseException:
         for pid in started:
             stop(pid)
@@ -78,12 +75,52 @@ def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
     stack = Stack(str(state_dir), s3, prefect, ray)
     _write(stack)
     if serve_deployments:
-        pid = spawn([sys.executable, "-m", "flows.deployments", "--state-dir", str(state_dir)],
-                    os.environ | QUIET_ENV | {"PREFECT_API_URL": prefect.api_url},
-                    state_dir / "deployments.log", cwd=REPO)
-        stack = dataclasses.replace(stack, deployments_pid=pid)
+        stack = dataclasses.replace(stack, deployments_pid=_serve(stack))
         _write(stack)
     return stack
+
+
+def node_env(state_dir: Path, s3: S3Server) -> dict[str, str]:
+    """What every Ray node's processes get: where the store is, and where the keys are (the
+    credentials file: no key is in their environment)."""
+    return QUIET_ENV | CLIENT_ENV | {"RECSQUEEZE_S3_ENDPOINT": s3.endpoint, "RECSQUEEZE_S3_BUCKET": s3.bucket,
+                        "RECSQUEEZE_CREDENTIALS_FILE": str(credentials_path(state_dir))}
+
+
+def _serve(stack: Stack) -> int:
+    """Start the process serving the deployments; its pid."""
+    return spawn([sys.executable, "-m", "flows.deployments", "--state-dir", stack.state_dir],
+                 os.environ | QUIET_ENV | {"PREFECT_API_URL": stack.prefect.api_url},
+                 Path(stack.state_dir) / "deployments.log", cwd=REPO)
+
+
+def heal_stack(stack: Stack) -> tuple[Stack, list[str]]:
+    """Restart what of `stack` is down -- and only that -- on the same ports and data, so
+    clients (a run in flight, the UI, the Ray workers) find it where it was. Returns the
+    healed stack (saved) and the names of what was restarted."""
+    state_dir = Path(stack.state_dir)
+    os.environ.update(QUIET_ENV)
+    up = stack_alive(stack)
+    restarted: list[str] = []
+    if not up["s3"]:
+        stack = dataclasses.replace(stack, s3=restart_s3(state_dir, stack.s3))
+        restarted.append("s3")
+        _write(stack)
+    if not up["prefect"]:
+        stack = dataclasses.replace(stack, prefect=restart_prefect(state_dir, stack.prefect))
+        restarted.append("prefect")
+        _write(stack)
+    ray, nodes = heal_cluster(stack.ray, node_env(state_dir, stack.s3))
+    if nodes:
+        stack = dataclasses.replace(stack, ray=ray)
+        restarted += [f"ray {ip}" for ip in nodes]
+        _write(stack)
+    # (it exits when its Prefect server goes away: asked now, after Prefect is back)
+    if stack.deployments_pid and not alive(stack.deployments_pid):
+        stack = dataclasses.replace(stack, deployments_pid=_serve(stack))
+        restarted.append("deployments")
+        _write(stack)
+    return stack, restarted
 
 
 def _write(stack: Stack) -> None:

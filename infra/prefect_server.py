@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.process import free_port, port_free, spawn, wait_http
+from infra.process import PortTaken, free_port, port_free, spawn, wait_http
 from infra.settings import QUIET_ENV
 
 
@@ -18,10 +18,16 @@ class PrefectServer:
     pid: int
 
 
-def start_prefect(state_dir: Path, port: int | None = None,
-                  host: str = "127.0.0.1") -> PrefectServer:
-    """Start the server (on `port` when it is free, else any free port) and wait for health."""
+def start_prefect(state_dir: Path, port: int | None = None, host: str = "127.0.0.1",
+                  same_port: bool = False) -> PrefectServer:
+    """Start the server (on `port` when it is free, else any free port) and wait for health.
+
+    With `same_port` (a restart: clients know that address) it is `port` or an error.
+    """
     if port and not port_free(host, port):
+        if same_port:
+            raise PortTaken(f"Prefect port {host}:{port} is taken: stop what holds it, or "
+                            "`recsqueeze down` and `up` for new ports")
         port = None
     port = port or free_port(host)
     home = state_dir / "prefect"
@@ -39,3 +45,9 @@ def start_prefect(state_dir: Path, port: int | None = None,
     api = f"http://{host}:{port}/api"
     wait_http(f"{api}/health", pid, log, timeout_s=180)
     return PrefectServer(api, f"http://{host}:{port}", pid)
+
+
+def restart_prefect(state_dir: Path, server: PrefectServer) -> PrefectServer:
+    """The server that died, back on its address, on the same database (STATE/prefect)."""
+    host, port = server.api_url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    return start_prefect(state_dir, int(port), host, same_port=True)

@@ -12,6 +12,10 @@ import urllib.request
 from pathlib import Path
 
 
+class PortTaken(RuntimeError):
+    """A server cannot come back on its old port (clients know that address)."""
+
+
 def free_port(host: str = "127.0.0.1", also_free_offset: int = 0) -> int:
     """A free TCP port on `host`; with `also_free_offset`, port+offset must be free too
     (SeaweedFS puts each gRPC port at http port + 10000)."""
@@ -27,7 +31,10 @@ def free_port(host: str = "127.0.0.1", also_free_offset: int = 0) -> int:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Nothing listens on host:port (connections of a server that died, in TIME_WAIT, do not
+    count: the servers themselves bind with SO_REUSEADDR)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -11,10 +11,10 @@ import json
 import os
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.process import free_port, port_free, spawn, wait_http
+from infra.process import PortTaken, free_port, port_free, spawn, wait_http
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,11 @@ class S3Server:
     secret_key: str
     pid: int
     data_dir: str
+    ports: dict[str, int] = field(default_factory=dict)  # s3, master, volume, filer, admin
+
+    def port_args(self) -> dict[str, int]:
+        """Its ports, for a restart on the same addresses."""
+        return self.ports or {"s3": int(self.endpoint.rsplit(":", 1)[1])}
 
 
 CREDENTIALS_FILE = "s3-credentials.json"
@@ -63,20 +68,33 @@ def weed_binary() -> str:
     return str(candidate) if candidate.exists() else "weed"
 
 
+_GRPC = 10000  # SeaweedFS puts every gRPC port at http port + 10000
+
+
 def start_s3(state_dir: Path, bucket: str = "artifacts", port: int | None = None,
-             host: str = "127.0.0.1") -> S3Server:
+             host: str = "127.0.0.1", same_ports: dict[str, int] | None = None) -> S3Server:
     """Start ``weed mini`` with its data under STATE/s3 and wait until S3 answers.
 
-    `port` is used when it (and its gRPC twin) is free; otherwise any free port.
+    `port` is used when it (and its gRPC twin) is free; otherwise any free port. A restart
+    passes `same_ports` (`S3Server.port_args` of the server that died): those ports exactly,
+    or an error naming the one that is taken.
     """
     access, secret = credentials(state_dir)
     data_dir = state_dir / "s3"
     data_dir.mkdir(parents=True, exist_ok=True)
-    grpc = 10000  # SeaweedFS puts every gRPC port at http port + 10000
-    if port and not (port_free(host, port) and port_free(host, port + grpc)):
-        port = None
-    s3_port = port or free_port(host, grpc)
-    ports = {name: free_port(host, grpc) for name in ("master", "volume", "filer", "admin")}
+    if same_ports:
+        for name, number in same_ports.items():
+            if not (port_free(host, number) and port_free(host, number + _GRPC)):
+                raise PortTaken(f"S3 {name} port {host}:{number} (or its gRPC twin "
+                                f"{number + _GRPC}) is taken: stop what holds it, or "
+                                "`recsqueeze down` and `up` for new ports")
+        s3_port = same_ports["s3"]
+    else:
+        if port and not (port_free(host, port) and port_free(host, port + _GRPC)):
+            port = None
+        s3_port = port or free_port(host, _GRPC)
+    ports = {name: (same_ports or {}).get(name) or free_port(host, _GRPC)
+             for name in ("master", "volume", "filer", "admin")}
     args = [
         weed_binary(), "mini", f"-dir={data_dir}", f"-ip={host}", f"-ip.bind={host}",
         f"-s3.port={s3_port}", f"-master.port={ports['master']}",
@@ -89,11 +107,19 @@ def start_s3(state_dir: Path, bucket: str = "artifacts", port: int | None = None
     env = os.environ | {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
                         "S3_BUCKET": bucket}
     log = state_dir / "s3.log"
+    for sock in ("filer.sock", "s3.sock"):  # left behind by a server that was killed
+        (data_dir / sock).unlink(missing_ok=True)
     pid = spawn(args, env, log, cwd=data_dir)
     endpoint = f"http://{host}:{s3_port}"
     wait_http(f"{endpoint}/healthz", pid, log, timeout_s=90)
     _wait_bucket(endpoint, bucket, access, secret, pid)
-    return S3Server(endpoint, bucket, access, secret, pid, str(data_dir))
+    return S3Server(endpoint, bucket, access, secret, pid, str(data_dir), {"s3": s3_port, **ports})
+
+
+def restart_s3(state_dir: Path, server: S3Server) -> S3Server:
+    """The server that died, back on its ports, on the same data (STATE/s3)."""
+    host = server.endpoint.split("//", 1)[1].rsplit(":", 1)[0]
+    return start_s3(state_dir, server.bucket, host=host, same_ports=server.port_args())
 
 
 def _wait_bucket(endpoint: str, bucket: str, access: str, secret: str, pid: int) -> None:

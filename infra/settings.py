@@ -90,3 +90,13 @@ QUIET_ENV = {
     "DO_NOT_TRACK": "1",
 }
 
+
+CLIENT_ENV = {
+    # A Prefect server that restarts on its port (`recsqueeze up`) is waited for, not failed
+    # on: retryable API errors are retried 6 times with 2^n s backoff (about 2 minutes) ...
+    "PREFECT_CLIENT_MAX_RETRIES": "6",
+    # ... and a Ray worker's fresh client does not fail a stage on its first call, the version
+    # check, while the server is away (that one call is never retried); the stack runs one
+    # Prefect version everywhere
+    "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false",
+}

@@ -58,11 +58,13 @@ def _request(name: str, *extra: Candidate, **kw) -> CompressionRequest:
 
 
 class ConnectionSampler(threading.Thread):
-    """Records every TCP peer of the stack's processes (and their children) while running."""
+    """Records every TCP peer and every listening socket (process name, pid, ip, port) of
+    the stack's processes (and their children) while running."""
 
     def __init__(self, pids: list[int]) -> None:
         super().__init__(daemon=True)
         self.roots, self.peers, self.stop_flag = pids, set(), threading.Event()
+        self.listeners: set[tuple[str, int, str, int]] = set()
 
     def _procs(self):
         for pid in self.roots:
@@ -79,6 +81,9 @@ class ConnectionSampler(threading.Thread):
                 for conn in proc.net_connections(kind="inet"):
                     if conn.raddr:
                         self.peers.add((proc.name(), conn.raddr.ip, conn.raddr.port))
+                    if conn.status == psutil.CONN_LISTEN:
+                        self.listeners.add((proc.name(), proc.pid, conn.laddr.ip,
+                                            conn.laddr.port))
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
 
@@ -105,7 +110,11 @@ def first_run(stack, settings):
         sampler.stop_flag.set()
         sampler.join()
     sampler.sample()
+    LISTENERS.update(sampler.listeners)
     return report, sampler.peers
+
+
+LISTENERS: set[tuple[str, int, str, int]] = set()  # what the first run's processes listened on
 
 
 def test_tiny_flow_promotes_a_model(first_run):
@@ -188,6 +197,24 @@ def test_all_stack_traffic_stays_on_loopback(first_run):
     assert peers, "sampler saw no connections at all"
     outside = sorted(p for p in peers if not _loopback(p[1]))
     assert not outside, f"connections leaving 127.0.0.0/8: {outside}"
+
+
+def test_every_listener_is_on_loopback_or_on_the_documented_allow_list(first_run, stack):
+    from cluster.local import WILDCARD_LISTENERS, wildcard_listener
+
+    assert LISTENERS, "sampler saw no listening socket"
+    wildcard, leaks = [], []
+    for name, pid, ip, port in sorted(LISTENERS):
+        if _loopback(ip):
+            continue
+        kind = "driver" if pid == os.getpid() else wildcard_listener(stack.ray, name, port)
+        (wildcard if kind in WILDCARD_LISTENERS else leaks).append((name, ip, port, kind))
+    print(f"\nLISTENERS {len(LISTENERS)} sockets, {len(wildcard)} on the Ray allow-list:")
+    for row in wildcard:
+        print("LISTENERS", *row)
+    assert not leaks, f"listening beyond loopback, not on the allow-list: {leaks}"
+    # S3 and Prefect on loopback alone
+    assert all(_loopback(ip) for name, _, ip, _ in LISTENERS if name in ("weed", "prefect"))
 
 
 def _teacher_key(model_sha: str, report) -> str:
