@@ -102,7 +102,6 @@ def run(
     from pydantic import ValidationError
     from rich.markup import escape
 
-    from flows.driver import require_prefect_server, run_compress
     from tasks.errors import explain
 
     try:
@@ -121,6 +120,8 @@ def run(
     except ValueError as exc:
         err.print(f"[red]invalid request:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
+    from flows.driver import require_prefect_server, run_compress  # Prefect, Ray: after the checks
+
     settings = settings_for(state_dir)
     try:
         require_prefect_server(settings)

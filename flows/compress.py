@@ -148,6 +148,7 @@ def compress(request: CompressionRequest) -> GateReport:
     ks = tuple(sorted({*DEFAULT_KS, *budget_ks(request.budget.metrics)}))
     with remote_options(**opts):
         baseline = train_base.submit(request.model, dataset, request.train)
+    baseline.result()  # a failed baseline raises its own error, not its evaluation's "not ready"
     with remote_options(**cpu_opts):
         base_eval = eval_base.submit(baseline, dataset, ks, request.budget)
     base_evaluated = base_eval.result()

@@ -40,19 +40,13 @@ def run_compress(request: CompressionRequest, settings: Settings) -> GateReport:
     require_prefect_server(settings)
     os.environ.update(settings.s3_env())
     use_ray_env(driver_env(settings))
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_CLIENT_MAX_RETRIES,
-        PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED,
-        temporary_settings,
-    )
+    import prefect.settings
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.compress import compress
 
     runner = ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.public_env())
-    # (settings read at import predate the environment set above)
-    with temporary_settings(updates={
-            PREFECT_API_URL: settings.prefect_api_url,
-            PREFECT_CLIENT_MAX_RETRIES: int(CLIENT_ENV["PREFECT_CLIENT_MAX_RETRIES"]),
-            PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED: False}):
+    # settings read at import predate the environment set above: name them again
+    client = {getattr(prefect.settings, name): value for name, value in CLIENT_ENV.items()}
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url, **client}):
         return compress.with_options(task_runner=runner)(request)

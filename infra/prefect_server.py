@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from infra.process import PortTaken, free_port, port_free, spawn, wait_http
@@ -44,7 +45,49 @@ def start_prefect(state_dir: Path, port: int | None = None, host: str = "127.0.0
     pid = spawn([prefect, "server", "start", "--host", host, "--port", str(port)], env, log)
     api = f"http://{host}:{port}/api"
     wait_http(f"{api}/health", pid, log, timeout_s=180)
+    crash_silent_runs(api)
     return PrefectServer(api, f"http://{host}:{port}", pid)
+
+
+SILENT_RUNS = "recsqueeze: crash flow runs gone silent"
+SILENCE = timedelta(minutes=5)
+"""How long a flow run may send no heartbeat (every 30 s: `CLIENT_ENV`) before it is marked
+Crashed. Longer than an outage the clients ride out (~2 min of retries): a run that lives
+through a server restart must not be crashed by it."""
+
+
+def crash_silent_runs(api_url: str) -> None:
+    """Install (once) Prefect's automation for zombie flow runs: a flow run whose driver died
+    -- killed, or gone while the server was down -- stops its heartbeats and is marked Crashed
+    after `SILENCE`, never left RUNNING."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        try:
+            Automation.read(name=SILENT_RUNS)
+            return
+        except ValueError:
+            pass
+        ends = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
+        Automation(
+            name=SILENT_RUNS,
+            trigger=EventTrigger(
+                after={"prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.heartbeat", *ends},
+                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                within=SILENCE),
+            actions=[ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {SILENCE.seconds // 60} minutes: the process running "
+                        "this flow run died (killed, or lost while the Prefect server was down); "
+                        "rerun it")],
+        ).create()
 
 
 def restart_prefect(state_dir: Path, server: PrefectServer) -> PrefectServer:

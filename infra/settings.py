@@ -99,4 +99,7 @@ CLIENT_ENV = {
     # check, while the server is away (that one call is never retried); the stack runs one
     # Prefect version everywhere
     "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false",
+    # flow runs beat every 30 s: a run whose process died is marked Crashed by the automation
+    # the stack installs (infra.prefect_server.crash_silent_runs), never left RUNNING
+    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
 }

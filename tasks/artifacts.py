@@ -21,20 +21,20 @@ import json
 import re
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
-import torch
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-from torch import nn
 
 from infra.settings import Settings
-from tasks.models import build
-from tasks.modules import apply_manifest, manifest_of
 from tasks.types import ArtifactRef, ModelSpec, Promotion
+
+# torch is imported where weights are (de)serialized: the registry commands that only read
+# records start in a second, not in four
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9\-]{0,62}")
 
@@ -65,6 +65,11 @@ class AliasMoved(ValueError):  # noqa: N818 (a verdict, not an error)
 
 ANY_VERSION = -1
 """`publish(expected_production=ANY_VERSION)`: move the alias whatever it points at."""
+
+
+def _version_number(value: Any) -> bool:
+    """Whether `value` is what an alias record holds for a version: an int >= 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def s3_client(settings: Settings) -> Any:
@@ -160,10 +165,14 @@ class ArtifactStore:
 
     # --- predictions -------------------------------------------------------------------
     def put_tensor(self, tensor: torch.Tensor) -> ArtifactRef:
+        from safetensors.torch import save as st_save
+
         return self.put_blob(canonical_safetensors(st_save({"values": tensor.contiguous()})),
                              "predictions")
 
     def get_tensor(self, ref: ArtifactRef) -> torch.Tensor:
+        from safetensors.torch import load as st_load
+
         return st_load(self.get_blob(ref))["values"]
 
 
@@ -209,6 +218,10 @@ def serialize_model(model: nn.Module, spec: ModelSpec) -> bytes:
 
     Deterministic: the same weights and spec always give the same bytes (and sha256).
     """
+    from safetensors.torch import save as st_save
+
+    from tasks.modules import manifest_of
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "recsqueeze-model/1", "spec": spec.model_dump_json(),
             "manifest": json.dumps(manifest_of(model), sort_keys=True)}
@@ -229,6 +242,11 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 
 def deserialize_model(data: bytes) -> tuple[nn.Module, ModelSpec]:
+    from safetensors.torch import load as st_load
+
+    from tasks.models import build
+    from tasks.modules import apply_manifest
+
     meta = _safetensors_metadata(data)
     if meta.get("format") != "recsqueeze-model/1":
         raise UnsafeArtifactError("safetensors file lacks recsqueeze model metadata (format)")
@@ -364,13 +382,24 @@ class Registry:
         return f"{self._prefix(model)}/aliases/{alias}.json"
 
     def _read_alias(self, model: str, alias: str) -> tuple[dict[str, Any] | None, str | None]:
+        key = self._alias_key(model, alias)
         try:
-            obj = self.s3.get_object(Bucket=self.store.bucket, Key=self._alias_key(model, alias))
+            obj = self.s3.get_object(Bucket=self.store.bucket, Key=key)
         except ClientError as exc:
             if exc.response["Error"]["Code"] in ("404", "NoSuchKey"):
                 return None, None
             raise
-        return json.loads(obj["Body"].read()), obj["ETag"]
+        body = obj["Body"].read()
+        try:
+            doc = json.loads(body)
+        except ValueError:  # not JSON (or not text at all)
+            doc = None
+        if not (isinstance(doc, dict) and _version_number(doc.get("version"))
+                and (doc.get("previous") is None or _version_number(doc.get("previous")))):
+            raise IntegrityError(f"{self.store.uri(key)}: not an alias record (got {body[:60]!r}); "
+                                 "restore it, or delete it and `recsqueeze registry promote "
+                                 f"{model} N`")
+        return doc, obj["ETag"]
 
     def _swap_production(self, model: str, move: Callable[[dict[str, Any] | None],
                                                           dict[str, Any]]) -> dict[str, Any]:
@@ -419,7 +448,9 @@ class Registry:
         """Swap `production` and `previous`; returns (new production, new previous)."""
         def move(current: dict[str, Any] | None) -> dict[str, Any]:
             if current is None or current.get("previous") is None:
-                raise ValueError(f"registry {model}: no previous version to roll back to")
+                raise ValueError(f"registry {model}: no previous version to roll back to "
+                                 f"(versions: {self.versions(model)}); promote another version "
+                                 f"first: `recsqueeze registry promote {model} N`")
             return {"version": current["previous"], "previous": current["version"]}
 
         doc = self._swap_production(model, move)
@@ -438,11 +469,17 @@ class Registry:
         promotion cannot re-point a version at other bytes), and that its weights' uri is
         their content address."""
         key = f"{self._prefix(model)}/versions/{version}/version.json"
-        raw = self.store.get_json(key)
+        try:
+            raw = self.store.get_json(key)
+        except ValueError:  # not JSON
+            raw = "not JSON"
         if raw is None:
             raise ValueError(f"registry {model}: no sealed version {version}")
+        if not isinstance(raw, dict):
+            raise IntegrityError(f"{self.store.uri(key)}: not a version record (edited outside "
+                                 "a promotion): fix or roll back the registry")
         if self.store.signing_key:
-            given = raw.get("seal") if isinstance(raw, dict) else None
+            given = raw.get("seal")
             want = seal_record(self.store.signing_key, key, raw)
             if not isinstance(given, str) or not hmac.compare_digest(given, want):
                 raise IntegrityError(f"{self.store.uri(key)}: the version record's seal does not "
@@ -464,9 +501,13 @@ class Registry:
                 body = self.s3.get_object(Bucket=self.store.bucket, Key=f"{base}/{name}")[
                     "Body"].read()
             except ClientError:
-                return f"{self.store.uri(f'{base}/{name}')}: missing"
+                return (f"{model} v{version} could not be verified: "
+                        f"{self.store.uri(f'{base}/{name}')}: missing (version.json lists it): "
+                        "fix or roll back the registry")
             if hashlib.sha256(body).hexdigest() != sha:
-                return f"{self.store.uri(f'{base}/{name}')}: sha256 does not match version.json"
+                return (f"{model} v{version} could not be verified: "
+                        f"{self.store.uri(f'{base}/{name}')}: sha256 does not match version.json "
+                        "(edited after the promotion): fix or roll back the registry")
         return None
 
     def verify(self, model: str, version: int) -> str | None:
@@ -482,7 +523,7 @@ class Registry:
         try:
             return self.load(model, version), None
         except IntegrityError as exc:
-            if "seal" in str(exc) or "content address" in str(exc):
+            if "model.safetensors: sha256" not in str(exc):  # the record itself
                 return None, f"{model} v{version} could not be verified: {exc}"
             return None, (f"{model} v{version} could not be verified (sha256 mismatch in "
                           f"{where}/model.safetensors): fix or roll back the registry")

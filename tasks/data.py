@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
+from pydantic import ValidationError
 
 from infra.settings import Settings
 from tasks.metrics import auc
@@ -278,13 +279,20 @@ def read_dataset_ref(uri: str, settings: Settings) -> DatasetRef:
     path = uri.removeprefix("s3://").rstrip("/") + "/spec.json"
     try:
         with s3_filesystem(settings).open_input_stream(path) as f:
-            raw = json.loads(f.read())
+            blob = f.read()
     except (FileNotFoundError, OSError) as exc:
         raise ValueError(
             f"dataset.uri: no dataset at {uri} (expected {path}); generate one with "
             "`recsqueeze dataset generate` or set dataset.builtin"
         ) from exc
-    return DatasetRef.model_validate(raw)
+    try:
+        return DatasetRef.model_validate(json.loads(blob))
+    except ValueError as exc:  # not JSON, or not a DatasetRef: edited outside an import
+        what = (f"{'.'.join(map(str, exc.errors()[0]['loc']))}: {exc.errors()[0]['msg']}"
+                if isinstance(exc, ValidationError) else "not JSON")
+        raise ValueError(
+            f"dataset.uri: s3://{path} is not a dataset record ({what}); import the dataset "
+            "again (`recsqueeze dataset import`) and use the uri it prints") from None
 
 
 def read_split(ref: DatasetRef, split: str, settings: Settings) -> pa.Table:
@@ -294,7 +302,8 @@ def read_split(ref: DatasetRef, split: str, settings: Settings) -> pa.Table:
     got = hashlib.sha256(blob).hexdigest()
     if got != ref.splits[split]:
         raise ValueError(f"dataset {ref.uri}{split}.parquet: sha256 {got} != {ref.splits[split]}"
-                         " (corrupted or replaced)")
+                         " (corrupted or replaced); import the dataset again (`recsqueeze "
+                         "dataset import`)")
     return pq.read_table(io.BytesIO(blob))
 
 

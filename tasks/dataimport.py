@@ -60,6 +60,9 @@ def load_spec(path: Path) -> DatasetSpec:
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: "
                            f"{exc.msg}") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: a spec is a JSON object naming each column's role (got "
+                           f"{type(raw).__name__}); see the example in docs/byo-data.md")
     try:
         spec = DatasetSpec.model_validate(raw)
     except ValidationError as exc:
@@ -80,6 +83,8 @@ def _field_error(error: ErrorDetails) -> str:
     if error["type"] == "extra_forbidden":  # a typo: say which names exist
         model = DatasetSpec if len(error["loc"]) == 1 else CategoricalColumn
         msg += f" (known fields: {', '.join(model.model_fields)})"
+    if error["type"] == "less_than_equal" and error["loc"][-1:] == ("cardinality",):
+        msg += "; hash or bucket the ids into fewer first"
     return f"{loc}: {msg}" if loc else msg
 
 
@@ -165,7 +170,7 @@ def _read_splits(path: Path, spec: DatasetSpec) -> tuple[dict[str, pa.Table], di
                            "train, valid and test files")
     table = _read_file(path, spec)
     if table.num_rows == 0:
-        raise DatasetError(f"{path}: empty file (0 rows)")
+        raise DatasetError(f"{path}: empty file (0 rows); give a file with the rows to import")
     check_table(table, spec, path.name)
     return split_by_time(table, spec), {s: f"{path.name} ({s} split)" for s in SPLITS}
 
@@ -222,17 +227,28 @@ def _read_file(path: Path, spec: DatasetSpec) -> pa.Table:
     kind = path.suffix.removeprefix(".")
     try:
         if kind == "parquet":
+            _check_unique(pq.read_schema(path).names, path.name)  # else read_table fails on them
             return pq.read_table(path)
         # history stays text here ("12 7 301"), whatever pyarrow would infer from its first rows
         types = {spec.history: pa.string()} if spec.history else {}
         table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types=types))
     except (pa.ArrowException, OSError) as exc:
-        raise DatasetError(f"{path.name}: cannot read it as {kind}: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatasetError(f"{path.name}: cannot read it as {kind} ({first}); check that it is "
+                           f"a complete {kind} file, or export it again") from None
+    _check_unique(table.column_names, path.name)
     if spec.history and spec.history in table.column_names:
         index = table.schema.get_field_index(spec.history)
         table = table.set_column(index, spec.history, parse_history(table[spec.history], spec.history,
                                                                     path.name))
     return table
+
+
+def _check_unique(names: list[str], where: str) -> None:
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise DatasetError(f"{where}: column {twice!r} appears {names.count(twice)} times; "
+                           "rename or drop the copies so every column name is unique")
 
 
 def parse_history(column: pa.ChunkedArray, name: str, where: str) -> pa.ListArray:

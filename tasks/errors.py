@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-_STAGE_TAGS = {"quantize", "prune", "factorize", "distill", "nas_trial", "calibrate"}
+_STAGE_KINDS = ("quantize", "prune", "factorize", "distill", "nas_trial")  # a plan's stages
+_STAGE_TAGS = {*_STAGE_KINDS, "calibrate"}
 _UNION_MEMBERS = {"int", "float", "str", "bool"}  # pydantic's loc of each member of a union
 
 
@@ -104,6 +105,9 @@ def explain(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
         if kind == "finite_number":
             lines.append(f"{path} must be a finite number (got {got}); NaN and Infinity are "
                          "not allowed: give a number")
+        elif kind == "union_tag_not_found":  # a stage without its "kind"
+            lines.append(f"{path}: no \"kind\"; set kind to one of {', '.join(_STAGE_KINDS)} "
+                         f"(got {got!r})")
         elif kind == "value_error":
             lines.append(f"{path}: {e['msg'].removeprefix('Value error, ')}")
         elif kind == "extra_forbidden":

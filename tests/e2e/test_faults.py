@@ -37,8 +37,6 @@ REQUEST = {
         {"id": "int8-all", "plan": [{"kind": "quantize", "linear": "int8_weight_only",
                                      "embeddings": "rowwise_int8"}]},
         {"id": "pruned", "plan": [{"kind": "prune", "method": "structured", "sparsity": 0.5}]},
-        {"id": "student", "plan": [{"kind": "distill", "batch_size": 512, "student": {
-            "embedding_dim": 16, "bottom_mlp": [32, 16], "top_mlp": [64]}}]},
     ],
 }
 
@@ -254,3 +252,20 @@ def _flow_runs(api_url: str, model_name: str) -> list[str]:
     resp.raise_for_status()
     return [r["state_type"] for r in resp.json()
             if r["parameters"].get("request", {}).get("model_name") == model_name]
+
+
+def test_flow_runs_that_go_silent_are_crashed_by_an_automation(state):
+    """A driver that dies (killed, or lost while the server was down) leaves its flow run
+    RUNNING unless something marks it: the stack installs Prefect's zombie-run automation."""
+    import httpx
+
+    from infra.prefect_server import SILENCE, SILENT_RUNS
+
+    api = load_stack(state).prefect.api_url
+    found = httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()
+    mine = [a for a in found if a["name"] == SILENT_RUNS]
+    assert len(mine) == 1  # once, although Prefect was restarted by `up`
+    trigger, action = mine[0]["trigger"], mine[0]["actions"][0]
+    assert trigger["posture"] == "Proactive" and trigger["within"] == SILENCE.total_seconds()
+    assert "prefect.flow-run.heartbeat" in trigger["expect"]
+    assert action["type"] == "change-flow-run-state" and action["state"] == "CRASHED"

@@ -1,0 +1,58 @@
+"""Render a `recsqueeze bench --json F` file as the markdown table docs/benchmarks.md shows.
+
+    .venv/bin/python docs/bench_table.py bench-results/two_tower-small.json [--budget 0.01]
+
+One row per plan, the seeds side by side (s0 / s1); `--budget` adds a column for the family's
+default relative budget next to the suite's own 0.1%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def _join(values: list[str]) -> str:
+    return values[0] if len(set(values)) == 1 else " / ".join(values)
+
+
+def render(rows: list[dict], budget: float | None) -> str:
+    by_plan: dict[str, list[dict]] = defaultdict(list)
+    for row in sorted(rows, key=lambda r: r["seed"]):
+        by_plan[row["plan"]].append(row)
+    first = rows[0]
+    base = sorted({(r["seed"], r["baseline_quality"]) for r in rows})
+    lines = [f"baseline: {first['metric']} " + " / ".join(f"{q:.5f}" for _, q in base)
+             + f", {first['baseline_bytes']:,} bytes, test rows {first['test_rows']:,}", ""]
+    extra = f" | passes {budget:.1%} |" if budget is not None else " |"
+    lines.append(f"| plan | size | {first['metric']} delta | rel. loss bound | "
+                 f"p99 ratio @512 [95% CI] | passes 0.1%{extra}")
+    lines.append("|---" * (6 + (budget is not None)) + "|")
+    for plan, runs in by_plan.items():
+        size = _join([f"{r['size_ratio']:.2f}x" for r in runs])
+        delta = _join([f"{r['delta']:+.5f}" for r in runs])
+        bound = _join([f"{r['relative_loss_ci_high']:.5f}" for r in runs])
+        latency = _join([f"{r['latency_ratio']:.2f}x [{r['latency_ratio_low']:.2f}, "
+                         f"{r['latency_ratio_high']:.2f}]" for r in runs])
+        passed = _join(["yes" if r["passed"] else "no" for r in runs])
+        cells = [plan, size, delta, bound, latency, passed]
+        if budget is not None:
+            cells.append(_join(["yes" if r["relative_loss_ci_high"] <= budget else "no"
+                                for r in runs]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json_file", type=Path)
+    parser.add_argument("--budget", type=float, default=None,
+                        help="also judge the relative loss bound against this budget")
+    args = parser.parse_args()
+    print(render(json.loads(args.json_file.read_text()), args.budget))
+
+
+if __name__ == "__main__":
+    main()
