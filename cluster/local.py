@@ -214,7 +214,7 @@ def start_local_cluster(
     # nobody else reaches them), its files are created under umask 077, and
     # `stop_local_cluster` removes the whole directory.
     temp_dir = f"{tempfile.mkdtemp(prefix='rsq-', dir='/tmp')}/r"
-    env = os.environ | (extra_env or {}) | ray_env(str(token_path))
+    env = _inherited() | (extra_env or {}) | ray_env(str(token_path))
     ray_bin = str(Path(sys.executable).with_name("ray"))
     common = [
         f"--num-cpus={cpus_per_node}", "--num-gpus=0" if not _has_cuda() else "",
@@ -245,6 +245,13 @@ def start_local_cluster(
     return cluster
 
 
+def _inherited() -> dict[str, str]:
+    """The starting process's environment without its RECSQUEEZE_* settings: a node gets the
+    stack's from `extra_env` (no key among them), never the keys or the store of whoever
+    happened to start it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RECSQUEEZE_")}
+
+
 def heal_cluster(cluster: LocalRayCluster, extra_env: dict[str, str] | None = None,
                  timeout_s: float = 120.0) -> tuple[LocalRayCluster, list[str]]:
     """Restart the nodes of `cluster` that died, each with its own command line (same
@@ -264,7 +271,7 @@ def heal_cluster(cluster: LocalRayCluster, extra_env: dict[str, str] | None = No
         dead = list(cluster.nodes)
     private = Path(cluster.temp_dir).parent
     private.mkdir(mode=0o700, exist_ok=True)
-    env = os.environ | (extra_env or {}) | ray_env(cluster.token_path)
+    env = _inherited() | (extra_env or {}) | ray_env(cluster.token_path)
     nodes = []
     for node in sorted(cluster.nodes, key=lambda n: not n.head):  # the head first
         if node in dead:

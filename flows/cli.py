@@ -41,6 +41,9 @@ def up(state_dir: Path = STATE, workers: int = typer.Option(1, min=1, max=8)) ->
     flight, the UI and the other nodes keep their addresses.
     """
     existing = load_stack(state_dir)
+    if existing is not None and not any(stack_alive(existing).values()):
+        stop_stack(existing)  # all of it is gone (a reboot): nothing to keep, start afresh
+        existing = None
     if existing is not None:
         down = [name for name, ok in stack_alive(existing).items() if not ok]
         if not down:

@@ -180,22 +180,6 @@ def test_up_brings_the_lost_worker_back_and_touches_nothing_else(state):
              time.monotonic() - started)
 
 
-def test_s3_paused_30s_mid_run_changes_nothing(state, reference, tmp_path):
-    stack = load_stack(state)
-    run = Run(state, "fault-s3-pause", tmp_path)
-    run.wait_for_stages(stack.prefect.api_url)
-    os.killpg(stack.s3.pid, signal.SIGSTOP)
-    try:
-        time.sleep(30)
-    finally:
-        os.killpg(stack.s3.pid, signal.SIGCONT)
-    code, report, errs, wall = run.finish()
-    assert code == 0, errs[-3000:]
-    assert _essence(report) == reference
-    _registry_consistent(_store(state), "fault-s3-pause")
-    _outcome("SeaweedFS SIGSTOP 30 s mid-run", "identical leaderboard and promotion", wall)
-
-
 def _kill_and_up(state: Path, pid: int, down_s: float, part: str) -> None:
     os.killpg(pid, signal.SIGKILL)
     time.sleep(down_s)
@@ -214,18 +198,28 @@ def _rerun_if_failed(state, name, tmp, code, report, errs):  # type: ignore[no-u
     return report, "failed clearly, rerun completed"
 
 
-def test_s3_killed_mid_run_and_restarted_by_up(state, reference, tmp_path):
+def test_s3_paused_30s_then_killed_and_restarted_by_up_mid_run(state, reference, tmp_path):
+    """Both S3 faults in one run (the suite's time): a 30 s pause, then a kill -9 and `up`."""
     stack = load_stack(state)
-    run = Run(state, "fault-s3-kill", tmp_path)
+    run = Run(state, "fault-s3", tmp_path)
     run.wait_for_stages(stack.prefect.api_url)
+    os.killpg(stack.s3.pid, signal.SIGSTOP)
+    try:
+        time.sleep(30)
+    finally:
+        os.killpg(stack.s3.pid, signal.SIGCONT)
+    paused = time.monotonic() - run.started
+    assert run.proc.poll() is None, "the run ended before the kill"
     _kill_and_up(state, stack.s3.pid, 3.0, "s3")
     assert load_stack(state).s3.endpoint == stack.s3.endpoint
     code, report, errs, wall = run.finish()
     (tmp_path / "rerun").mkdir()
-    report, outcome = _rerun_if_failed(state, "fault-s3-kill", tmp_path, code, report, errs)
+    report, outcome = _rerun_if_failed(state, "fault-s3", tmp_path, code, report, errs)
     assert _essence(report) == reference
-    _registry_consistent(_store(state), "fault-s3-kill")
-    _outcome("SeaweedFS kill -9 mid-run, `recsqueeze up` 3 s later", outcome, wall)
+    _registry_consistent(_store(state), "fault-s3")
+    _outcome("SeaweedFS SIGSTOP 30 s, then kill -9 and `recsqueeze up` 3 s later, mid-run",
+             f"{outcome}, identical leaderboard and promotion (pause ended at {paused:.0f} s)",
+             wall)
 
 
 def test_prefect_killed_mid_run_and_restarted_by_up(state, reference, tmp_path):
