@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.artifacts import ArtifactStore, Registry
-from tasks.types import Candidate, CompressionRequest, DatasetRequest, QuantizeConfig, TrainConfig
+from tests.e2e.test_deployments import _tiny  # the REST cases edit its request
 
 pytestmark = pytest.mark.integration
 FLOW = pytest.mark.slow  # the cases that start a flow run (refused once it can look)
@@ -293,14 +293,6 @@ def test_run_refuses_a_bad_request(raw, argv, code, needle, flow, stack, world, 
 
 
 # --- a flow run created through the Prefect REST API -----------------------------------------
-def _tiny(name: str) -> dict[str, Any]:
-    request = CompressionRequest(
-        model_name=name, dataset=DatasetRequest(builtin="tiny"),
-        train=TrainConfig(epochs=1, batch_size=512),
-        candidates=(Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),))
-    return request.model_dump(mode="json")
-
-
 @pytest.fixture(scope="module")
 def on_demand(stack, settings) -> Iterator[tuple[httpx.Client, str]]:
     """The Prefect REST API and the served on-demand deployment's id, once registered."""
