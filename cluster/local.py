@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from infra.process import alive, port_free
+from infra.process import alive, free_port_block, spawn, stop
 
 _WORKER_PORTS = 48  # worker processes per node; each needs one port
 
@@ -121,22 +120,10 @@ def ray_env(token_path: str) -> dict[str, str]:
     return env
 
 
-def _free_block(ip: str, count: int, taken: set[int]) -> int:
-    """First port of `count` consecutive free ports on `ip` (random start, 20000-59999)."""
-    rng = secrets.SystemRandom()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - count)
-        ports = range(base, base + count)
-        if not taken.intersection(ports) and all(port_free(ip, p) for p in ports):
-            taken.update(ports)
-            return base
-    raise RuntimeError(f"no block of {count} free ports on {ip}")
-
-
 def _node_ports(ip: str, head: bool) -> list[str]:
     """`ray start` flags pinning every port of one node (all on its own loopback address)."""
     taken: set[int] = set()
-    base = _free_block(ip, 8 + _WORKER_PORTS, taken)
+    base = free_port_block(ip, 8 + _WORKER_PORTS, taken)
     args = [
         f"--node-manager-port={base}",
         f"--object-manager-port={base + 1}",
@@ -152,14 +139,16 @@ def _node_ports(ip: str, head: bool) -> list[str]:
     return args
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> int:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: stopped alone, outlives the CLI
-            umask=0o077,  # its logs and sockets are the user's alone
-        )
-    return proc.pid
+def _start_node(args: list[str], env: dict[str, str], log: Path) -> int:
+    """`ray start --block` in its own process group (stopped alone, outlives the CLI); its logs
+    and sockets are the user's alone."""
+    return spawn(args, env, log, umask=0o077)
+
+
+def _stop_node(pid: int, timeout_s: float) -> None:
+    """`ray start --block` shuts its node down on SIGTERM; SIGKILL whatever of its group is
+    left after `timeout_s`."""
+    stop(pid, timeout_s, term_group=False)
 
 
 def _wait_nodes(address: str, ips: set[str], env: dict[str, str], timeout_s: float) -> None:
@@ -227,7 +216,7 @@ def start_local_cluster(
                  *_node_ports(head_ip, head=True)]
     address = f"{head_ip}:{head_args[-2].split('=')[1]}"
     head_log = state_dir / "ray-head.log"
-    nodes = [RayNode(head_ip, _spawn(head_args, env, head_log), True, str(head_log),
+    nodes = [RayNode(head_ip, _start_node(head_args, env, head_log), True, str(head_log),
                      tuple(head_args))]
     cluster = LocalRayCluster(address, head_ip, str(token_path), temp_dir, tuple(nodes))
     try:
@@ -236,7 +225,7 @@ def start_local_cluster(
             args = [ray_bin, "start", f"--address={address}", f"--node-ip-address={ip}",
                     *common, *_node_ports(ip, head=False)]
             log = state_dir / f"ray-worker-{ip}.log"
-            nodes.append(RayNode(ip, _spawn(args, env, log), False, str(log), tuple(args)))
+            nodes.append(RayNode(ip, _start_node(args, env, log), False, str(log), tuple(args)))
         cluster = LocalRayCluster(address, head_ip, str(token_path), temp_dir, tuple(nodes))
         _wait_nodes(address, {head_ip, *worker_ips}, env, timeout_s)
     except BaseException:
@@ -267,7 +256,7 @@ def heal_cluster(cluster: LocalRayCluster, extra_env: dict[str, str] | None = No
                            "its nodes' command lines: `recsqueeze down`, then `up`")
     if any(n.head for n in dead):
         for node in cluster.nodes:  # workers of a lost GCS cannot rejoin: restart them too
-            _stop_group(node.pid, 30.0)
+            _stop_node(node.pid, 30.0)
         dead = list(cluster.nodes)
     private = Path(cluster.temp_dir).parent
     private.mkdir(mode=0o700, exist_ok=True)
@@ -275,7 +264,7 @@ def heal_cluster(cluster: LocalRayCluster, extra_env: dict[str, str] | None = No
     nodes = []
     for node in sorted(cluster.nodes, key=lambda n: not n.head):  # the head first
         if node in dead:
-            node = RayNode(node.ip, _spawn(list(node.args), env, Path(node.log)), node.head,
+            node = RayNode(node.ip, _start_node(list(node.args), env, Path(node.log)), node.head,
                            node.log, node.args)
             if node.head:
                 _wait_nodes(cluster.address, {node.ip}, env, timeout_s)
@@ -299,34 +288,7 @@ def stop_local_cluster(cluster: LocalRayCluster, timeout_s: float = 30.0) -> Non
     """Stop the nodes this cluster started (workers first), and only those; then remove its
     temp dir (logs, sockets, spilled objects)."""
     for node in sorted(cluster.nodes, key=lambda n: n.head):
-        _stop_group(node.pid, timeout_s)
+        _stop_node(node.pid, timeout_s)
     private = Path(cluster.temp_dir).parent
     if private.name.startswith("rsq-"):
         shutil.rmtree(private, ignore_errors=True)
-
-
-def _stop_group(pid: int, timeout_s: float) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)  # `ray start --block` shuts its node down on SIGTERM
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        _reap(pid)
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)  # whatever of its group is left
-    except (ProcessLookupError, PermissionError):
-        pass
-    _reap(pid)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

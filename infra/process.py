@@ -1,8 +1,13 @@
-"""Start, probe and stop the stack's server processes (each in its own process group)."""
+"""Start, probe and stop the stack's processes (each in its own process group); free ports.
+
+The floor module for processes and ports: it imports nothing of the project, so infra's
+servers and cluster's Ray nodes share one spawn and one stop.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -42,18 +47,35 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> int:
-    """Start a detached server process (own session: outlives the CLI, stopped as a group)."""
+def free_port_block(host: str, count: int, taken: set[int]) -> int:
+    """First port of `count` consecutive free ports on `host` (random start, 20000-59999),
+    none of them in `taken`; the block is added to `taken`."""
+    rng = secrets.SystemRandom()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - count)
+        ports = range(base, base + count)
+        if not taken.intersection(ports) and all(port_free(host, p) for p in ports):
+            taken.update(ports)
+            return base
+    raise RuntimeError(f"no block of {count} free ports on {host}")
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path | None = None,
+          umask: int = -1) -> int:
+    """Start a detached process, its output appended to `log` (own session: outlives the CLI,
+    stopped as a group). `umask` (e.g. 0o077: its files are the user's alone) applies in the
+    child; -1 keeps ours."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL, start_new_session=True, umask=umask,
         )
     return proc.pid
 
 
 def alive(pid: int) -> bool:
+    """`pid` runs (a zombie child of ours is reaped and counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,10 +104,15 @@ def wait_http(url: str, pid: int, log: Path, timeout_s: float = 120.0) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout_s}s (log: {log})")
 
 
-def stop(pid: int, timeout_s: float = 20.0) -> None:
-    """SIGTERM the process group `pid` leads, then SIGKILL what is left."""
+def stop(pid: int, timeout_s: float = 20.0, term_group: bool = True) -> None:
+    """SIGTERM the process group `pid` leads (only `pid` itself with `term_group=False`, for a
+    leader that shuts its own children down), wait up to `timeout_s` for `pid` to exit, then
+    SIGKILL what is left of the group."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        if term_group:
+            os.killpg(pid, signal.SIGTERM)
+        else:
+            os.kill(pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         return
     deadline = time.monotonic() + timeout_s
