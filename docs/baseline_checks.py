@@ -14,8 +14,9 @@ import json
 import time
 
 from tasks.baselines import compare_trivial, resolution, trivial_predictions
-from tasks.data import generate, to_arrays
+from tasks.data import to_arrays
 from tasks.evaluate import predict
+from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.objectives import DEFAULT_KS
 from tasks.train import train

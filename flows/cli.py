@@ -1,4 +1,5 @@
-"""`recsqueeze` command line: up | down | status | run | bench | dataset | registry."""
+"""`recsqueeze` command line: up | down | status | run | bench | gate-sim, and the store's
+`dataset` and `registry` subcommands (`flows.cli_store`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_common import STATE, err
+from flows.cli_store import dataset_app, registry_app
 from flows.stack import (
     heal_stack,
     load_stack,
@@ -24,13 +27,8 @@ from flows.stack import (
 from tasks.types import CompressionRequest, DatasetRequest
 
 app = typer.Typer(help="Distributed compression of recommendation models.", no_args_is_help=True)
-dataset_app = typer.Typer(help="Datasets in the artifact store.", no_args_is_help=True)
-registry_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(registry_app, name="registry")
-err = Console(stderr=True)
-STATE = typer.Option(Path(".recsqueeze"), "--state-dir", envvar="RECSQUEEZE_STATE_DIR",
-                     help="local stack state directory")
 
 
 @app.command()
@@ -240,44 +238,6 @@ def bench(
     err.print(f"{len(rows)} rows -> {json_out}")
 
 
-@dataset_app.command("generate")
-def dataset_generate(size: str = typer.Option("small"), seed: int = 0,
-                     state_dir: Path = STATE) -> None:
-    """Generate the built-in click log into S3 and print its URI."""
-    from tasks.data import generate, write_dataset
-
-    tables, spec = generate(size, seed)
-    ref = write_dataset(tables, spec, settings_for(state_dir))
-    print(ref.uri)
-    err.print(f"rows {ref.rows}; Bayes-optimal test AUC {spec.bayes_auc:.5f}")
-
-
-@dataset_app.command("import")
-def dataset_import(
-    spec: Path = typer.Argument(..., metavar="SPEC", help="spec.json naming each column's role"),
-    path: Path = typer.Argument(..., metavar="PATH", help="directory of train/valid/test "
-                                "(.parquet or .csv), or one .parquet/.csv file to split by time"),
-    state_dir: Path = STATE,
-) -> None:
-    """Check your own dataset and upload it to S3; print its URI (a request's dataset.uri)."""
-    from rich.markup import escape
-
-    from tasks.dataimport import DatasetError, import_dataset
-
-    try:
-        with err.status("checking and uploading ..."):
-            ref = import_dataset(spec, path, settings_for(state_dir))
-    except DatasetError as exc:
-        err.print(f"[red]invalid dataset:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    except OSError as exc:  # the checks passed; the store did not answer
-        err.print(f"[red]upload failed:[/red] {escape(str(exc))}; is the stack up "
-                  "(`recsqueeze up`)?", soft_wrap=True)
-        raise typer.Exit(1) from None
-    print(ref.uri)
-    err.print(f"rows {ref.rows}")
-
-
 @app.command("gate-sim")
 def gate_sim(margins: str = typer.Option("-0.5,0,0.1,0.25,0.5", help="true loss = budget*(1+m)"),
              rows: int = 200_000, trials: int = 200, budget: float = 0.001,
@@ -318,86 +278,6 @@ def _user_errors_without_traceback() -> Iterator[None]:
     finally:
         for logger in loggers:
             logger.removeFilter(quiet)
-
-
-@registry_app.command("list")
-def registry_list(state_dir: Path = STATE) -> None:
-    """Models, their versions and aliases (exit 1 if an alias record cannot be read)."""
-    from tasks.artifacts import ArtifactStore, Registry
-
-    reg = Registry(ArtifactStore(settings_for(state_dir)))
-    broken = 0
-    for model in reg.models():
-        try:
-            print(f"{model}: versions {reg.versions(model)} production={reg.alias(model)} "
-                  f"previous={reg.alias(model, 'previous')}")
-        except ValueError as exc:  # a tampered alias record: name it, list the others
-            err.print(str(exc), style="red", soft_wrap=True, markup=False)
-            broken += 1
-    if broken:
-        raise typer.Exit(1)
-
-
-@registry_app.command("show")
-def registry_show(model: str, version: int | None = None, state_dir: Path = STATE) -> None:
-    """One version's record (default: production)."""
-    from tasks.artifacts import ArtifactStore, IntegrityError, Registry
-
-    def say(message: str, code: int) -> typer.Exit:
-        err.print(message, soft_wrap=True, markup=False)
-        return typer.Exit(code)
-
-    if version is not None and version < 1:
-        raise say(f"--version must be 1 or more (got {version}); omit it for production", 2)
-    reg = Registry(ArtifactStore(settings_for(state_dir)))
-    try:
-        n = version if version is not None else reg.alias(model)
-        versions = reg.versions(model)
-    except IntegrityError as exc:  # a tampered alias record
-        raise say(str(exc), 1) from None
-    except ValueError as exc:  # not a registry name
-        raise say(str(exc), 2) from None
-    if not versions:
-        raise say(f"registry has no model {model!r}; `recsqueeze registry list` shows the "
-                  "models", 1)
-    if n is None:
-        raise say(f"{model} has no production version (versions: {versions}); give --version "
-                  f"N, or `recsqueeze registry promote {model} N`", 1)
-    if n not in versions:
-        raise say(f"{model} has no version {n} (versions: {versions})", 1)
-    problem = reg.verify(model, n)  # the bytes are read and checked, not only the record
-    if problem is not None:
-        err.print(problem, style="red", soft_wrap=True, markup=False)
-        raise typer.Exit(1)
-    print(json.dumps({**reg.version_info(model, n), "verified": True}, indent=2))
-
-
-@registry_app.command("promote")
-def registry_promote(model: str, version: int, state_dir: Path = STATE) -> None:
-    """Point `production` at VERSION (the version it replaces becomes `previous`)."""
-    from tasks.artifacts import ArtifactStore, Registry
-
-    reg = Registry(ArtifactStore(settings_for(state_dir)))
-    try:
-        reg.set_alias(model, "production", version)
-    except ValueError as exc:
-        err.print(str(exc), soft_wrap=True, markup=False)
-        raise typer.Exit(1) from None
-    print(f"{model}: production={reg.alias(model)} previous={reg.alias(model, 'previous')}")
-
-
-@registry_app.command("rollback")
-def registry_rollback(model: str, state_dir: Path = STATE) -> None:
-    """Swap `production` and `previous` (run it again to roll forward)."""
-    from tasks.artifacts import ArtifactStore, Registry
-
-    reg = Registry(ArtifactStore(settings_for(state_dir)))
-    try:
-        production, previous = reg.rollback(model)
-    except ValueError as exc:
-        err.print(str(exc), soft_wrap=True, markup=False)
-        raise typer.Exit(1) from None
-    print(f"{model}: production={production} previous={previous}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from torch import nn
 
 from tasks.artifacts import serialize_model
-from tasks.data import generate, to_arrays
+from tasks.data import to_arrays
 from tasks.evaluate import (
     dense_flops,
     embedding_bytes,
@@ -23,6 +23,7 @@ from tasks.evaluate import (
     predict_logits,
     stored_elements,
 )
+from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.objectives import main_metric, paired_deltas, scalar_quality
 from tasks.stages import StageContext, apply_stage, calibrate

@@ -30,9 +30,10 @@ from pydantic import BaseModel
 from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, Registry
 from tasks.baselines import compare_trivial, resolution, trivial_predictions
-from tasks.data import Arrays, generate, read_dataset_ref, read_split, to_arrays, write_dataset
+from tasks.data import Arrays, read_dataset_ref, read_split, to_arrays, write_dataset
 from tasks.evaluate import evaluate, latency_ratios, predict_logits
 from tasks.gate import Champion
+from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.objectives import DEFAULT_KS, paired_deltas
 from tasks.results import JSONResults, ResultJSON, result_type

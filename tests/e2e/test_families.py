@@ -184,8 +184,9 @@ def test_the_documented_byo_data_path_from_a_csv_to_a_promoted_model(stack, sett
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    from tasks.data import SPLITS, generate
+    from tasks.data import SPLITS
     from tasks.dataimport import import_dataset
+    from tasks.generator import generate
 
     tables, spec = generate("tiny", seed=3)
     table = pa.concat_tables([tables[s] for s in SPLITS])

@@ -19,7 +19,8 @@ import pytest
 
 from flows.driver import run_compress
 from tasks.artifacts import ArtifactStore, Registry
-from tasks.data import generate, write_dataset
+from tasks.data import write_dataset
+from tasks.generator import generate
 from tasks.types import (
     Candidate,
     CompressionRequest,

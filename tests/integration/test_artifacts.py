@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tasks.artifacts import IntegrityError, Registry, UnsafeArtifactError
-from tasks.data import generate
+from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.types import ModelSpec
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from tasks.data import generate, to_arrays
+from tasks.data import to_arrays
+from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.stages import StageContext
 from tasks.types import ModelSpec

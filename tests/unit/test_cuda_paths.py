@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data import generate, to_arrays
+from tasks.data import to_arrays
 from tasks.evaluate import predict
+from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.stages import StageContext, apply_stage
 from tasks.train import train

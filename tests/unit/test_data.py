@@ -1,6 +1,7 @@
 import numpy as np
 
-from tasks.data import SPLITS, generate, to_arrays
+from tasks.data import SPLITS, to_arrays
+from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.types import ModelSpec
 

@@ -20,16 +20,10 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.data import SPLITS, generate
-from tasks.dataimport import (
-    DatasetError,
-    load_dataset,
-    load_spec,
-    load_splits,
-    parse_history,
-    select_columns,
-    validate,
-)
+from tasks.data import SPLITS
+from tasks.datacheck import DatasetError, validate
+from tasks.dataimport import load_dataset, load_spec, load_splits, parse_history, select_columns
+from tasks.generator import generate
 from tasks.types import DatasetSpec
 
 N = 400  # splits by time: 280 train, 40 valid, 80 test

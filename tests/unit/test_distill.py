@@ -5,8 +5,9 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.artifacts import deserialize_model, serialize_model
-from tasks.data import generate, to_arrays
+from tasks.data import to_arrays
 from tasks.evaluate import predict, stored_elements
+from tasks.generator import generate
 from tasks.metrics import auc
 from tasks.models import build, resolve
 from tasks.stages import StageContext, apply_stage

@@ -10,7 +10,8 @@ import torch
 from pydantic import ValidationError
 
 from tasks.artifacts import deserialize_model, serialize_model
-from tasks.data import PAD, Arrays, generate, history_matrix, to_arrays
+from tasks.data import PAD, Arrays, history_matrix, to_arrays
+from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.models.sasrec import SelfAttention
 from tasks.models.two_tower import ItemIndex

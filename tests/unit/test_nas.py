@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from tasks.artifacts import deserialize_model, serialize_model
-from tasks.data import generate, to_arrays
+from tasks.data import to_arrays
 from tasks.evaluate import predict, stored_elements
+from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.nas import Search, mutate, pareto, sample
 from tasks.stages import StageContext, apply_stage

@@ -4,8 +4,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from tasks.artifacts import deserialize_model, serialize_model
-from tasks.data import Arrays, generate, to_arrays
+from tasks.data import Arrays, to_arrays
 from tasks.evaluate import predict
+from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.modules import (
     DynamicInt8Linear,

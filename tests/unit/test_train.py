@@ -1,8 +1,9 @@
 import numpy as np
 import torch
 
-from tasks.data import Arrays, generate, to_arrays
+from tasks.data import Arrays, to_arrays
 from tasks.evaluate import predict
+from tasks.generator import generate
 from tasks.metrics import auc
 from tasks.models import build, resolve
 from tasks.train import train
