@@ -12,7 +12,9 @@ run):
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,13 +26,10 @@ from tasks.evaluate import predict
 from tasks.modules import set_submodule
 from tasks.objectives import main_metric, scalar_quality
 from tasks.quant.observers import entropy_range, histogram, mse_range, percentile_range
+from tasks.quant.schemes import EMBEDDING, LINEAR, BuildArgs, Scheme
 from tasks.stages.context import StageContext
-from tasks.stages.quantize import quantize_embedding, quantize_linear
 from tasks.train import task_of
 from tasks.types import CalibrateConfig
-
-EMBEDDING_CHOICES = ("none", "rowwise_int8", "rowwise_int4", "rowwise_int2")
-LINEAR_CHOICES = ("none", "dynamic_int8", "int8_weight_only", "int4_weight_only")
 
 
 @dataclass(frozen=True)
@@ -90,16 +89,19 @@ def sensitivity_table(model: nn.Module, data: Arrays) -> pa.Table:
     rows = []
     for path, module in list(model.named_modules()):
         if isinstance(module, nn.Embedding):
-            choices, make = EMBEDDING_CHOICES, quantize_embedding
+            schemes: Mapping[str, Scheme[Any]] = EMBEDDING
         elif isinstance(module, nn.Linear):
-            choices, make = LINEAR_CHOICES, quantize_linear  # type: ignore[assignment]
+            schemes = LINEAR
         else:
             continue
-        for choice in choices:
-            replacement = make(module, choice)  # type: ignore[arg-type]
+        # every scheme mixed precision may choose, built as quantize builds it by default
+        for choice, scheme in schemes.items():
+            if not scheme.measured:
+                continue
+            replacement = scheme.build(module, scheme, BuildArgs(path))
             set_submodule(model, path, replacement)
             try:
-                value = base if choice == "none" else score()
+                value = base if replacement is module else score()
             finally:
                 set_submodule(model, path, module)
             rows.append({"module": path, "choice": choice, "bytes": _nbytes(replacement),

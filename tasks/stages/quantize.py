@@ -7,54 +7,32 @@ import copy
 import pyarrow as pa
 from torch import nn
 
-from tasks.modules import (
-    DynamicInt8Linear,
-    HalfEmbedding,
-    HalfLinear,
-    RowWiseQuantEmbedding,
-    StaticInt8Linear,
-    WeightOnlyLinear,
-    fuse_relu,
-    set_submodule,
-)
+from tasks.modules import fuse_relu, set_submodule
 from tasks.quant.mixed import Option, assign
+from tasks.quant.schemes import BuildArgs, Range, embedding_scheme, linear_scheme
 from tasks.stages.context import NotApplicable, StageContext
 from tasks.types import QuantizeConfig
 
-_EMB_BITS = {"rowwise_int8": 8, "rowwise_int4": 4, "rowwise_int2": 2}
-
 
 def quantize_embedding(table: nn.Embedding, choice: str, row_range: str = "mse") -> nn.Module:
-    if choice in _EMB_BITS:
-        return RowWiseQuantEmbedding.from_float(table.weight, _EMB_BITS[choice], row_range)
-    if choice in ("fp16", "bf16"):
-        return HalfEmbedding.from_float(table.weight, choice)
-    if choice == "none":
-        return table
-    raise ValueError(f"quantize.embeddings: unknown choice {choice!r}")
+    """`table` as the embedding scheme `choice` builds it (the table itself for "none")."""
+    scheme = embedding_scheme(choice)
+    return scheme.build(table, scheme, BuildArgs(row_range=row_range))
 
 
 def quantize_linear(layer: nn.Linear, choice: str, group_size: int | None = None,
-                    act_range: tuple[tuple[float, float], tuple[float, float]] | None = None,
+                    act_range: tuple[Range, Range] | None = None,
                     path: str = "") -> nn.Module:
+    """`layer` as the Linear scheme `choice` builds it (the layer itself for "none")."""
+    scheme = linear_scheme(choice)
+    if not scheme.group_wise:
+        group_size = None
     if group_size is not None and layer.in_features <= group_size:
         group_size = None  # a row narrower than a group is one group: per channel
     if group_size is not None and layer.in_features % group_size:
         raise NotApplicable(f"quantize.group_size {group_size} does not divide the width "
                          f"{layer.in_features} of layer {path}; pick a divisor")
-    if choice == "dynamic_int8":
-        return DynamicInt8Linear.from_float(layer)
-    if choice == "static_int8":
-        if act_range is None:
-            raise ValueError(f"static_int8 needs calibrated ranges for {path}")
-        return StaticInt8Linear.from_float_calibrated(layer, *act_range)
-    if choice in ("int8_weight_only", "int4_weight_only"):
-        return WeightOnlyLinear.from_float(layer, 8 if choice.startswith("int8") else 4, group_size)
-    if choice in ("fp16", "bf16"):
-        return HalfLinear.from_float(layer, choice)
-    if choice == "none":
-        return layer
-    raise ValueError(f"quantize.linear: unknown choice {choice!r}")
+    return scheme.build(layer, scheme, BuildArgs(path, group_size, act_range=act_range))
 
 
 def _act_ranges(table: pa.Table, method: str) -> dict[str, tuple[float, float]]:
@@ -99,12 +77,14 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Mod
     out = copy.deepcopy(model).cpu()
     plan = mixed_plan(cfg, ctx) if cfg.mixed_precision is not None else None
     ranges = _act_ranges(ctx.need("activations"), cfg.activation_range) \
-        if cfg.linear == "static_int8" and plan is None else {}
+        if plan is None and linear_scheme(cfg.linear).needs_ranges else {}
     kept = []
     for path, module in list(out.named_modules()):
         if isinstance(module, nn.Embedding):
             choice = plan.get(path, "none") if plan is not None else cfg.embeddings
             small = quantize_embedding(module, choice, cfg.row_range)
+            if small is module:  # the scheme keeps the table ("none")
+                continue
             if _nbytes(small) >= _nbytes(module):  # e.g. a width-1 table: the row's scale and
                 kept.append(path)                  # offset outweigh its one value
                 continue
