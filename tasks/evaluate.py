@@ -1,4 +1,4 @@
-"""Evaluation: quality with confidence intervals, and measured size and latency."""
+"""Evaluation: predictions, quality with confidence intervals, and measured size and latency."""
 
 from __future__ import annotations
 
@@ -9,27 +9,51 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks import objectives
 from tasks.data import Arrays
-from tasks.train import task_of
+from tasks.determinism import THREADS, fixed_threads
+from tasks.protocol import QuantizedWeight, SparseWeight, problem_kind
+from tasks.quality import DEFAULT_KS, main_metric, quality
 from tasks.types import Latency, LatencyRatio, Metrics
 
 LATENCY_BATCHES = (1, 512)
 
 
+@torch.inference_mode()
 def predict(model: nn.Module, data: Arrays, batch_size: int = 4096,
             device: torch.device | None = None) -> np.ndarray:
-    """Click probabilities (ranking) or the clicked item's rank (retrieval, next_item)."""
-    return objectives.predict(model, data, task_of(model), batch_size, device)
+    """What the metrics read, by the model's problem kind (from its spec): ranking -> click
+    probabilities (float64); retrieval / next_item -> the rank of the clicked item among all
+    catalogue items (0 = top; ties count against it), int64.
+
+    On `tasks.determinism.THREADS` intra-op threads, so the bits do not depend on the process
+    (a partial last batch may otherwise take another matmul kernel)."""
+    kind = problem_kind(model)
+    device = device or torch.device("cpu")
+    model.eval()
+    out = []
+    with fixed_threads(THREADS):
+        for i in range(0, len(data), batch_size):
+            dense = torch.from_numpy(data.dense[i:i + batch_size]).to(device)
+            sparse = torch.from_numpy(data.sparse[i:i + batch_size]).to(device)
+            scores = model(dense, sparse)
+            if kind == "ranking":
+                out.append(torch.sigmoid(scores).double().cpu().numpy())
+                continue
+            target = torch.from_numpy(data.label[i:i + batch_size]).to(device).long()
+            own = scores.gather(1, target[:, None])
+            out.append(((scores >= own).sum(1) - 1).cpu().numpy().astype(np.int64))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, data: Arrays, batch_size: int = 8192) -> np.ndarray:
-    """Logits for every row, float32, computed on CPU (teacher outputs for distillation)."""
+    """Logits for every row, float32, computed on CPU on `THREADS` threads (teacher outputs
+    for distillation: training reads them, so their bits must not depend on the process)."""
     model.eval()
-    out = [model(torch.from_numpy(data.dense[i:i + batch_size]),
-                 torch.from_numpy(data.sparse[i:i + batch_size])).float().numpy()
-           for i in range(0, len(data), batch_size)]
+    with fixed_threads(THREADS):
+        out = [model(torch.from_numpy(data.dense[i:i + batch_size]),
+                     torch.from_numpy(data.sparse[i:i + batch_size])).float().numpy()
+               for i in range(0, len(data), batch_size)]
     return np.concatenate(out)
 
 
@@ -42,12 +66,8 @@ def measure_latency(models: list[nn.Module], data: Arrays,
     keeps thread wake-ups out of p99. Rounds interleave the models, so a busy moment slows
     them all alike and their ratio stays honest. The thread count is restored afterwards.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with fixed_threads(1):
         return _timed(models, data, batch_sizes, rounds, iters, warmup)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @torch.inference_mode()
@@ -95,13 +115,9 @@ def latency_ratios(reference: nn.Module, models: list[nn.Module], data: Arrays,
     the machine's cores: the flow times all candidates in one task that holds its node's CPUs
     after every other stage is done.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with fixed_threads(1):
         return _ratios([reference, *models], data, batch_sizes, iters, min_rounds, max_rounds,
                        width, max_seconds, warmup, resamples, clock)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @torch.inference_mode()
@@ -175,9 +191,11 @@ def _leaf_tensors_bytes(module: nn.Module) -> int:
 
 
 def embedding_bytes(model: nn.Module) -> int:
-    """Stored bytes of the embedding tables and item index (whatever form they now have)."""
-    tables = [getattr(model, name, None) for name in ("embeddings", "index")]
-    return sum(_leaf_tensors_bytes(t) for t in tables if isinstance(t, nn.Module))
+    """Stored bytes of the embedding tables and item index (whatever form they now have): the
+    model's children named `embeddings` and `index`, as the built-in families name them."""
+    children = dict(model.named_children())
+    return sum(_leaf_tensors_bytes(children[name]) for name in ("embeddings", "index")
+               if name in children)
 
 
 @torch.inference_mode()
@@ -187,29 +205,30 @@ def dense_flops(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Linear):
             total += m.in_features * m.out_features
-        elif hasattr(m, "dense_weight") or hasattr(m, "dequantized_weight"):
-            w = m.dense_weight() if hasattr(m, "dense_weight") else m.dequantized_weight()
-            total += int((w != 0).sum()) if hasattr(m, "dense_weight") else w.numel()
+        elif isinstance(m, SparseWeight):  # pruned entries cost nothing
+            total += int((m.dense_weight() != 0).sum())
+        elif isinstance(m, QuantizedWeight):
+            total += m.dequantized_weight().numel()
     return total
 
 
 def evaluate(model: nn.Module, test: Arrays, size_bytes: int,
-             reference: nn.Module | None = None, ks: tuple[int, ...] = objectives.DEFAULT_KS,
+             reference: nn.Module | None = None, ks: tuple[int, ...] = DEFAULT_KS,
              timed: bool = True) -> tuple[Metrics, np.ndarray, tuple[Latency, ...] | None]:
     """Metrics of `model` on `test` (size = the serialized artifact's bytes), its predictions
     (probabilities or ranks, see `predict`), and - when a `reference` model is given - the
     reference's latency timed side by side with the model's (for an honest latency ratio).
     `timed=False` leaves latency out (the flow times every candidate later, in one quiet
     task: `latency_ratios`)."""
-    task = task_of(model)
+    kind = problem_kind(model)
     pred = predict(model, test)
-    quality, ll = objectives.quality(task, test, pred, ks)
+    estimates, ll = quality(kind, test, pred, ks)
     if not timed:
-        return Metrics(main=objectives.main_metric(task), quality=quality, logloss=ll,
+        return Metrics(main=main_metric(kind), quality=estimates, logloss=ll,
                        rows=len(test), size_bytes=size_bytes, params=stored_elements(model),
                        latency=()), pred, None
     lat = measure_latency([model] if reference is None else [model, reference], test)
-    metrics = Metrics(main=objectives.main_metric(task), quality=quality, logloss=ll,
+    metrics = Metrics(main=main_metric(kind), quality=estimates, logloss=ll,
                       rows=len(test), size_bytes=size_bytes, params=stored_elements(model),
                       latency=lat[0])
     return metrics, pred, (lat[1] if reference is not None else None)

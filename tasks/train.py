@@ -1,4 +1,4 @@
-"""The one training loop (baseline now; fine-tuning, distillation and NAS reuse it)."""
+"""The one training loop (baseline; fine-tuning, distillation and NAS reuse it)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
+from tasks import objectives
 from tasks.data import Arrays
-from tasks.types import TrainConfig
+from tasks.determinism import reproducible
+from tasks.protocol import problem_kind
+from tasks.types import ProblemKind, TrainConfig
 
 log = logging.getLogger("recsqueeze.train")
 
@@ -20,44 +22,41 @@ Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(scores of a batch, their targets, the batch's row indices into the training arrays) ->
 scalar loss; scores and targets as `tasks.objectives.train_scores` gives them."""
 
-
-def task_of(model: nn.Module) -> str:
-    spec = getattr(model, "spec", None)
-    return spec.task_kind() if spec is not None else "ranking"
-
-
-def set_dense_normalization(model: nn.Module, train: Arrays) -> None:
-    """Store train-split mean/std of dense features in the model's buffers, if it has them."""
-    if hasattr(model, "dense_mean") and train.dense.shape[1]:
-        mean = train.dense.mean(axis=0)
-        std = train.dense.std(axis=0)
-        model.dense_mean.copy_(torch.from_numpy(mean))
-        model.dense_std.copy_(torch.from_numpy(np.where(std > 1e-6, std, 1.0)))
+task_of = problem_kind  # until tasks/stages/calibrate.py imports problem_kind (tasks.protocol)
 
 
 def train(model: nn.Module, data: Arrays, cfg: TrainConfig,
           device: torch.device | None = None, valid: Arrays | None = None,
           normalize: bool = True, objective: Objective | None = None,
           extra_params: Sequence[nn.Parameter] = (), max_steps: int | None = None) -> nn.Module:
-    """Minimise the task's loss on `data` with Adam (BCE for ranking; softmax over in-batch
-    items or the catalogue for retrieval, see tasks.objectives); seeded, so the same inputs
-    give the same weights.
+    """Minimise the problem kind's loss on `data` with Adam (BCE for ranking; softmax over
+    in-batch items or the catalogue for retrieval, see tasks.objectives).
+
+    Reproducible: the same inputs and `cfg.seed` give bit-identical weights whatever the
+    process's intra-op thread count (`tasks.determinism.reproducible`: threads fixed, torch's
+    deterministic algorithms, a seeded RNG for dropout; every process-wide setting and the
+    caller's RNG state are restored afterwards). Data order comes from a generator of its own.
 
     With `valid`, training stops once `cfg.patience` epochs in a row have not improved the
     validation loss and returns the best epoch's weights: models with large id embeddings
     overfit after about one pass, while a small data set may need many; patience lets more
     epochs help where they can.
-    `normalize=False` keeps the model's dense-feature statistics (fine-tuning).
+    `normalize=False` keeps what the model took from the train split (fine-tuning).
     `objective` replaces BCE on `data.label` (distillation); `extra_params` are trained along
     (e.g. a hint loss's projection) but are not part of the model. `max_steps` ends training
     after that many batches (a NAS trial's budget); the valid split is checked then too.
     With `valid`, a fine-tuning run that does not beat the starting weights returns them.
     """
-    from tasks import objectives
-
     device = device or torch.device("cpu")
-    task = task_of(model)
-    torch.manual_seed(cfg.seed)
+    with reproducible(cfg.seed, device):
+        return _fit(model, problem_kind(model), data, cfg, device, valid, normalize, objective,
+                    extra_params, max_steps)
+
+
+def _fit(model: nn.Module, kind: ProblemKind, data: Arrays, cfg: TrainConfig,
+         device: torch.device, valid: Arrays | None, normalize: bool,
+         objective: Objective | None, extra_params: Sequence[nn.Parameter],
+         max_steps: int | None) -> nn.Module:
     if normalize:
         objectives.prepare(model, data)
     model.to(device).train()
@@ -70,7 +69,7 @@ def train(model: nn.Module, data: Arrays, cfg: TrainConfig,
     start = time.perf_counter()
     best_score, best_state = float("inf"), None
     if valid is not None and not normalize:  # fine-tuning: the start is a candidate too
-        best_score = objectives.valid_loss(model, task, valid, device)
+        best_score = objectives.valid_loss(model, kind, valid, device)
         best_state = copy.deepcopy(model.state_dict())
     done, best_epoch = 0, -1
     for epoch in range(cfg.epochs):
@@ -84,9 +83,9 @@ def train(model: nn.Module, data: Arrays, cfg: TrainConfig,
             done += 1
             idx = order[i:i + cfg.batch_size]
             scores, targets = objectives.train_scores(
-                model, task, dense[idx].to(device), sparse[idx].to(device), label[idx].to(device))
+                model, kind, dense[idx].to(device), sparse[idx].to(device), label[idx].to(device))
             loss = objective(scores, targets, idx) if objective is not None else \
-                objectives.task_loss(task, scores, targets)
+                objectives.target_loss(kind, scores, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -96,7 +95,7 @@ def train(model: nn.Module, data: Arrays, cfg: TrainConfig,
                  time.perf_counter() - start)
         if valid is None:
             continue
-        score = objectives.valid_loss(model, task, valid, device)
+        score = objectives.valid_loss(model, kind, valid, device)
         if score < best_score:
             best_score, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch
             continue

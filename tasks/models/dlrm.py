@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.types import ModelSpec
+from tasks.types import DlrmSpec
 
 
 def mlp(widths: list[int], last_activation: bool) -> nn.Sequential:
@@ -24,7 +24,10 @@ def mlp(widths: list[int], last_activation: bool) -> nn.Sequential:
 
 
 class DLRM(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    dense_mean: torch.Tensor  # buffers, set from the train split
+    dense_std: torch.Tensor
+
+    def __init__(self, spec: DlrmSpec) -> None:
         super().__init__()
         self.spec = spec  # the architecture this module was built from (stages may change it)
         d = spec.embedding_dim
@@ -52,6 +55,12 @@ class DLRM(nn.Module):
         # the first top layer evenly; the padding columns carry no signal and cost no accuracy
         self._pad = -top_in % 32
         self.top = mlp([top_in + self._pad, *spec.top_mlp, 1], last_activation=False)
+
+    @torch.no_grad()
+    def set_dense_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The train split's per-feature mean and std (tasks.protocol.NormalizesDense)."""
+        self.dense_mean.copy_(mean)
+        self.dense_std.copy_(std)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         vectors = [table(sparse[:, i]) for i, table in enumerate(self.embeddings)]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.models.dlrm import mlp
-from tasks.types import ModelSpec
+from tasks.types import TwoTowerSpec
 
 
 class ItemIndex(nn.Embedding):
@@ -37,7 +37,9 @@ def all_rows(table: nn.Module, rows: int) -> torch.Tensor:
 
 
 class TwoTower(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    item_log_q: torch.Tensor  # a buffer, set from the train split
+
+    def __init__(self, spec: TwoTowerSpec) -> None:
         super().__init__()
         self.spec = spec
         if spec.item_table is None:
@@ -99,6 +101,10 @@ class TwoTower(nn.Module):
         """Clicks per item on the train split (for the sampling-bias correction)."""
         share = (clicks.double() + 1) / (clicks.sum() + len(clicks))
         self.item_log_q.copy_(share.log().float())
+
+    def sampling_log_q(self, items: torch.Tensor) -> torch.Tensor:
+        """log of each item's share of the train clicks: its in-batch sampling probability."""
+        return self.item_log_q[items]
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """[B, n_items] scores of the whole catalogue (exact retrieval over the index)."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tasks.data import Arrays
+from tasks.evaluate import predict_logits
 from tasks.types import ModelSpec
 
 
@@ -54,8 +55,6 @@ class StageContext:
         """Logits of `model` (the stage's input) on the train rows: served, or computed once."""
         if self.teacher_logits is not None:
             return self.teacher_logits()
-        from tasks.evaluate import predict_logits
-
         data = self.need("train_data")
         assert isinstance(data, Arrays)
         return predict_logits(model, data)

@@ -13,10 +13,11 @@ from tasks.data import Arrays
 from tasks.evaluate import stored_elements
 from tasks.losses import HiddenCapture, hint_loss, listwise_loss, output_layer
 from tasks.models import build
-from tasks.objectives import soft_loss, task_loss, train_scores
+from tasks.objectives import soft_loss, target_loss, train_scores
+from tasks.protocol import problem_kind
 from tasks.stages.context import NotApplicable, StageContext
-from tasks.train import task_of, train
-from tasks.types import DistillConfig, ModelSpec, NASTrialConfig, TrainConfig
+from tasks.train import train
+from tasks.types import MODEL_SPECS, DistillConfig, ModelSpec, NASTrialConfig, TrainConfig
 
 
 def _teacher(model: nn.Module, cfg: DistillConfig,
@@ -24,7 +25,7 @@ def _teacher(model: nn.Module, cfg: DistillConfig,
     """The teacher and, for a ranking teacher, its logits on the train rows (a retrieval
     teacher's catalogue scores are computed batch by batch instead)."""
     if cfg.teacher == "input":
-        ranking = task_of(model) == "ranking"
+        ranking = problem_kind(model) == "ranking"
         return model, ctx.input_logits(model) if ranking else None
     if ctx.registry_teacher is None:
         raise ValueError(f"distill.teacher={cfg.teacher!r} needs the model registry: run the "
@@ -55,9 +56,9 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: StageContext) -> nn.Modul
     (the batch's clicked items for an in-batch student like two-tower, else the catalogue), and
     the soft term is the cross entropy of their softmaxes at temperature T (times T²)."""
     input_spec = ctx.need("spec")
-    assert isinstance(input_spec, ModelSpec)
+    assert isinstance(input_spec, MODEL_SPECS)
     spec = student_spec(cfg.student, input_spec)
-    task = spec.task_kind()
+    kind = spec.task_kind()
     student = build(spec, ctx.seed)
     n_student, n_input = stored_elements(student), stored_elements(model)
     if cfg.require_smaller and n_student >= n_input:
@@ -71,9 +72,9 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: StageContext) -> nn.Modul
     if logits is not None and len(logits) != len(data):
         raise ValueError(f"distill.teacher: {len(logits)} teacher outputs for {len(data)} train "
                          "rows; the teacher was scored on other data")
-    if task != "ranking" and (cfg.hint_weight or cfg.listwise_weight):
+    if kind != "ranking" and (cfg.hint_weight or cfg.listwise_weight):
         raise ValueError(f"distill.hint_weight and listwise_weight apply to ranking models; "
-                         f"{spec.family} is a {task} model (set them to 0)")
+                         f"{spec.family} is a {kind} model (set them to 0)")
     groups = None
     if cfg.listwise_weight:
         if data.groups is None:
@@ -108,12 +109,12 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: StageContext) -> nn.Modul
                 t = t_logits[idx].to(device)
             else:  # the teacher runs on CPU: it may hold CPU-only kernels
                 with torch.no_grad():
-                    t, _ = train_scores(teacher, task, dense[idx], sparse[idx], label[idx],
+                    t, _ = train_scores(teacher, kind, dense[idx], sparse[idx], label[idx],
                                         items_of=student)
                 t = t.to(device)
-            loss = cfg.alpha * soft_loss(task, out, t, temperature)
+            loss = cfg.alpha * soft_loss(kind, out, t, temperature)
             if cfg.alpha < 1:
-                loss = loss + (1 - cfg.alpha) * task_loss(task, out, targets)
+                loss = loss + (1 - cfg.alpha) * target_loss(kind, out, targets)
             if projection is not None:
                 assert student_hidden is not None and teacher_hidden is not None
                 with torch.no_grad():

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from tasks.determinism import THREADS, fixed_threads
 from tasks.modules import (
     LowRankEmbedding,
     LowRankLinear,
@@ -39,10 +40,8 @@ def _tt_params(table: nn.Embedding, cap: int, k: int) -> int:
     return sum(r[i] * n * d * r[i + 1] for i, (n, d) in enumerate(zip(ns, ds)))
 
 
-def factorize(model: nn.Module, cfg: FactorizeConfig, ctx: StageContext) -> nn.Module:
-    """Return a factorized (and fine-tuned) copy of `model`. A layer whose rank would not
-    save parameters is left as it is."""
-    out = copy.deepcopy(model).cpu()
+def _factorize_layers(out: nn.Module, cfg: FactorizeConfig) -> int:
+    """Replace the target layers of `out` in place; returns how many changed."""
     budget = cfg.param_budget
     changed = 0
     for path, m in list(out.named_modules()):
@@ -74,6 +73,15 @@ def factorize(model: nn.Module, cfg: FactorizeConfig, ctx: StageContext) -> nn.M
             if sum(c.numel() for c in tt.cores) < m.weight.numel():
                 set_submodule(out, path, tt)
                 changed += 1
+    return changed
+
+
+def factorize(model: nn.Module, cfg: FactorizeConfig, ctx: StageContext) -> nn.Module:
+    """Return a factorized (and fine-tuned) copy of `model`. A layer whose rank would not
+    save parameters is left as it is."""
+    out = copy.deepcopy(model).cpu()
+    with fixed_threads(THREADS):  # MKL's SVD gives other bits on another thread count
+        changed = _factorize_layers(out, cfg)
     if changed == 0:
         raise NotApplicable(f"{cfg.label()}: no layer gets smaller at this rank; lower the rank "
                          "or the energy")

@@ -7,8 +7,9 @@ from torch import nn
 
 from tasks.data import Arrays
 from tasks.objectives import soft_loss, train_scores
+from tasks.protocol import problem_kind
 from tasks.stages.context import StageContext
-from tasks.train import task_of, train
+from tasks.train import train
 from tasks.types import TrainConfig
 
 
@@ -29,9 +30,9 @@ def finetune(model: nn.Module, teacher: nn.Module, epochs: int, lr: float, ctx: 
         return model
     data = ctx.need("train_data")
     assert isinstance(data, Arrays)
-    task = task_of(model)
+    kind = problem_kind(model)
     objective = None
-    if target == "teacher" and task == "ranking":
+    if target == "teacher" and kind == "ranking":
         soft = torch.sigmoid(torch.from_numpy(ctx.input_logits(teacher))).numpy()
         data = data.with_label(soft)
     elif target == "teacher":  # retrieval: match the teacher's softmax over the same items
@@ -42,9 +43,9 @@ def finetune(model: nn.Module, teacher: nn.Module, epochs: int, lr: float, ctx: 
         def objective(out: torch.Tensor, targets: torch.Tensor,
                       idx: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                t, _ = train_scores(teacher, task, dense[idx], sparse[idx], label[idx],
+                t, _ = train_scores(teacher, kind, dense[idx], sparse[idx], label[idx],
                                     items_of=model)
-            return soft_loss(task, out, t.to(out.device), 1.0)
+            return soft_loss(kind, out, t.to(out.device), 1.0)
     valid = ctx.calibration() if ctx.calibration else None
     frozen = [p for m in model.modules() if isinstance(m, nn.Embedding)
               for p in m.parameters(recurse=False)] if scope == "dense" else []

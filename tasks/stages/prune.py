@@ -18,9 +18,9 @@ from tasks.modules import (
     semi_structured_ok,
     set_submodule,
 )
+from tasks.protocol import attention_projections, problem_kind
 from tasks.stages.context import NotApplicable, StageContext, StageSkipped
 from tasks.stages.finetune import finetune
-from tasks.train import task_of
 from tasks.types import PruneConfig
 
 # element-wise layers: a hidden neuron between two Linear layers is its row and column only
@@ -28,9 +28,15 @@ _ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Identity, nn.Dropout)
 
 
 def _attention(model: nn.Module) -> list[nn.Module]:
-    """Self-attention modules with whole heads to remove (q/k/v/o Linear + head_dim)."""
-    return [m for m in model.modules() if hasattr(m, "head_dim") and all(
-        type(getattr(m, p, None)) in (nn.Linear, PrunedLinear) for p in ("q", "k", "v", "o"))]
+    """Self-attention modules with whole heads to remove (tasks.protocol.MultiHeadAttention
+    whose q/k/v/o are still plain Linear layers)."""
+    out = []
+    for m in model.modules():
+        projections = attention_projections(m)
+        if projections is not None and all(type(p) in (nn.Linear, PrunedLinear)
+                                           for p in projections.values()):
+            out.append(m)
+    return out
 
 
 def prune_heads(model: nn.Module, sparsity: float) -> int:
@@ -99,10 +105,15 @@ def prune_neurons(model: nn.Module, sparsity: float) -> int:
     return removed
 
 
+def _masked(m: nn.Module) -> bool:
+    """Whether torch.nn.utils.prune masks m's own weight (its `weight_mask` buffer)."""
+    return "weight_mask" in dict(m.named_buffers(recurse=False))
+
+
 def _effective(m: nn.Module) -> torch.Tensor:
     """The weight as it stands, on CPU. A masked layer's `weight` attribute is refreshed only by
     a forward pass (it may hold a rejected epoch's values or sit on another device)."""
-    if hasattr(m, "weight_mask"):
+    if _masked(m):
         return (m.weight_orig * m.weight_mask).detach().cpu()
     return m.weight.detach().cpu()
 
@@ -129,7 +140,7 @@ def prune_magnitude(model: nn.Module, sparsity: float, scope: str, store: bool =
 def finish_masks(model: nn.Module) -> None:
     """Make masked weights permanent and store them sparsely."""
     for path, m in list(model.named_modules()):
-        if hasattr(m, "weight_mask"):
+        if _masked(m):
             mask = m.weight_mask.bool()
             torch_prune.remove(m, "weight")
             set_submodule(model, path, SparseLinear.from_dense(m, mask))
@@ -185,7 +196,7 @@ def prune(model: nn.Module, cfg: PruneConfig, ctx: StageContext) -> nn.Module:
         ctx.log(f"{cfg.label()}: {n} layers made 2:4 sparse")
     elif cfg.method == "embedding_rows":
         counts = None
-        if cfg.criterion == "frequency" and task_of(out) != "ranking":
+        if cfg.criterion == "frequency" and problem_kind(out) != "ranking":
             raise ValueError("prune(embedding_rows): criterion 'frequency' counts the ranking "
                              "inputs' ids; for a retrieval or sequential model use "
                              "criterion 'norm'")

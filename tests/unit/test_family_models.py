@@ -15,7 +15,7 @@ from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.models.sasrec import SelfAttention
 from tasks.models.two_tower import ItemIndex
-from tasks.objectives import group_ndcg, paired_deltas, quality, rank_metrics
+from tasks.quality import group_ndcg, paired_deltas, quality, rank_metrics
 from tasks.stages import StageContext, apply_stage
 from tasks.stages.prune import prune_heads
 from tasks.types import (
@@ -23,9 +23,10 @@ from tasks.types import (
     CompressionRequest,
     DistillConfig,
     FactorizeConfig,
-    ModelSpec,
     PruneConfig,
     QuantizeConfig,
+    SasrecSpec,
+    TwoTowerSpec,
 )
 
 
@@ -36,7 +37,7 @@ def data():
 
 def _arrays(data, spec):
     tables, ds = data
-    return [to_arrays(tables[s], ds, spec.task_kind(), spec.max_history)
+    return [to_arrays(tables[s], ds, spec.task_kind(), spec.history_width())
             for s in ("train", "valid", "test")]
 
 
@@ -76,7 +77,7 @@ def test_generator_gives_sessions_histories_and_segments(data):
 
 
 def test_two_tower_index_is_its_item_tower_and_survives_quantization(data):
-    spec = resolve(ModelSpec(family="two_tower", embedding_dim=16, tower_mlp=(32,)), data[1])
+    spec = resolve(TwoTowerSpec(embedding_dim=16, tower_mlp=(32,)), data[1])
     train, valid, test = _arrays(data, spec)
     from tasks.train import train as fit
     from tasks.types import TrainConfig
@@ -103,7 +104,7 @@ def _predict(model, test):
 
 
 def test_sasrec_reads_empty_histories_and_prunes_whole_heads(data):
-    spec = resolve(ModelSpec(family="sasrec", embedding_dim=16, heads=4, layers=1,
+    spec = resolve(SasrecSpec(embedding_dim=16, heads=4, layers=1,
                              ffn_dim=32), data[1])
     model = build(spec).eval()
     empty = torch.full((3, 20), PAD)
@@ -123,7 +124,7 @@ def test_sasrec_reads_empty_histories_and_prunes_whole_heads(data):
 
 
 def test_sasrec_stages_change_the_model(data):
-    spec = resolve(ModelSpec(family="sasrec", embedding_dim=16, heads=2, layers=2,
+    spec = resolve(SasrecSpec(embedding_dim=16, heads=2, layers=2,
                              ffn_dim=32), data[1])
     train, valid, test = _arrays(data, spec)
     model = build(spec).eval()
@@ -133,7 +134,7 @@ def test_sasrec_stages_change_the_model(data):
              if isinstance(m, SelfAttention)]
     assert heads == [1, 1] and pruned.blocks[0].ffn[0].out_features == 16
     student = apply_stage(model, DistillConfig(
-        student=ModelSpec(family="sasrec", embedding_dim=16, heads=1, layers=1, ffn_dim=16),
+        student=SasrecSpec(embedding_dim=16, heads=1, layers=1, ffn_dim=16),
         epochs=1, batch_size=256), ctx)
     assert len(student.blocks) == 1 and student.spec.layers == 1
     base = _predict(model, test)
@@ -142,7 +143,7 @@ def test_sasrec_stages_change_the_model(data):
 
 
 def test_a_student_of_another_family_is_refused(data):
-    spec = resolve(ModelSpec(family="sasrec", embedding_dim=16), data[1])
+    spec = resolve(SasrecSpec(embedding_dim=16), data[1])
     train, valid, _ = _arrays(data, spec)
     ctx = StageContext(train_data=lambda: train, calibration=lambda: valid, spec=spec)
     with pytest.raises(ValueError, match="distill.student.family is 'dlrm' but the input "
@@ -187,7 +188,7 @@ def test_segment_and_main_budget_names_parse():
 
 
 def test_user_model_class_must_be_an_installed_module():
-    from tasks.models import user_class
+    from tasks.userclass import user_class
 
     with pytest.raises(ValueError, match="cannot import 'no_such_pkg.models'"):
         user_class("no_such_pkg.models:Ranker")

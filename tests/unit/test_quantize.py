@@ -16,9 +16,9 @@ from tasks.modules import (
     manifest_of,
 )
 from tasks.stages import StageContext, apply_stage, calibrate
-from tasks.types import CalibrateConfig, MixedPrecision, ModelSpec, QuantizeConfig
+from tasks.types import CalibrateConfig, DlrmSpec, MixedPrecision, QuantizeConfig
 
-SPEC = ModelSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(32,))
+SPEC = DlrmSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(32,))
 ALL_CONFIGS = [
     QuantizeConfig(),
     QuantizeConfig(linear="static_int8", embeddings="none"),
@@ -112,6 +112,7 @@ class TwoTables(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self.spec = DlrmSpec()  # a ranker: predict reads the problem kind from the spec
         self.embeddings = nn.ModuleList([nn.Embedding(200, 8), nn.Embedding(200, 8)])
         self.head = nn.Linear(16, 1)
 
@@ -213,8 +214,8 @@ def test_serialization_is_byte_identical_across_processes(setup):
     import sys
 
     code = ("import hashlib,torch;from tasks.artifacts import serialize_model;"
-            "from tasks.models import build;from tasks.types import ModelSpec,TableSpec;"
-            "s=ModelSpec(embedding_dim=8,bottom_mlp=(8,),top_mlp=(8,),num_dense=2,"
+            "from tasks.models import build;from tasks.types import DlrmSpec,TableSpec;"
+            "s=DlrmSpec(embedding_dim=8,bottom_mlp=(8,),top_mlp=(8,),num_dense=2,"
             "tables=tuple(TableSpec(name=f't{i}',rows=10) for i in range(6)));"
             "print(hashlib.sha256(serialize_model(build(s,3),s)).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
