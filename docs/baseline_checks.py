@@ -15,12 +15,13 @@ import time
 
 from tasks.baselines import compare_trivial, resolution, trivial_predictions
 from tasks.data import to_arrays
+from tasks.defaults import default_budget
 from tasks.evaluate import predict
 from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.objectives import DEFAULT_KS
 from tasks.train import train
-from tasks.types import MAIN_METRIC, ModelSpec, TrainConfig, default_budget
+from tasks.types import MAIN_METRIC, TrainConfig, parse_model_spec
 
 
 def main() -> None:
@@ -31,9 +32,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     tables, data = generate(args.size, args.seed)
-    spec = resolve(ModelSpec(family=args.family), data)
+    spec = resolve(parse_model_spec({"family": args.family}), data)
     task = spec.task_kind()
-    train_rows, valid, test = (to_arrays(tables[s], data, task, spec.max_history)
+    train_rows, valid, test = (to_arrays(tables[s], data, task, spec.history_width())
                                for s in ("train", "valid", "test"))
     start = time.perf_counter()
     model = train(build(spec, args.seed), train_rows,

@@ -35,6 +35,7 @@ from flows.nas import nas_search
 from flows.report import leaderboard, markdown, model_card, pareto_png
 from infra.settings import Settings
 from tasks.artifacts import AliasMoved, ArtifactStore, Registry
+from tasks.defaults import default_candidates
 from tasks.gate import decide, preflight, resolution_warnings
 from tasks.models import resolve
 from tasks.nas import pareto
@@ -61,7 +62,6 @@ from tasks.types import (
     DatasetSpec,
     GateReport,
     budget_ks,
-    default_candidates,
 )
 
 

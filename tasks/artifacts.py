@@ -28,7 +28,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from infra.settings import Settings
-from tasks.types import ArtifactRef, ModelSpec, Promotion
+from tasks.types import ArtifactRef, ModelSpec, Promotion, parse_model_spec
 
 # torch is imported where weights are (de)serialized: the registry commands that only read
 # records start in a second, not in four
@@ -250,7 +250,7 @@ def deserialize_model(data: bytes) -> tuple[nn.Module, ModelSpec]:
     meta = _safetensors_metadata(data)
     if meta.get("format") != "recsqueeze-model/1":
         raise UnsafeArtifactError("safetensors file lacks recsqueeze model metadata (format)")
-    spec = ModelSpec.model_validate_json(meta["spec"])
+    spec = parse_model_spec(meta["spec"])
     model = apply_manifest(build(spec), json.loads(meta["manifest"]))
     model.load_state_dict(st_load(data), strict=True)
     return model.eval(), spec

@@ -31,13 +31,16 @@ from tasks.train import train
 from tasks.types import (
     CalibrateConfig,
     DistillConfig,
+    DlrmSpec,
     FactorizeConfig,
     MixedPrecision,
     ModelSpec,
     PruneConfig,
     QuantizeConfig,
+    SasrecSpec,
     StageConfig,
     TrainConfig,
+    TwoTowerSpec,
 )
 
 BUDGET = 0.001  # relative loss of the main metric the suites judge "passed" against (upper
@@ -47,8 +50,8 @@ Plan = StageConfig | tuple[StageConfig, ...]  # one stage, or a chain applied in
 
 # TT cores start from a truncated TT-SVD far from the table: they need more fine-tuning
 _TT_FINETUNE = {"finetune_epochs": 3, "finetune_lr": 3e-3}
-_HALF = ModelSpec(embedding_dim=32, bottom_mlp=(128, 32), top_mlp=(128, 64))  # < 1/2 params
-_QUARTER = ModelSpec(embedding_dim=16, bottom_mlp=(64, 16), top_mlp=(128, 64))  # < 1/4
+_HALF = DlrmSpec(embedding_dim=32, bottom_mlp=(128, 32), top_mlp=(128, 64))  # < 1/2 params
+_QUARTER = DlrmSpec(embedding_dim=16, bottom_mlp=(64, 16), top_mlp=(128, 64))  # < 1/4
 
 SUITES: dict[str, tuple[Plan, ...]] = {
     "quantize": (
@@ -126,8 +129,8 @@ SUITES: dict[str, tuple[Plan, ...]] = {
         FactorizeConfig(target="embeddings", rank=16),
         (FactorizeConfig(target="tt_embeddings", rank=32, **_TT_FINETUNE),
          QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int8")),
-        DistillConfig(student=ModelSpec(family="two_tower", embedding_dim=32, tower_mlp=(64,))),
-        (DistillConfig(student=ModelSpec(family="two_tower", embedding_dim=32, tower_mlp=(64,))),
+        DistillConfig(student=TwoTowerSpec(embedding_dim=32, tower_mlp=(64,))),
+        (DistillConfig(student=TwoTowerSpec(embedding_dim=32, tower_mlp=(64,))),
          QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int8")),
     ),
     "sasrec": (
@@ -137,13 +140,13 @@ SUITES: dict[str, tuple[Plan, ...]] = {
         PruneConfig(method="structured", sparsity=0.5),
         FactorizeConfig(target="linear", rank=16),
         FactorizeConfig(target="tt_embeddings", rank=32, **_TT_FINETUNE),
-        DistillConfig(student=ModelSpec(family="sasrec", layers=1, heads=1)),
-        (DistillConfig(student=ModelSpec(family="sasrec", layers=1, heads=1)),
+        DistillConfig(student=SasrecSpec(layers=1, heads=1)),
+        (DistillConfig(student=SasrecSpec(layers=1, heads=1)),
          QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int8")),
     ),
 }
 SUITE_MODELS: dict[str, ModelSpec] = {
-    "two_tower": ModelSpec(family="two_tower"), "sasrec": ModelSpec(family="sasrec")}
+    "two_tower": TwoTowerSpec(), "sasrec": SasrecSpec()}
 
 
 def _stages(plan: Plan) -> tuple[StageConfig, ...]:
@@ -166,8 +169,8 @@ def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
     if suite not in SUITES:
         raise ValueError(f"--suite must be one of {sorted(SUITES)} (got {suite!r})")
     tables, data_spec = generate(size, data_seed)
-    spec = resolve(SUITE_MODELS.get(suite, ModelSpec()), data_spec)
-    task, width = spec.task_kind(), spec.max_history
+    spec = resolve(SUITE_MODELS.get(suite, DlrmSpec()), data_spec)
+    task, width = spec.task_kind(), spec.history_width()
     train_arrays, test = (to_arrays(tables[s], data_spec, task, width) for s in ("train", "test"))
     valid = to_arrays(tables["valid"], data_spec, task, width)
     t0 = time.perf_counter()

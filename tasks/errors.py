@@ -10,18 +10,22 @@ from pydantic import BaseModel, ValidationError
 
 _STAGE_KINDS = ("quantize", "prune", "factorize", "distill", "nas_trial")  # a plan's stages
 _STAGE_TAGS = {*_STAGE_KINDS, "calibrate"}
+_FAMILIES = ("dlrm", "two_tower", "sasrec", "custom")  # the ModelSpec union's tags
+_SPEC_FIELDS = ("model", "student")  # fields holding a ModelSpec: its tag comes next
 _UNION_MEMBERS = {"int", "float", "str", "bool"}  # pydantic's loc of each member of a union
 
 
 def field_path(loc: tuple[int | str, ...]) -> str:
-    """('candidates', 0, 'plan', 1, 'quantize', 'linear') -> 'candidates[0].plan[1].linear'
-    (the discriminator tag pydantic inserts after a union's index is left out)."""
+    """('candidates', 0, 'plan', 1, 'quantize', 'linear') -> 'candidates[0].plan[1].linear',
+    ('model', 'sasrec', 'heads') -> 'model.heads' (the discriminator tag pydantic inserts
+    after a union's place is left out)."""
     out = ""
     previous: int | str | None = None
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(previous, int) and part in _STAGE_TAGS:
+        elif (isinstance(previous, int) and part in _STAGE_TAGS) or (
+                previous in _SPEC_FIELDS and part in _FAMILIES):
             pass
         elif any(c in part for c in "[]=@ ") or not part.isidentifier():
             out += f"[{part!r}]"
@@ -48,11 +52,14 @@ def _model_in(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
 
 
 def _union_members(annotation: Any) -> dict[str, type[BaseModel]]:
-    """The members of a discriminated union of stage configs, by their `kind` tag."""
+    """The members of a discriminated union (stage configs by their `kind` tag, model specs by
+    their `family`)."""
     found: dict[str, type[BaseModel]] = {}
     for arg in typing.get_args(annotation):
-        if isinstance(arg, type) and issubclass(arg, BaseModel) and "kind" in arg.model_fields:
-            found[str(arg.model_fields["kind"].default)] = arg
+        tag = next((key for key in ("kind", "family") if isinstance(arg, type) and
+                    issubclass(arg, BaseModel) and key in arg.model_fields), None)
+        if tag is not None:
+            found[str(arg.model_fields[tag].default)] = arg
         else:
             found |= _union_members(arg)
     return found
@@ -79,7 +86,10 @@ def allowed_fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[s
             return None
         members = _union_members(field.annotation)
         cls, skip_key = _model_in(field.annotation)
-    return None if cls is None else sorted(cls.model_fields)
+    if cls is None:
+        return None
+    internal = getattr(cls, "FROM_DATASET", ())  # a model spec's fields filled from the data
+    return sorted(name for name in cls.model_fields if name not in internal)
 
 
 def explain(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
@@ -108,6 +118,10 @@ def explain(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
         elif kind == "union_tag_not_found":  # a stage without its "kind"
             lines.append(f"{path}: no \"kind\"; set kind to one of {', '.join(_STAGE_KINDS)} "
                          f"(got {got!r})")
+        elif kind == "model_family":  # ModelSpec's discriminator found no such family
+            family = got.get("family") if isinstance(got, dict) else got
+            lines.append(f"{path}.family: {family!r} is not a model family; set family to one "
+                         f"of {', '.join(_FAMILIES)} (left out: dlrm)")
         elif kind == "value_error":
             lines.append(f"{path}: {e['msg'].removeprefix('Value error, ')}")
         elif kind == "extra_forbidden":

@@ -9,13 +9,13 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from tasks.types import CandidateResult, ModelSpec, NASRequest, NASSpace, TableSpec
+from tasks.types import CandidateResult, DlrmSpec, NASRequest, NASSpace, TableSpec
 
 
-def sample(space: NASSpace, tables: tuple[TableSpec, ...], rng: random.Random) -> ModelSpec:
+def sample(space: NASSpace, tables: tuple[TableSpec, ...], rng: random.Random) -> DlrmSpec:
     d = rng.choice(space.embedding_dims)
     depth = rng.choice(space.top_depths)
-    return ModelSpec(
+    return DlrmSpec(
         embedding_dim=d, bottom_mlp=(rng.choice(space.bottom_widths), d),
         top_mlp=tuple(sorted((rng.choice(space.top_widths) for _ in range(depth)), reverse=True)),
         table_dims={t.name: rng.choice(space.table_dims) for t in tables
@@ -23,8 +23,8 @@ def sample(space: NASSpace, tables: tuple[TableSpec, ...], rng: random.Random) -
         interaction=rng.choice(space.interactions))
 
 
-def mutate(spec: ModelSpec, space: NASSpace, tables: tuple[TableSpec, ...],
-           rng: random.Random) -> ModelSpec:
+def mutate(spec: DlrmSpec, space: NASSpace, tables: tuple[TableSpec, ...],
+           rng: random.Random) -> DlrmSpec:
     """Change one gene of `spec` (resampled from the space)."""
     fresh = sample(space, tables, rng)
     gene = rng.choice(["embedding_dim", "bottom_mlp", "top_mlp", "table_dims", "interaction"])
@@ -56,11 +56,11 @@ class Search:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.request.seed)
-        self.population: deque[tuple[ModelSpec, float]] = deque(maxlen=self.request.population)
+        self.population: deque[tuple[DlrmSpec, float]] = deque(maxlen=self.request.population)
         self.seen: set[str] = set()
 
-    def propose(self, k: int) -> list[ModelSpec]:
-        out: list[ModelSpec] = []
+    def propose(self, k: int) -> list[DlrmSpec]:
+        out: list[DlrmSpec] = []
         for _ in range(50 * k):
             if len(out) == k:
                 break
@@ -80,7 +80,7 @@ class Search:
                 out.append(spec)
         return out
 
-    def tell(self, spec: ModelSpec, score: float) -> None:
+    def tell(self, spec: DlrmSpec, score: float) -> None:
         self.population.append((spec, score))  # oldest leaves first (regularized evolution)
 
 

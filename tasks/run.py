@@ -213,7 +213,7 @@ def _arrays(ref_json: str, split: str, task: str, width: int) -> Arrays:
 
 def arrays(ref: DatasetRef, split: str, spec: ModelSpec) -> Arrays:
     """One split laid out as the inputs of `spec`'s task (tasks.data.to_arrays)."""
-    return _arrays(ref.model_dump_json(), split, spec.task_kind(), spec.max_history)
+    return _arrays(ref.model_dump_json(), split, spec.task_kind(), spec.history_width())
 
 
 @lru_cache(maxsize=2)

@@ -12,15 +12,14 @@ which must already be installed where it is loaded.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import nn
 
 from tasks.models.dlrm import DLRM
 from tasks.models.sasrec import SASRec
 from tasks.models.two_tower import TwoTower
-from tasks.types import DatasetSpec, ModelSpec, TableSpec
+from tasks.types import CustomSpec, DatasetSpec, ModelSpec, TableSpec
+from tasks.userclass import user_class
 
 FAMILIES: dict[str, type[nn.Module]] = {"dlrm": DLRM, "two_tower": TwoTower, "sasrec": SASRec}
 
@@ -50,30 +49,10 @@ def build(spec: ModelSpec, seed: int = 0) -> nn.Module:
         return _build(spec)
 
 
-def user_class(class_path: str) -> type[nn.Module]:
-    """The installed class `package.module:Class` (importable code only)."""
-    module_name, _, name = class_path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"model.class_path: cannot import {module_name!r} ({exc}); install "
-                         "the package that defines it on the driver and every Ray worker") \
-            from exc
-    cls = getattr(module, name, None)
-    if cls is None:
-        raise ValueError(f"model.class_path: module {module_name!r} has no {name!r}; give "
-                         "'package.module:Class' of the model class")
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"model.class_path: {class_path} is not a torch.nn.Module subclass "
-                         "(it must name the model class itself)")
-    return cls
-
-
 def _build(spec: ModelSpec) -> nn.Module:
     if not spec.tables:
         raise ValueError("model spec has no tables: call tasks.models.resolve(spec, dataset)")
-    if spec.family == "custom":
-        assert spec.class_path is not None
+    if isinstance(spec, CustomSpec):
         model = user_class(spec.class_path)(spec)
         model.spec = spec
         return model

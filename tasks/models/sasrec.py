@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.models.two_tower import all_rows
-from tasks.types import ModelSpec
+from tasks.types import SasrecSpec
 
 
 class SelfAttention(nn.Module):
@@ -52,7 +52,7 @@ class Block(nn.Module):
 
 
 class SASRec(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: SasrecSpec) -> None:
         super().__init__()
         self.spec = spec
         if spec.item_table is None:

@@ -160,7 +160,7 @@ def _tamper_registry(store: ArtifactStore) -> None:
 def world(settings, tmp_path_factory) -> Iterator[World]:
     from tasks.dataimport import import_dataset
     from tasks.models import build, resolve
-    from tasks.types import ModelSpec
+    from tasks.types import DlrmSpec
 
     store = ArtifactStore(settings)
     reg = Registry(store)
@@ -175,7 +175,7 @@ def world(settings, tmp_path_factory) -> Iterator[World]:
     garbage = f"datasets/{PREFIX}-garbage/0123456789abcdef/"
     store.s3.put_object(Bucket=store.bucket, Key=f"{garbage}spec.json", Body=b"{not json")
 
-    spec = resolve(ModelSpec(embedding_dim=4, bottom_mlp=(4,), top_mlp=(4,)), good.spec)
+    spec = resolve(DlrmSpec(embedding_dim=4, bottom_mlp=(4,), top_mlp=(4,)), good.spec)
     ref = store.put_model(build(spec), spec)
     for model, versions in (("ranker", 2), ("single", 1), ("tampered", 6), ("alias-garbage", 1),
                             ("alias-type", 1)):

@@ -18,6 +18,7 @@ import torch
 from flows.driver import run_compress
 from tasks.artifacts import ArtifactStore, Registry
 from tasks.data import read_split, to_arrays
+from tasks.defaults import default_candidates
 from tasks.evaluate import predict
 from tasks.metrics import auc
 from tasks.types import (
@@ -25,12 +26,11 @@ from tasks.types import (
     CompressionRequest,
     DatasetRequest,
     DistillConfig,
-    ModelSpec,
+    DlrmSpec,
     PruneConfig,
     QuantizeConfig,
     Resources,
     TrainConfig,
-    default_candidates,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 QUICK_TIMING = Resources(timing_seconds=10)
 
 
-STUDENT = ModelSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64,))
+STUDENT = DlrmSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64,))
 
 
 def _request(name: str, *extra: Candidate, **kw) -> CompressionRequest:

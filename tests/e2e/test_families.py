@@ -10,21 +10,23 @@ import torch
 from flows.driver import run_compress
 from tasks.artifacts import ArtifactStore, Registry
 from tasks.data import read_split, to_arrays
+from tasks.defaults import default_candidates
 from tasks.evaluate import predict
 from tasks.objectives import quality
 from tasks.types import (
     Candidate,
     CompressionRequest,
+    CustomSpec,
     DatasetRequest,
     DistillConfig,
     FactorizeConfig,
     MixedPrecision,
-    ModelSpec,
     PruneConfig,
     QuantizeConfig,
     Resources,
+    SasrecSpec,
     TrainConfig,
-    default_candidates,
+    TwoTowerSpec,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -44,18 +46,18 @@ def _reproduce(report, settings, name: str) -> None:
     """The promoted model, loaded from the registry, scores the test split as reported."""
     model, spec = Registry(ArtifactStore(settings)).load(name, report.promoted.version)
     test = to_arrays(read_split(report.dataset, "test", settings), report.dataset.spec,
-                     spec.task_kind(), spec.max_history)
+                     spec.task_kind(), spec.history_width())
     row = next(r for r in report.leaderboard if r.candidate == report.promoted.candidate_id)
     measured, _ = quality(spec.task_kind(), test, predict(model, test))
     assert measured[row.metric].value == pytest.approx(row.quality, abs=1e-9)
 
 
 def test_two_tower_retrieval_end_to_end(stack, settings):
-    defaults = CompressionRequest(model=ModelSpec(family="two_tower"))
+    defaults = CompressionRequest(model=TwoTowerSpec())
     assert [c.id for c in defaults.candidates] == [c.id for c in default_candidates("two_tower")]
     request = CompressionRequest(
         resources=QUICK_TIMING,
-        model_name="e2e-retriever", model=ModelSpec(family="two_tower"), dataset=TINY,
+        model_name="e2e-retriever", model=TwoTowerSpec(), dataset=TINY,
         train=TrainConfig(epochs=3, batch_size=256),
         candidates=(*default_candidates("two_tower"), *EXTRA),
         budget={"metrics": {"main": {"max_drop": 0.05, "relative": True}}})
@@ -80,7 +82,7 @@ def test_two_tower_retrieval_end_to_end(stack, settings):
 def test_sasrec_end_to_end_with_a_segment_budget(stack, settings):
     request = CompressionRequest(
         resources=QUICK_TIMING,
-        model_name="e2e-sequential", model=ModelSpec(family="sasrec", max_history=20),
+        model_name="e2e-sequential", model=SasrecSpec(max_history=20),
         dataset=TINY, train=TrainConfig(epochs=1, batch_size=256),
         candidates=(*default_candidates("sasrec"), *EXTRA,
                     Candidate(id="tt-items", plan=(FactorizeConfig(
@@ -141,9 +143,9 @@ def test_ranker_tail_item_budget_and_session_ndcg(stack, settings):
 
 
 def test_a_user_model_class_from_outside_the_package_is_compressed(stack, settings):
-    user = ModelSpec(family="custom", task="ranking", embedding_dim=16,
-                     class_path="tests.user_models.shop_ranker:ShopRanker",
-                     options={"hidden": 64})
+    user = CustomSpec(task="ranking", embedding_dim=16,
+                      class_path="tests.user_models.shop_ranker:ShopRanker",
+                      options={"hidden": 64})
     student = user.model_copy(update={"embedding_dim": 8, "options": {"hidden": 16}})
     request = CompressionRequest(
         resources=QUICK_TIMING,

@@ -11,14 +11,14 @@ import torch
 from tasks.artifacts import IntegrityError, Registry, UnsafeArtifactError
 from tasks.generator import generate
 from tasks.models import build, resolve
-from tasks.types import ModelSpec
+from tasks.types import DlrmSpec
 
 pytestmark = pytest.mark.integration
 
 
 def _model():
     _, spec = generate("tiny", 0)
-    ms = resolve(ModelSpec(embedding_dim=8, bottom_mlp=(8,), top_mlp=(8,)), spec)
+    ms = resolve(DlrmSpec(embedding_dim=8, bottom_mlp=(8,), top_mlp=(8,)), spec)
     return build(ms), ms
 
 

@@ -6,9 +6,9 @@ from tasks.data import to_arrays
 from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.stages import StageContext
-from tasks.types import ModelSpec
+from tasks.types import DlrmSpec
 
-SPEC = ModelSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64, 32))
+SPEC = DlrmSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64, 32))
 
 
 @pytest.fixture(scope="module")

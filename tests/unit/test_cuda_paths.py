@@ -16,29 +16,32 @@ from tasks.stages import StageContext, apply_stage
 from tasks.train import train
 from tasks.types import (
     DistillConfig,
+    DlrmSpec,
     FactorizeConfig,
-    ModelSpec,
     PruneConfig,
     QuantizeConfig,
+    SasrecSpec,
     TrainConfig,
+    TwoTowerSpec,
+    parse_model_spec,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
 
 STUDENTS = {
-    "dlrm": ModelSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64,)),
-    "two_tower": ModelSpec(family="two_tower", embedding_dim=32, tower_mlp=(64,)),
-    "sasrec": ModelSpec(family="sasrec", layers=1, heads=1),
+    "dlrm": DlrmSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64,)),
+    "two_tower": TwoTowerSpec(embedding_dim=32, tower_mlp=(64,)),
+    "sasrec": SasrecSpec(layers=1, heads=1),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(STUDENTS))
 def trained(request):
     tables, data = generate("tiny")
-    spec = resolve(ModelSpec(family=request.param), data)
+    spec = resolve(parse_model_spec({"family": request.param}), data)
     task = spec.task_kind()
-    tr, va, te = (to_arrays(tables[s], data, task, spec.max_history)
+    tr, va, te = (to_arrays(tables[s], data, task, spec.history_width())
                   for s in ("train", "valid", "test"))
     model = train(build(spec), tr, TrainConfig(epochs=2, batch_size=256), CUDA, valid=va)
     assert next(model.parameters()).is_cuda  # trained where Ray's GPU was

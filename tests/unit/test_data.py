@@ -3,7 +3,7 @@ import numpy as np
 from tasks.data import SPLITS, to_arrays
 from tasks.generator import generate
 from tasks.models import build, resolve
-from tasks.types import ModelSpec
+from tasks.types import DlrmSpec
 
 
 def test_generator_is_deterministic_and_time_ordered():
@@ -29,7 +29,7 @@ def test_model_runs_on_generated_batch():
     arrays = to_arrays(tables["valid"].slice(0, 16), spec)
     import torch
 
-    model = build(resolve(ModelSpec(embedding_dim=8, bottom_mlp=(8,), top_mlp=(8,)), spec))
+    model = build(resolve(DlrmSpec(embedding_dim=8, bottom_mlp=(8,), top_mlp=(8,)), spec))
     out = model(torch.from_numpy(arrays.dense), torch.from_numpy(arrays.sparse))
     assert out.shape == (16,)
 

@@ -12,10 +12,10 @@ from tasks.metrics import auc
 from tasks.models import build, resolve
 from tasks.stages import StageContext, apply_stage
 from tasks.train import train
-from tasks.types import DistillConfig, ModelSpec, QuantizeConfig, TrainConfig
+from tasks.types import DistillConfig, DlrmSpec, QuantizeConfig, TrainConfig
 
-TEACHER = ModelSpec(embedding_dim=32, bottom_mlp=(64, 32), top_mlp=(128, 64))
-STUDENT = ModelSpec(embedding_dim=8, bottom_mlp=(16, 8), top_mlp=(32,))
+TEACHER = DlrmSpec(embedding_dim=32, bottom_mlp=(64, 32), top_mlp=(128, 64))
+STUDENT = DlrmSpec(embedding_dim=8, bottom_mlp=(16, 8), top_mlp=(32,))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.nas import Search, mutate, pareto, sample
 from tasks.stages import StageContext, apply_stage
-from tasks.types import ModelSpec, NASRequest, NASSpace, NASTrialConfig, QuantizeConfig
+from tasks.types import DlrmSpec, NASRequest, NASSpace, NASTrialConfig, QuantizeConfig
 from tests.unit.test_gate import result
 
 SPACE = NASSpace()
@@ -27,7 +27,7 @@ def data():
 
 def test_samples_are_valid_models_with_per_table_widths_and_both_interactions(data):
     spec, train, _ = data
-    tables = resolve(ModelSpec(), spec).tables
+    tables = resolve(DlrmSpec(), spec).tables
     rng = random.Random(0)
     specs = [sample(SPACE, tables, rng) for _ in range(30)]
     assert {s.interaction for s in specs} == {"dot", "cat"}
@@ -40,7 +40,7 @@ def test_samples_are_valid_models_with_per_table_widths_and_both_interactions(da
 
 
 def test_mutation_changes_one_gene():
-    tables = resolve(ModelSpec(), generate("tiny", 0)[1]).tables
+    tables = resolve(DlrmSpec(), generate("tiny", 0)[1]).tables
     rng = random.Random(1)
     for _ in range(40):
         parent = sample(SPACE, tables, rng)
@@ -51,7 +51,7 @@ def test_mutation_changes_one_gene():
 
 
 def test_search_never_repeats_and_evolves_from_the_population():
-    tables = resolve(ModelSpec(), generate("tiny", 0)[1]).tables
+    tables = resolve(DlrmSpec(), generate("tiny", 0)[1]).tables
     search = Search(NASRequest(strategy="evolution", population=4, tournament=2), tables)
     seen = set()
     for _ in range(4):
@@ -75,12 +75,12 @@ def test_pareto_front_over_auc_size_and_latency():
 
 def test_nas_trial_trains_within_its_step_budget_and_chains(data):
     spec, train, valid = data
-    teacher = build(resolve(ModelSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(32,)),
+    teacher = build(resolve(DlrmSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(32,)),
                             spec))
     ctx = StageContext(calibration=lambda: valid, train_data=lambda: train,
-                       spec=resolve(ModelSpec(embedding_dim=16, bottom_mlp=(32, 16),
+                       spec=resolve(DlrmSpec(embedding_dim=16, bottom_mlp=(32, 16),
                                               top_mlp=(32,)), spec))
-    student = ModelSpec(embedding_dim=8, bottom_mlp=(16, 8), top_mlp=(16,), interaction="cat",
+    student = DlrmSpec(embedding_dim=8, bottom_mlp=(16, 8), top_mlp=(16,), interaction="cat",
                         table_dims={"user_id": 4})
     model = apply_stage(teacher, NASTrialConfig(student=student, steps=20, batch_size=256), ctx)
     assert model.spec.table_dims == {"user_id": 4} and "0" in model.projections
@@ -94,9 +94,9 @@ def test_nas_trial_trains_within_its_step_budget_and_chains(data):
 def test_bad_table_dims_are_refused(data):
     spec, *_ = data
     with pytest.raises(ValueError, match="table_dims names tables the data does not have"):
-        build(resolve(ModelSpec(table_dims={"nope": 4}), spec))
+        build(resolve(DlrmSpec(table_dims={"nope": 4}), spec))
     with pytest.raises(ValueError, match=r"table_dims must be in \(0, 1024\]"):
-        ModelSpec(table_dims={"user_id": 0})
+        DlrmSpec(table_dims={"user_id": 0})
 
 
 def test_regularized_evolution_starts_from_a_random_population_and_ages_out_the_oldest(
@@ -105,7 +105,7 @@ def test_regularized_evolution_starts_from_a_random_population_and_ages_out_the_
     of a tournament winner, and the oldest member dies - even the fittest one."""
     import tasks.nas as nas
 
-    tables = resolve(ModelSpec(), generate("tiny", 0)[1]).tables
+    tables = resolve(DlrmSpec(), generate("tiny", 0)[1]).tables
     calls = {"mutate": 0}
     real_mutate = nas.mutate
 

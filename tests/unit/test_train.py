@@ -7,9 +7,9 @@ from tasks.generator import generate
 from tasks.metrics import auc
 from tasks.models import build, resolve
 from tasks.train import train
-from tasks.types import ModelSpec, TrainConfig
+from tasks.types import DlrmSpec, TrainConfig
 
-SPEC = ModelSpec(embedding_dim=8, bottom_mlp=(16, 8), top_mlp=(16,))
+SPEC = DlrmSpec(embedding_dim=8, bottom_mlp=(16, 8), top_mlp=(16,))
 
 
 def _data():
