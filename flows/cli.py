@@ -180,7 +180,7 @@ def _read_request(path: Path) -> dict[str, object]:
 
 
 def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
-    from flows.report import baseline_line
+    from tasks.report import baseline_line
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # no wrapping into a log
     b = report.baseline

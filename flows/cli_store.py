@@ -16,7 +16,7 @@ from flows.cli_common import STATE, err
 from flows.stack import settings_for
 
 if TYPE_CHECKING:
-    from tasks.artifacts import Registry
+    from tasks.registry import Registry
 
 dataset_app = typer.Typer(help="Datasets in the artifact store.", no_args_is_help=True)
 registry_app = typer.Typer(help="The model registry.", no_args_is_help=True)
@@ -26,11 +26,11 @@ registry_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 def dataset_generate(size: str = typer.Option("small"), seed: int = 0,
                      state_dir: Path = STATE) -> None:
     """Generate the built-in click log into S3 and print its URI."""
-    from tasks.data import write_dataset
+    from tasks.artifacts import ArtifactStore
     from tasks.generator import generate
 
     tables, spec = generate(size, seed)
-    ref = write_dataset(tables, spec, settings_for(state_dir))
+    ref = ArtifactStore(settings_for(state_dir)).put_dataset(tables, spec)
     print(ref.uri)
     err.print(f"rows {ref.rows}; Bayes-optimal test AUC {spec.bayes_auc:.5f}")
 
@@ -63,7 +63,8 @@ def dataset_import(
 
 
 def _registry(state_dir: Path) -> Registry:
-    from tasks.artifacts import ArtifactStore, Registry  # boto3: only for the store's commands
+    from tasks.artifacts import ArtifactStore
+    from tasks.registry import Registry  # boto3: only for the store's commands
 
     return Registry(ArtifactStore(settings_for(state_dir)))
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from tasks.data import Arrays
 from tasks.metrics import paired_auc_loss, paired_bootstrap_upper
-from tasks.objectives import paired_deltas, rank_metrics, scalar_quality
+from tasks.quality import paired_deltas, rank_metrics, scalar_quality
 from tasks.types import Budget, Resolution, TrivialBaseline, budget_target
 
 PRIOR_ROWS = 20.0  # an item's click rate is shrunk to the global rate as if seen this often

@@ -6,37 +6,27 @@ slow moment of a shared machine hits every model alike; ratios are taken within 
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import time
 from collections.abc import Callable
 
-from torch import nn
-
-from tasks.artifacts import serialize_model
-from tasks.data import to_arrays
-from tasks.evaluate import (
-    dense_flops,
-    embedding_bytes,
-    latency_ratios,
-    predict,
-    predict_logits,
-    stored_elements,
-)
-from tasks.generator import generate
-from tasks.models import build, resolve
-from tasks.objectives import main_metric, paired_deltas, scalar_quality
-from tasks.stages import StageContext, apply_stage, calibrate
-from tasks.train import train
+from tasks.execute import LocalExecutor, run_plan
+from tasks.evaluate import dense_flops, embedding_bytes
+from tasks.gate import decide
+from tasks.plan import plan
+from tasks.report import LATENCY_BS, leaderboard
 from tasks.types import (
-    CalibrateConfig,
+    Budget,
+    Candidate,
+    CompressionRequest,
+    DatasetRequest,
     DistillConfig,
     DlrmSpec,
     FactorizeConfig,
+    MetricBudget,
     MixedPrecision,
     ModelSpec,
     PruneConfig,
     QuantizeConfig,
+    Resources,
     SasrecSpec,
     StageConfig,
     TrainConfig,
@@ -157,85 +147,70 @@ def plan_label(plan: Plan) -> str:
     return " -> ".join(stage.label() for stage in _stages(plan))
 
 
-def run_suite(suite: str, size: str, seed: int = 0, batch_size: int = 512,
-              log: Callable[[str], None] = print, data_seed: int = 0,
-              timing_seconds: float = 90.0) -> list[dict[str, object]]:
-    """One row per candidate of `suite` (leaderboard columns + the config); the latency
-    timing of all candidates takes at most `timing_seconds` (the flow's default).
-
-    `seed` is the training seed (init, shuffling); the data stays the same (`data_seed`), so
-    rows of several seeds show the spread that training alone causes.
-    """
+def suite_request(suite: str, size: str, seed: int = 0, data_seed: int = 0,
+                  timing_seconds: float = 90.0) -> CompressionRequest:
+    """The suite as the request a `recsqueeze run` would take: its family's model, the
+    built-in data, every plan a candidate, the main metric's budget at `BUDGET`."""
     if suite not in SUITES:
         raise ValueError(f"--suite must be one of {sorted(SUITES)} (got {suite!r})")
-    tables, data_spec = generate(size, data_seed)
-    spec = resolve(SUITE_MODELS.get(suite, DlrmSpec()), data_spec)
-    task, width = spec.task_kind(), spec.history_width()
-    train_arrays, test = (to_arrays(tables[s], data_spec, task, width) for s in ("train", "test"))
-    valid = to_arrays(tables["valid"], data_spec, task, width)
-    t0 = time.perf_counter()
-    baseline = train(build(spec, seed), train_arrays, TrainConfig(seed=seed), valid=valid)
-    log(f"baseline trained in {time.perf_counter() - t0:.0f}s")
-    base_bytes = len(serialize_model(baseline, spec))
-    base_pred = predict(baseline, test)
-    configs = SUITES[suite]
-    cal = calibrate(baseline, CalibrateConfig(), StageContext(calibration=lambda: valid)) \
-        if any(st.needs_calibration() for plan in configs for st in _stages(plan)) else None
-    ctx = StageContext(seed=seed, calibration=lambda: valid, train_data=lambda: train_arrays,
-                       activations=(lambda: cal.activations) if cal else None,
-                       sensitivity=(lambda: cal.sensitivity) if cal else None,
-                       max_relative_loss=BUDGET)
-    # the baseline's outputs on the train rows: computed once, for every first stage to reuse
-    first = dataclasses.replace(ctx, spec=spec, teacher_logits=functools.cache(
-        lambda: predict_logits(baseline, train_arrays)) if task == "ranking" else None)
-    candidates = []
-    built: dict[tuple[str, ...], nn.Module] = {}  # a prefix shared by plans is built once
-    for plan in configs:
-        t0 = time.perf_counter()
-        model, prefix = baseline, ()
-        for k, stage in enumerate(_stages(plan)):
-            prefix = (*prefix, stage.model_dump_json())
-            if prefix not in built:
-                built[prefix] = apply_stage(model, stage, first if k == 0 else dataclasses.replace(
-                    ctx, spec=getattr(model, "spec", spec)))
-            model = built[prefix]
-        candidates.append(model)
-        log(f"built {plan_label(plan)} in {time.perf_counter() - t0:.0f}s")
-    # the flow's timing, side by side, rounds until each ratio's interval is narrow; a
-    # retrieval forward scores the whole catalogue (tens of ms): fewer calls per round
-    base_lat, lats, ratios = latency_ratios(baseline, candidates, test, batch_sizes=(batch_size,),
-                                            iters=25 if task == "ranking" else 10,
-                                            max_seconds=timing_seconds)
-    p99 = [base_lat[0].p99_ms, *(lat[0].p99_ms for lat in lats)]
-    metric = main_metric(task)
-    rows: list[dict[str, object]] = []
-    for cfg, model, cand_p99, ratio in zip(configs, candidates, p99[1:], ratios):
-        pred = predict(model, test)
-        nbytes = len(serialize_model(model, getattr(model, "spec", spec)))
-        deltas = {d.metric: d for d in paired_deltas(task, test, base_pred, pred)}
-        main = deltas[metric]
-        rel_high = main.loss_ci_high / main.baseline
-        rows.append({
-            "suite": suite, "size": size, "seed": seed, "candidate": plan_label(cfg),
-            "family": spec.family, "config": [st.model_dump(mode="json") for st in _stages(cfg)],
-            "plan": plan_label(cfg), "size_bytes": nbytes,
+    return CompressionRequest(
+        model_name="bench", model=SUITE_MODELS.get(suite, DlrmSpec()),
+        dataset=DatasetRequest(builtin=size, seed=data_seed),  # type: ignore[arg-type]
+        train=TrainConfig(seed=seed),
+        candidates=tuple(Candidate(id=f"c{i:02d}", plan=_stages(p))
+                         for i, p in enumerate(SUITES[suite])),
+        budget=Budget(metrics={"main": MetricBudget(max_drop=BUDGET, relative=True)}),
+        resources=Resources(timing_seconds=timing_seconds), promote=False,
+        require_useful_baseline=False)
+
+
+def run_suite(suite: str, size: str, seed: int = 0, log: Callable[[str], None] = print,
+              data_seed: int = 0, timing_seconds: float = 90.0) -> list[dict[str, object]]:
+    """One row per candidate of `suite`: its leaderboard row (the flow's, judged by the
+    flow's gate) plus what the bench adds (embedding bytes, FLOPs, the baseline's values).
+
+    The graph is the one `recsqueeze run` would execute, run in this process
+    (`LocalExecutor`); latency of all candidates is timed side by side with the baseline in
+    at most `timing_seconds`. `seed` is the training seed (init, shuffling); the data stays
+    the same (`data_seed`), so rows of several seeds show the spread training alone causes.
+    """
+    request = suite_request(suite, size, seed, data_seed, timing_seconds)
+    executor = LocalExecutor()
+    executed = run_plan(plan(request), executor)
+    if executed.failures:
+        raise RuntimeError(f"bench {suite}: candidates failed: {executed.failures}")
+    for cid, why in executed.skipped.items():
+        log(f"skipped {cid}: {why}")
+    base = executed.evaluation.metrics
+    verdict = decide(base, None, executed.results, request.budget)
+    rows = {r.candidate: r for r in leaderboard(base, executed.results, verdict)}
+    store = executor.store
+    baseline, base_spec = store.get_model(executed.baseline.model)
+    out: list[dict[str, object]] = []
+    for result in executed.results:
+        row, model = rows[result.candidate.id], store.get_model(result.model)[0]
+        main = next(d for d in result.deltas if d.metric == base.main)
+        ratio = next(x for x in result.latency_ratio if x.batch_size == LATENCY_BS)
+        base_p99 = next(x.p99_ms for x in result.baseline_latency if x.batch_size == LATENCY_BS)
+        out.append({
+            "suite": suite, "size": size, "seed": seed, "candidate": row.plan,
+            "family": base_spec.family,
+            "config": [st.model_dump(mode="json") for st in result.candidate.plan],
+            "plan": row.plan, "size_bytes": row.size_bytes,
             "embedding_bytes": embedding_bytes(model), "dense_flops": dense_flops(model),
             "baseline_embedding_bytes": embedding_bytes(baseline),
-            "baseline_dense_flops": dense_flops(baseline), "params": stored_elements(model),
-            "baseline_params": stored_elements(baseline),
-            "baseline_bytes": base_bytes, "size_ratio": base_bytes / nbytes,
-            "metric": metric, "quality": scalar_quality(task, test, pred),
-            "baseline_quality": main.baseline, "delta": main.delta,
-            "loss_ci_high": main.loss_ci_high, "relative_loss_ci_high": rel_high,
-            "logloss_delta": deltas["logloss"].delta if "logloss" in deltas else None,
-            "p99_ms_bs512": cand_p99, "baseline_p99_ms_bs512": p99[0],
-            "latency_ratio": ratio[0].value, "latency_ratio_low": ratio[0].ci_low,
-            "latency_ratio_high": ratio[0].ci_high, "latency_rounds": ratio[0].rounds,
-            "passed": rel_high <= BUDGET,
-            "reasons": [] if rel_high <= BUDGET else [
-                f"{metric}: relative loss upper bound {rel_high:.5f} > budget {BUDGET}"],
-            "bayes_auc": data_spec.bayes_auc, "test_rows": len(test),
+            "baseline_dense_flops": dense_flops(baseline), "params": result.metrics.params,
+            "baseline_params": base.params, "baseline_bytes": base.size_bytes,
+            "size_ratio": row.size_ratio, "metric": row.metric, "quality": row.quality,
+            "baseline_quality": main.baseline, "delta": row.delta,
+            "loss_ci_high": row.loss_ci_high,
+            "relative_loss_ci_high": row.loss_ci_high / main.baseline,
+            "logloss_delta": row.logloss_delta, "p99_ms_bs512": row.p99_ms_bs512,
+            "baseline_p99_ms_bs512": base_p99, "latency_ratio": ratio.value,
+            "latency_ratio_low": ratio.ci_low, "latency_ratio_high": ratio.ci_high,
+            "latency_rounds": ratio.rounds, "passed": row.passed, "reasons": list(row.reasons),
+            "bayes_auc": executed.dataset.spec.bayes_auc, "test_rows": base.rows,
         })
-        log(f"{plan_label(cfg):48s} size {base_bytes / nbytes:5.2f}x  {metric} "
-            f"{main.delta:+.5f} (rel loss<= {rel_high:.5f})  p99 {p99[0] / cand_p99:4.2f}x")
-    return rows
+        log(f"{row.plan:48s} size {row.size_ratio:5.2f}x  {row.metric} {row.delta:+.5f} "
+            f"(rel loss<= {row.loss_ci_high / main.baseline:.5f})  p99 {ratio.value:4.2f}x")
+    return out

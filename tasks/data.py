@@ -1,104 +1,20 @@
-"""Datasets: Parquet I/O on S3 (pyarrow), and a split laid out as model inputs (`Arrays`).
+"""Datasets: a split laid out as model inputs (`Arrays`).
 
 The built-in click log is made by `tasks.generator.generate`, a user's own by
-`tasks.dataimport.import_dataset`; both are stored by `write_dataset`.
+`tasks.dataimport.import_dataset`; both are stored by `tasks.artifacts.BlobStore.put_dataset`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from pyarrow import fs as pafs
-from pydantic import ValidationError
 
-from infra.settings import Settings
-from tasks.types import DatasetRef, DatasetSpec
+from tasks.types import DatasetSpec
 
 SPLITS = ("train", "valid", "test")
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # shares of rows by time: train on the past, test on the future
-
-
-# --- S3 I/O ---------------------------------------------------------------------------------
-def s3_filesystem(settings: Settings) -> pafs.S3FileSystem:
-    scheme, _, host = settings.s3_endpoint.partition("://")
-    return pafs.S3FileSystem(
-        access_key=settings.s3_access_key.get_secret_value(),
-        secret_key=settings.s3_secret_key.get_secret_value(),
-        endpoint_override=host, scheme=scheme, region=settings.s3_region,
-        allow_bucket_creation=False,
-    )
-
-
-def _split_path(uri: str, split: str) -> str:
-    return uri.removeprefix("s3://").rstrip("/") + f"/{split}.parquet"
-
-
-def write_dataset(tables: dict[str, pa.Table], spec: DatasetSpec, settings: Settings) -> DatasetRef:
-    """Upload splits + spec.json under datasets/NAME/SHA/, SHA over the splits and the spec:
-    the same rows under another spec are another dataset, and an existing dataset's files are
-    never rewritten (an identical import finds them and writes nothing)."""
-    blobs = {}
-    for split in SPLITS:
-        buf = io.BytesIO()
-        pq.write_table(tables[split], buf, compression="zstd")
-        blobs[split] = buf.getvalue()
-    shas = {s: hashlib.sha256(b).hexdigest() for s, b in blobs.items()}
-    sha = hashlib.sha256(("".join(shas[s] for s in SPLITS)
-                          + spec.model_dump_json()).encode()).hexdigest()
-    uri = f"s3://{settings.s3_bucket}/datasets/{spec.name}/{sha[:16]}/"
-    filesystem = s3_filesystem(settings)
-    ref = DatasetRef(uri=uri, sha256=sha, spec=spec, splits=shas,
-                     rows={s: tables[s].num_rows for s in SPLITS})
-    try:
-        if read_dataset_ref(uri, settings) == ref:
-            return ref  # already there, complete (spec.json is written last)
-    except (OSError, ValueError):
-        pass
-    for split, blob in blobs.items():
-        with filesystem.open_output_stream(_split_path(uri, split)) as out:
-            out.write(blob)
-    with filesystem.open_output_stream(uri.removeprefix("s3://") + "spec.json") as out:
-        out.write(ref.model_dump_json(indent=2).encode())
-    return ref
-
-
-def read_dataset_ref(uri: str, settings: Settings) -> DatasetRef:
-    """Load the DatasetRef stored at `uri` (its spec.json)."""
-    path = uri.removeprefix("s3://").rstrip("/") + "/spec.json"
-    try:
-        with s3_filesystem(settings).open_input_stream(path) as f:
-            blob = f.read()
-    except (FileNotFoundError, OSError) as exc:
-        raise ValueError(
-            f"dataset.uri: no dataset at {uri} (expected {path}); generate one with "
-            "`recsqueeze dataset generate` or set dataset.builtin"
-        ) from exc
-    try:
-        return DatasetRef.model_validate(json.loads(blob))
-    except ValueError as exc:  # not JSON, or not a DatasetRef: edited outside an import
-        what = (f"{'.'.join(map(str, exc.errors()[0]['loc']))}: {exc.errors()[0]['msg']}"
-                if isinstance(exc, ValidationError) else "not JSON")
-        raise ValueError(
-            f"dataset.uri: s3://{path} is not a dataset record ({what}); import the dataset "
-            "again (`recsqueeze dataset import`) and use the uri it prints") from None
-
-
-def read_split(ref: DatasetRef, split: str, settings: Settings) -> pa.Table:
-    """Read one split, verifying its sha256 first."""
-    with s3_filesystem(settings).open_input_stream(_split_path(ref.uri, split)) as f:
-        blob = f.read()
-    got = hashlib.sha256(blob).hexdigest()
-    if got != ref.splits[split]:
-        raise ValueError(f"dataset {ref.uri}{split}.parquet: sha256 {got} != {ref.splits[split]}"
-                         " (corrupted or replaced); import the dataset again (`recsqueeze "
-                         "dataset import`)")
-    return pq.read_table(io.BytesIO(blob))
 
 
 PAD = -1  # history padding before the model maps it to its padding row

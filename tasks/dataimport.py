@@ -33,7 +33,8 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from infra.settings import Settings
-from tasks.data import SPLIT_FRACTIONS, SPLITS, write_dataset
+from tasks.artifacts import ArtifactStore
+from tasks.data import SPLIT_FRACTIONS, SPLITS
 from tasks.datacheck import (
     DatasetError,
     check_spec,
@@ -255,4 +256,4 @@ def import_dataset(spec_path: Path, path: Path, settings: Settings) -> DatasetRe
     Returns the DatasetRef whose uri a CompressionRequest's ``dataset.uri`` takes.
     """
     tables, spec = load_dataset(spec_path, path)
-    return write_dataset(tables, spec, settings)
+    return ArtifactStore(settings).put_dataset(tables, spec)

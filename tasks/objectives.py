@@ -27,17 +27,6 @@ from tasks.protocol import (
     ScoresItems,
 )
 
-# Moved to tasks.quality; importable from here only until tasks/baselines.py, tasks/bench.py,
-# tasks/run.py, tasks/stages/calibrate.py, flows/compress.py, docs/baseline_checks.py and
-# tests/e2e/test_families.py import them from there.
-from tasks.quality import (  # noqa: F401
-    DEFAULT_KS,
-    main_metric,
-    paired_deltas,
-    quality,
-    rank_metrics,
-    scalar_quality,
-)
 from tasks.types import ProblemKind
 
 

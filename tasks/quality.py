@@ -25,9 +25,8 @@ from tasks.metrics import (
     paired_bootstrap_upper,
     row_logloss,
 )
-from tasks.types import MAIN_METRIC, Estimate, PairedDelta, ProblemKind
+from tasks.types import DEFAULT_KS, MAIN_METRIC, Estimate, PairedDelta, ProblemKind
 
-DEFAULT_KS = (10, 50)
 MAX_SEGMENT_VALUES = 50
 
 

@@ -22,7 +22,6 @@ Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(scores of a batch, their targets, the batch's row indices into the training arrays) ->
 scalar loss; scores and targets as `tasks.objectives.train_scores` gives them."""
 
-task_of = problem_kind  # until tasks/stages/calibrate.py imports problem_kind (tasks.protocol)
 
 
 def train(model: nn.Module, data: Arrays, cfg: TrainConfig,

@@ -24,11 +24,11 @@ from torch import nn
 from tasks.data import Arrays
 from tasks.evaluate import predict
 from tasks.modules import set_submodule
-from tasks.objectives import main_metric, scalar_quality
+from tasks.quality import main_metric, scalar_quality
 from tasks.quant.observers import entropy_range, histogram, mse_range, percentile_range
 from tasks.quant.schemes import EMBEDDING, LINEAR, BuildArgs, Scheme
 from tasks.stages.context import StageContext
-from tasks.train import task_of
+from tasks.protocol import problem_kind
 from tasks.types import CalibrateConfig
 
 
@@ -79,7 +79,7 @@ def _nbytes(module: nn.Module) -> int:
 
 
 def sensitivity_table(model: nn.Module, data: Arrays) -> pa.Table:
-    task = task_of(model)
+    task = problem_kind(model)
 
     def score() -> float:
         return scalar_quality(task, data, predict(model, data))

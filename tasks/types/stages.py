@@ -7,12 +7,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from tasks.quant.schemes import EMBEDDING, EMBEDDING_SCHEMES, LINEAR, LINEAR_SCHEMES
 from tasks.types.base import ArtifactRef, Frozen
 from tasks.types.model import CustomSpec, DlrmSpec, ModelSpec, SasrecSpec, TwoTowerSpec
 
-LinearQuant = Literal[
-    "none", "dynamic_int8", "static_int8", "int8_weight_only", "int4_weight_only", "fp16", "bf16"]
-EmbeddingQuant = Literal["none", "rowwise_int8", "rowwise_int4", "rowwise_int2", "fp16", "bf16"]
+# the names of the quantization scheme registry (tasks.quant.schemes): one entry there is a
+# new dtype of the config, the UI form, calibration and mixed precision
+LinearQuant = Literal[LINEAR_SCHEMES]  # type: ignore[valid-type]
+EmbeddingQuant = Literal[EMBEDDING_SCHEMES]  # type: ignore[valid-type]
 
 
 class MixedPrecision(Frozen):
@@ -61,30 +63,33 @@ class QuantizeConfig(Frozen):
     @field_validator("linear", mode="before")
     @classmethod
     def _no_int2_linear(cls, v: object) -> object:
-        if isinstance(v, str) and "int2" in v:
-            raise ValueError(f"quantize.linear: int2 is for embedding tables only (got {v!r}); "
-                             "use int4_weight_only or an int8 mode for Linear layers")
+        # a bit width only tables have (int2): say so, rather than list every choice
+        table_only = {e.bits for e in EMBEDDING.values()} - {q.bits for q in LINEAR.values()}
+        bits = next((b for b in table_only if f"int{b}" in str(v)), None)
+        if isinstance(v, str) and v not in LINEAR and bits is not None:
+            raise ValueError(f"quantize.linear: int{bits} is for embedding tables only (got "
+                             f"{v!r}); use int4_weight_only or an int8 mode for Linear layers")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeConfig:
         if self.mixed_precision is None and self.linear == "none" and self.embeddings == "none":
             raise ValueError("quantize: linear and embeddings are both 'none'; set one of them")
-        if self.group_size is not None and not self.linear.endswith("weight_only"):
+        if self.group_size is not None and not LINEAR[self.linear].group_wise:
             raise ValueError(f"quantize.group_size applies to int8/int4_weight_only only "
                              f"(linear is {self.linear!r}); remove it or change linear")
         return self
 
     def needs_calibration(self) -> bool:
-        return self.mixed_precision is not None or self.linear == "static_int8"
+        return self.mixed_precision is not None or LINEAR[self.linear].needs_ranges
 
     def label(self) -> str:
         if self.mixed_precision is not None:
             return f"quantize(mixed@{self.mixed_precision.budget_fraction:g})"
         lin = self.linear + (f"/g{self.group_size}" if self.group_size else "") + (
-            f"/{self.activation_range}" if self.linear == "static_int8" else "")
+            f"/{self.activation_range}" if LINEAR[self.linear].needs_ranges else "")
         emb = self.embeddings + ("/minmax" if self.row_range == "minmax" and
-                                 self.embeddings in ("rowwise_int4", "rowwise_int2") else "")
+                                 EMBEDDING[self.embeddings].row_range else "")
         return "quantize(" + "+".join(p for p in (lin, emb) if not p.startswith("none")) + ")"
 
 

@@ -28,7 +28,8 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.artifacts import ArtifactStore, Registry
+from tasks.artifacts import ArtifactStore
+from tasks.registry import Registry
 from tests.e2e.test_deployments import _tiny  # the REST cases edit its request
 
 pytestmark = pytest.mark.integration

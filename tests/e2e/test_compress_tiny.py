@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from flows.driver import run_compress
-from tasks.artifacts import ArtifactStore, Registry
-from tasks.data import read_split, to_arrays
+from tasks.artifacts import ArtifactStore
+from tasks.registry import Registry
+from tasks.data import to_arrays
 from tasks.defaults import default_candidates
 from tasks.evaluate import predict
 from tasks.metrics import auc
@@ -138,7 +139,7 @@ def test_promoted_model_reproduces_its_reported_auc(first_run, settings):
     report, _ = first_run
     reg = Registry(ArtifactStore(settings))
     model, _ = reg.load("e2e-ranker", report.promoted.version)
-    test = to_arrays(read_split(report.dataset, "test", settings), report.dataset.spec)
+    test = to_arrays(ArtifactStore(settings).read_split(report.dataset, "test"), report.dataset.spec)
     row = next(r for r in report.leaderboard if r.candidate == report.promoted.candidate_id)
     assert auc(test.label, predict(model, test)) == pytest.approx(row.quality, abs=1e-9)
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from flows.driver import run_compress
-from tasks.artifacts import ArtifactStore, Registry
-from tasks.data import read_split, to_arrays
+from tasks.artifacts import ArtifactStore
+from tasks.registry import Registry
+from tasks.data import to_arrays
 from tasks.defaults import default_candidates
 from tasks.evaluate import predict
-from tasks.objectives import quality
+from tasks.quality import quality
 from tasks.types import (
     Candidate,
     CompressionRequest,
@@ -45,7 +46,7 @@ EXTRA_IDS = {c.id for c in EXTRA}
 def _reproduce(report, settings, name: str) -> None:
     """The promoted model, loaded from the registry, scores the test split as reported."""
     model, spec = Registry(ArtifactStore(settings)).load(name, report.promoted.version)
-    test = to_arrays(read_split(report.dataset, "test", settings), report.dataset.spec,
+    test = to_arrays(ArtifactStore(settings).read_split(report.dataset, "test"), report.dataset.spec,
                      spec.task_kind(), spec.history_width())
     row = next(r for r in report.leaderboard if r.candidate == report.promoted.candidate_id)
     measured, _ = quality(spec.task_kind(), test, predict(model, test))

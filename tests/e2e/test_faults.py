@@ -23,7 +23,8 @@ from pydantic import SecretStr
 
 from flows.stack import load_stack, start_stack, stop_stack
 from infra.s3server import credentials_path
-from tasks.artifacts import ArtifactStore, Registry
+from tasks.artifacts import ArtifactStore
+from tasks.registry import Registry
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.integration]
 

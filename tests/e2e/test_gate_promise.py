@@ -18,8 +18,8 @@ import pyarrow as pa
 import pytest
 
 from flows.driver import run_compress
-from tasks.artifacts import ArtifactStore, Registry
-from tasks.data import write_dataset
+from tasks.artifacts import ArtifactStore
+from tasks.registry import Registry
 from tasks.generator import generate
 from tasks.types import (
     Candidate,
@@ -167,8 +167,8 @@ def at_chance(settings):
     shuffled = {split: table.set_column(table.schema.get_field_index("click"), "click",
                                         pa.array(rng.permutation(table["click"].to_numpy())))
                 for split, table in tables.items()}
-    ref = write_dataset(shuffled, spec.model_copy(update={"name": "clicklog-at-chance",
-                                                          "bayes_auc": None}), settings)
+    ref = ArtifactStore(settings).put_dataset(shuffled, spec.model_copy(
+        update={"name": "clicklog-at-chance", "bayes_auc": None}))
     return ref.uri
 
 

@@ -8,7 +8,8 @@ import threading
 import pytest
 import torch
 
-from tasks.artifacts import IntegrityError, Registry, UnsafeArtifactError
+from tasks.artifacts import IntegrityError, UnsafeArtifactError
+from tasks.registry import Registry
 from tasks.generator import generate
 from tasks.models import build, resolve
 from tasks.types import DlrmSpec
@@ -139,7 +140,7 @@ def test_concurrent_alias_moves_leave_a_consistent_pair(store):
 
 
 def test_a_retried_promotion_is_one_version_and_the_alias_move_is_a_compare_and_swap(store):
-    from tasks.artifacts import AliasMoved
+    from tasks.registry import AliasMoved
 
     model, spec = _model()
     ref = store.put_model(model, spec)

@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.data import SPLITS, read_dataset_ref, read_split
+from tasks.artifacts import ArtifactStore
+from tasks.data import SPLITS
 
 pytestmark = pytest.mark.integration
 
@@ -45,10 +46,10 @@ def test_import_csv_then_read_it_back(settings, tmp_path):
     uri = result.stdout.strip()
     assert uri.startswith(f"s3://{settings.s3_bucket}/datasets/byo-clicks/")
 
-    ref = read_dataset_ref(uri, settings)
+    ref = ArtifactStore(settings).dataset_ref(uri)
     assert ref.rows == {"train": 140, "valid": 20, "test": 40}
     assert ref.spec.history == "history" and ref.spec.bayes_auc is None
-    tables = {s: read_split(ref, s, settings) for s in SPLITS}
+    tables = {s: ArtifactStore(settings).read_split(ref, s) for s in SPLITS}
     assert "note" not in tables["train"].column_names
     assert tables["train"].schema.field("history").type == pa.list_(pa.int64())
     ts = [tables[s]["ts"].to_numpy() for s in SPLITS]
@@ -59,7 +60,6 @@ def test_import_csv_then_read_it_back(settings, tmp_path):
     assert again.exit_code == 0 and again.stdout.strip() == uri
 
     # the same rows under another spec are another dataset: the first one is never rewritten
-    from tasks.artifacts import ArtifactStore
 
     store = ArtifactStore(settings)
     key = uri.removeprefix(f"s3://{settings.s3_bucket}/") + "spec.json"
@@ -70,7 +70,7 @@ def test_import_csv_then_read_it_back(settings, tmp_path):
     other = CliRunner().invoke(app, args)
     assert other.exit_code == 0 and other.stdout.strip() != uri, other.output
     assert store.s3.get_object(Bucket=store.bucket, Key=key)["Body"].read() == first
-    assert read_dataset_ref(other.stdout.strip(), settings).spec.categorical[0].cardinality == 25
+    assert ArtifactStore(settings).dataset_ref(other.stdout.strip()).spec.categorical[0].cardinality == 25
 
     # a cardinality no table could hold is refused, naming the limit
     spec["categorical"][0]["cardinality"] = 10**12

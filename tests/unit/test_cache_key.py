@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.run import CACHE_POLICY, CodeVersion, code_version, source_digest
+from tasks.cache import NodeKey, cache_key, installed_digest, source_digest
 
 
 def _tree(root: Path, generator: str) -> Path:
@@ -33,33 +33,25 @@ def test_a_moved_module_changes_the_digest(tmp_path: Path) -> None:
     assert source_digest(root) != before
 
 
-def test_the_policy_includes_the_installed_code_version() -> None:
-    assert any(isinstance(p, CodeVersion) for p in CACHE_POLICY.policies)
-    key = CodeVersion().compute_key(None, {}, {})
-    assert key == code_version() and len(key) == 64
+def test_the_key_includes_the_installed_code_digest() -> None:
     real_root = Path(__file__).resolve().parents[2]
-    assert key == source_digest(real_root)
+    assert installed_digest() == source_digest(real_root) and len(installed_digest()) == 64
+    assert NodeKey(node="n").compute_key(None, {}, {}) == cache_key("n", {})
 
 
-def test_the_input_key_is_content_not_where_or_how_fast_it_ran() -> None:
-    """A model rebuilt on another node in another time has the same key; another model, other
-    data or another task does not (the issue-13 canary relies on it: a retried stage reads
-    the same record)."""
-    from types import SimpleNamespace
-
-    from tasks.run import Built, ContentInputs
+def test_the_key_is_content_not_where_or_how_fast_it_ran() -> None:
+    """A model rebuilt on another node in another time has the same key; another model (other
+    bytes) or another plan node does not (the issue-13 canary relies on it: a retried stage
+    reads the same record)."""
+    from tasks.runtime import Built
     from tasks.types import ArtifactRef
 
     def built(sha: str, node: str, wall: float) -> Built:
         ref = ArtifactRef(uri=f"s3://b/objects/{sha}", sha256=sha, size_bytes=10, kind="model")
         return Built(model=ref, node_ip=node, wall_s=wall, chain=("baseline",), cpu_s=wall)
 
-    def key(task: str, **inputs) -> str:
-        return ContentInputs().compute_key(SimpleNamespace(task=SimpleNamespace(name=task)),
-                                           inputs, {})
-
-    a = key("run-stage", parent=built("a" * 64, "127.0.0.2", 1.5), seed=0)
-    assert a == key("run-stage", parent=built("a" * 64, "127.0.0.3", 9.0), seed=0)
-    assert a != key("run-stage", parent=built("b" * 64, "127.0.0.2", 1.5), seed=0)
-    assert a != key("run-stage", parent=built("a" * 64, "127.0.0.2", 1.5), seed=1)
-    assert a != key("evaluate-candidate", parent=built("a" * 64, "127.0.0.2", 1.5), seed=0)
+    a = cache_key("node-1", {"parent": built("a" * 64, "127.0.0.2", 1.5), "seed": 0})
+    assert a == cache_key("node-1", {"parent": built("a" * 64, "127.0.0.3", 9.0), "seed": 0})
+    assert a == cache_key("node-1", {"seed": 0, "parent": built("a" * 64, "127.0.0.3", 9.0)})
+    assert a != cache_key("node-1", {"parent": built("b" * 64, "127.0.0.2", 1.5), "seed": 0})
+    assert a != cache_key("node-2", {"parent": built("a" * 64, "127.0.0.2", 1.5), "seed": 0})

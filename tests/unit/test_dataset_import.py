@@ -388,19 +388,17 @@ def test_cli_prints_the_uri_or_a_clean_error(tmp_path, monkeypatch):
 
     import tasks.dataimport
     from flows.cli import app
-    from tasks.types import DatasetRef
+    from tasks.artifacts import MemoryStore
 
-    def fake_upload(tables, spec, settings):  # no S3 here: the stack-backed twin is in integration
-        rows = {s: t.num_rows for s, t in tables.items()}
-        return DatasetRef(uri="s3://artifacts/datasets/shop-clicks/0123/", sha256="0" * 64,
-                          spec=spec, splits={s: "0" * 64 for s in SPLITS}, rows=rows)
-
-    monkeypatch.setattr(tasks.dataimport, "write_dataset", fake_upload)
+    # no S3 here (the stack-backed twin is in integration): the same upload, into memory
+    store = MemoryStore()
+    monkeypatch.setattr(tasks.dataimport, "ArtifactStore", lambda settings: store)
     spec_path, data = _write_dataset(tmp_path, SPEC, _splits(_clicklog()), "csv-file")
     state = ["--state-dir", str(tmp_path / "state")]
     ok = CliRunner().invoke(app, ["dataset", "import", str(spec_path), str(data), *state])
     assert ok.exit_code == 0, ok.output
-    assert ok.stdout == "s3://artifacts/datasets/shop-clicks/0123/\n"
+    uri = ok.stdout.strip()
+    assert uri.startswith("mem://memory/datasets/shop-clicks/") and store.dataset_ref(uri).rows
     bad = CliRunner().invoke(app, ["dataset", "import", str(spec_path), str(tmp_path / "x.csv"), *state])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
     assert bad.output == f"invalid dataset: {tmp_path / 'x.csv'}: not found; give a directory " \

@@ -129,7 +129,7 @@ def test_latency_constraint_without_a_measurement_fails():
 
 
 def test_pareto_front_and_plot():
-    from flows.report import pareto_front, pareto_png
+    from tasks.report import pareto_front, pareto_png
     from tasks.types import LeaderboardRow
 
     def row(cid, size, auc, passed=True):

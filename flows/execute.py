@@ -1,0 +1,66 @@
+"""The Prefect-on-Ray executor of the plan graph (tasks.plan, tasks.execute).
+
+Every node is a Prefect task on the Ray cluster, submitted in plan order with its resources
+at the call site (`remote_options`), placed softly on the worker its placement hint names,
+and cached in S3 under its content key (tasks.cache). Submitting returns at once; `run`
+waits only for the keys asked for, so independent nodes run in parallel on the cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import get_run_logger
+from prefect_ray.context import remote_options
+
+from cluster.resources import cluster_gpus, exclusive_options, stage_options, worker_nodes
+from infra.settings import Settings
+from tasks.cache import cached, result_storage
+from tasks.execute import node_call
+from tasks.plan import Graph
+from tasks.run import time_candidates
+from tasks.runtime import Built
+from tasks.types import CandidateResult, DatasetRef
+
+
+class PrefectExecutor:
+    """Runs a graph's nodes as Prefect tasks of the current flow run (on its task runner)."""
+
+    def __init__(self, refresh: bool) -> None:
+        self.refresh = refresh  # recompute and overwrite cached results
+        self.storage = result_storage(Settings())
+        self.log = get_run_logger()
+        self.gpus = cluster_gpus()
+        self.workers: list[Any] = worker_nodes() or [None]
+        self.futures: dict[str, Any] = {}
+
+    def submit(self, graph: Graph, keys: Sequence[str]) -> None:
+        """Submit `keys` and the nodes they need, parents first."""
+        want: set[str] = set()
+        stack = [k for k in keys if k not in self.futures]
+        while stack:
+            key = stack.pop()
+            if key not in want and key not in self.futures:
+                want.add(key)
+                stack.extend(graph.nodes[key].parents)
+        for key in (k for k in graph.nodes if k in want):
+            node = graph.nodes[key]
+            fn, args = node_call(graph, node, self.futures.__getitem__)
+            worker = None if node.placement is None else \
+                self.workers[node.placement % len(self.workers)]
+            with remote_options(**stage_options(node.cpus, node.gpus, self.gpus, worker)):
+                self.futures[key] = cached(fn, self.storage, self.refresh, key).submit(**args)
+
+    def run(self, graph: Graph, keys: Sequence[str]) -> dict[str, Any]:
+        self.submit(graph, keys)
+        # a task after a failed one never runs: its future holds the upstream failure
+        return {k: self.futures[k].result(raise_on_failure=False) for k in keys}
+
+    def time(self, graph: Graph, baseline: Built, results: list[CandidateResult],
+             dataset: DatasetRef) -> list[CandidateResult]:
+        """In one task that holds every CPU of its node, started once every other task is done
+        (nothing else on its cores); each ratio gets a 95% interval."""
+        with remote_options(**exclusive_options(self.workers[0])):
+            return time_candidates.submit(  # type: ignore[no-any-return]
+                baseline, results, dataset, graph.request.resources.timing_seconds).result()
