@@ -19,9 +19,8 @@ from tasks.defaults import default_budget
 from tasks.evaluate import predict
 from tasks.generator import generate
 from tasks.models import build, resolve
-from tasks.types import DEFAULT_KS
 from tasks.train import train
-from tasks.types import MAIN_METRIC, TrainConfig, parse_model_spec
+from tasks.types import DEFAULT_KS, MAIN_METRIC, TrainConfig, parse_model_spec
 
 
 def main() -> None:

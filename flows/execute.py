@@ -34,28 +34,38 @@ class PrefectExecutor:
         self.gpus = cluster_gpus()
         self.workers: list[Any] = worker_nodes() or [None]
         self.futures: dict[str, Any] = {}
+        self.outputs: dict[str, Any] = {}  # node key -> its result, or what ended it
 
-    def submit(self, graph: Graph, keys: Sequence[str]) -> None:
-        """Submit `keys` and the nodes they need, parents first."""
+    def submit(self, graph: Graph, keys: Sequence[str]) -> list[str]:
+        """Submit `keys` and the nodes they need that are not submitted yet, parents first;
+        every key they need, in plan order."""
         want: set[str] = set()
-        stack = [k for k in keys if k not in self.futures]
+        stack = list(keys)
         while stack:
             key = stack.pop()
-            if key not in want and key not in self.futures:
+            if key not in want:
                 want.add(key)
                 stack.extend(graph.nodes[key].parents)
-        for key in (k for k in graph.nodes if k in want):
+        needed = [k for k in graph.nodes if k in want]
+        for key in (k for k in needed if k not in self.futures):
             node = graph.nodes[key]
             fn, args = node_call(graph, node, self.futures.__getitem__)
             worker = None if node.placement is None else \
                 self.workers[node.placement % len(self.workers)]
             with remote_options(**stage_options(node.cpus, node.gpus, self.gpus, worker)):
                 self.futures[key] = cached(fn, self.storage, self.refresh, key).submit(**args)
+        return needed
 
     def run(self, graph: Graph, keys: Sequence[str]) -> dict[str, Any]:
-        self.submit(graph, keys)
-        # a task after a failed one never runs: its future holds the upstream failure
-        return {k: self.futures[k].result(raise_on_failure=False) for k in keys}
+        for key in self.submit(graph, keys):
+            if key in self.outputs:
+                continue
+            # a task after a failed one never runs (it stays Pending): it ends with the failure
+            failed = next((self.outputs[p] for p in graph.nodes[key].parents
+                           if isinstance(self.outputs[p], BaseException)), None)
+            self.outputs[key] = failed if failed is not None else \
+                self.futures[key].result(raise_on_failure=False)
+        return {k: self.outputs[k] for k in keys}
 
     def time(self, graph: Graph, baseline: Built, results: list[CandidateResult],
              dataset: DatasetRef) -> list[CandidateResult]:

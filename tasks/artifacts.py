@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import io
+import json
 import struct
 from typing import TYPE_CHECKING, Any
 

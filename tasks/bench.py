@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tasks.execute import LocalExecutor, run_plan
 from tasks.evaluate import dense_flops, embedding_bytes
+from tasks.execute import LocalExecutor, run_plan
 from tasks.gate import decide
 from tasks.plan import plan
 from tasks.report import LATENCY_BS, leaderboard

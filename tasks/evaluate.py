@@ -13,8 +13,7 @@ from tasks.data import Arrays
 from tasks.determinism import THREADS, fixed_threads
 from tasks.protocol import QuantizedWeight, SparseWeight, problem_kind
 from tasks.quality import main_metric, quality
-from tasks.types import DEFAULT_KS
-from tasks.types import Latency, LatencyRatio, Metrics
+from tasks.types import DEFAULT_KS, Latency, LatencyRatio, Metrics
 
 LATENCY_BATCHES = (1, 512)
 

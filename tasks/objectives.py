@@ -26,7 +26,6 @@ from tasks.protocol import (
     NormalizesDense,
     ScoresItems,
 )
-
 from tasks.types import ProblemKind
 
 

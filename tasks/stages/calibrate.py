@@ -24,11 +24,11 @@ from torch import nn
 from tasks.data import Arrays
 from tasks.evaluate import predict
 from tasks.modules import set_submodule
+from tasks.protocol import problem_kind
 from tasks.quality import main_metric, scalar_quality
 from tasks.quant.observers import entropy_range, histogram, mse_range, percentile_range
 from tasks.quant.schemes import EMBEDDING, LINEAR, BuildArgs, Scheme
 from tasks.stages.context import StageContext
-from tasks.protocol import problem_kind
 from tasks.types import CalibrateConfig
 
 

@@ -17,11 +17,11 @@ import torch
 
 from flows.driver import run_compress
 from tasks.artifacts import ArtifactStore
-from tasks.registry import Registry
 from tasks.data import to_arrays
 from tasks.defaults import default_candidates
 from tasks.evaluate import predict
 from tasks.metrics import auc
+from tasks.registry import Registry
 from tasks.types import (
     Candidate,
     CompressionRequest,

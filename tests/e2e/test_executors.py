@@ -56,18 +56,24 @@ def _run_local(request_json: str, threads: int) -> dict[str, object]:
         torch.set_num_threads(before)
 
 
-def test_same_models_with_one_or_two_threads_in_process_and_on_a_ray_node(bench_and_run):
+def test_same_models_with_one_or_two_threads_in_process_and_on_a_ray_node(stack, settings):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from cluster.resources import worker_nodes
+    from cluster.runner import use_ray_env
+    from flows.driver import driver_env
 
     request = _defaults().model_dump_json()
     one, two = _run_local(request, 1), _run_local(request, 2)
     assert one["candidates"] and not one["failures"], one["failures"]
     assert one == two
-    # the same on a worker node of the cluster (the flow's run above left this process
-    # connected): this test module's function travels by value
+    # the same on a worker node of the cluster, joined as the flow's driver joins it; this
+    # test module's function travels by value
+    if not ray.is_initialized():
+        use_ray_env(driver_env(settings))
+        ray.init(address=settings.ray_address, _node_ip_address=settings.ray_node_ip,
+                 log_to_driver=False, logging_level="WARNING")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     node = worker_nodes()[-1]
     remote = ray.remote(num_cpus=1)(_run_local).options(

@@ -19,8 +19,8 @@ import pytest
 
 from flows.driver import run_compress
 from tasks.artifacts import ArtifactStore
-from tasks.registry import Registry
 from tasks.generator import generate
+from tasks.registry import Registry
 from tasks.types import (
     Candidate,
     CompressionRequest,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tasks.artifacts import IntegrityError, UnsafeArtifactError
-from tasks.registry import Registry
 from tasks.generator import generate
 from tasks.models import build, resolve
+from tasks.registry import Registry
 from tasks.types import DlrmSpec
 
 pytestmark = pytest.mark.integration
