@@ -206,12 +206,15 @@ class BlobStore:
         import pyarrow.parquet as pq
 
         key = self.key_of(ref.uri.rstrip("/") + "/") + f"{split}.parquet"
-        blob = self._get(key) or b""
+        blob = self._get(key)
+        if blob is None:
+            raise ValueError(f"dataset {ref.uri}{split}.parquet: missing; import the dataset "
+                             "again (`recsqueeze dataset import`)")
         got = hashlib.sha256(blob).hexdigest()
         if got != ref.splits[split]:
             raise ValueError(f"dataset {ref.uri}{split}.parquet: sha256 {got} != "
-                             f"{ref.splits[split]} (corrupted, missing or replaced); import the "
-                             "dataset again (`recsqueeze dataset import`)")
+                             f"{ref.splits[split]} (corrupted or replaced); import the dataset "
+                             "again (`recsqueeze dataset import`)")
         return pq.read_table(io.BytesIO(blob))
 
 

@@ -234,8 +234,9 @@ REQUESTS = [
     _request('{"model": {"class_path": "shop.models:Ranker"}}', "model.class_path is for family "
              "'custom' only (family is 'dlrm'); remove it or set family to 'custom'",
              "class-path-without-custom"),
-    _request('{"model": {"family": "resnet"}}', "model.family must be one of 'dlrm', "
-             "'two_tower', 'sasrec', 'custom'", "unknown-family"),
+    _request('{"model": {"family": "resnet"}}', "model.family: 'resnet' is not a model family; "
+             "set family to one of dlrm, two_tower, sasrec, custom (left out: dlrm)",
+             "unknown-family"),
     _request('{"model": {"layers": 4}}', "model.layers is for family 'sasrec' only (family is "
              "'dlrm'); remove it or set family to 'sasrec'", "field-of-another-family"),
     _request('{"train": {"epochs": 0}}', "train.epochs: Input should be greater than or equal "
