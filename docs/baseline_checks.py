@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     tables, data = generate(args.size, args.seed)
     spec = resolve(parse_model_spec({"family": args.family}), data)
-    task = spec.task_kind()
+    task = spec.problem_kind()
     train_rows, valid, test = (to_arrays(tables[s], data, task, spec.history_width())
                                for s in ("train", "valid", "test"))
     start = time.perf_counter()

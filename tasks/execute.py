@@ -109,7 +109,7 @@ def check_fits(request: CompressionRequest, data: DatasetSpec) -> None:
             raise ValueError(f"budget.metrics[{name!r}]: {column!r} is not a segment column of "
                              f"dataset {data.name} (segments: {list(data.segments)}); name one "
                              "of them or add it to the dataset spec's segments")
-        if match.group(1).startswith("ndcg") and request.model.task_kind() == "ranking" \
+        if match.group(1).startswith("ndcg") and request.model.problem_kind() == "ranking" \
                 and data.query_id is None:
             raise ValueError(f"budget.metrics[{name!r}]: NDCG of a ranker is computed per "
                              f"query/session, and dataset {data.name} sets no query_id column")

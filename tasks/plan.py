@@ -139,7 +139,7 @@ class Graph:
         r = self.request
         if placement is None:
             placement = len(self.candidates) % max(self.workers, 1)
-        ranking = r.model.task_kind() == "ranking"
+        ranking = r.model.problem_kind() == "ranking"
         parent, chain = self.baseline, []
         for stage in cand.plan:
             inputs = {"parent": parent, "dataset": self.dataset}

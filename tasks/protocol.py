@@ -140,4 +140,4 @@ def spec_of(model: nn.Module) -> ModelSpec:
 
 def problem_kind(model: nn.Module) -> ProblemKind:
     """ranking, retrieval or next_item: what forward returns and which metrics judge it."""
-    return spec_of(model).task_kind()
+    return spec_of(model).problem_kind()

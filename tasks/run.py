@@ -120,7 +120,7 @@ def evaluate_baseline(built: Built, dataset: DatasetRef, ks: tuple[int, ...] = D
     metrics, probs, _ = evaluate(model, test, built.model.size_bytes, ks=ks)
     if budget is None:
         return Evaluated(metrics=metrics, predictions=store.put_tensor(torch.from_numpy(probs)))
-    task, data = spec.task_kind(), dataset.spec
+    task, data = spec.problem_kind(), dataset.spec
     names = [c.name for c in data.categorical]
     item = names.index(data.item_id) if data.item_id in names and task == "ranking" else None
     n_items = next((c.cardinality for c in data.categorical if c.name == data.item_id), 0)
@@ -161,7 +161,7 @@ def _table(store: BlobStore, ref: ArtifactRef) -> pa.Table:
 def _relative_budget(budget: Budget, spec: ModelSpec,
                      sensitivity: Callable[[], pa.Table] | None) -> float:
     """The run's budget on the main metric as a fraction of the baseline's value (0: none)."""
-    main = MAIN_METRIC[spec.task_kind()]
+    main = MAIN_METRIC[spec.problem_kind()]
     rule = budget.metrics.get("main") or budget.metrics.get(main)
     if rule is None:
         return 0.0
@@ -224,7 +224,7 @@ def evaluate_candidate(candidate: Candidate, built: Built, dataset: DatasetRef,
     base = store.get_tensor(baseline.predictions).numpy()
     return CandidateResult(
         candidate=candidate, model=built.model, metrics=metrics,
-        deltas=paired_deltas(spec.task_kind(), test, base, pred, ks, confidence),
+        deltas=paired_deltas(spec.problem_kind(), test, base, pred, ks, confidence),
         baseline_latency=base_latency or (), node_ip=built.node_ip, wall_s=built.wall_s,
     )
 
@@ -240,7 +240,7 @@ def time_candidates(baseline: Built, results: list[CandidateResult], dataset: Da
     models = [store.get_model(r.model)[0] for r in results]
     test = arrays(dataset, "test", spec)
     # a retrieval forward scores the whole catalogue (tens of ms): fewer calls per round
-    iters = 25 if spec.task_kind() == "ranking" else 10
+    iters = 25 if spec.problem_kind() == "ranking" else 10
     base_lat, lats, ratios = latency_ratios(reference, models, test, iters=iters,
                                             max_seconds=max_seconds)
     for r, ratio in zip(results, ratios):
@@ -274,11 +274,11 @@ def evaluate_champion(model_name: str, version: int, dataset: DatasetRef,
     model, spec = loaded
     info = registry.version_info(model_name, version)
     if spec != resolve(spec, dataset.spec) or (
-            baseline_spec is not None and spec.task_kind() != baseline_spec.task_kind()):
+            baseline_spec is not None and spec.problem_kind() != baseline_spec.problem_kind()):
         return Champion(version, problem=f"production v{version} cannot be measured on this "
                         "run's test rows (it was built for other data or another task); use "
                         "another model_name, or roll back / promote by hand after review")
-    task = spec.task_kind()
+    task = spec.problem_kind()
     test = arrays(dataset, "test", spec)
     metrics, pred, _ = evaluate(model, test, int(info["model"]["size_bytes"]))
     base = store.get_tensor(baseline.predictions).numpy()

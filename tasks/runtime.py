@@ -124,7 +124,7 @@ def _arrays(ref_json: str, split: str, kind: str, width: int) -> Arrays:
 
 def arrays(ref: DatasetRef, split: str, spec: ModelSpec) -> Arrays:
     """One split laid out as the inputs of `spec`'s problem kind (tasks.data.to_arrays)."""
-    return _arrays(ref.model_dump_json(), split, spec.task_kind(), spec.history_width())
+    return _arrays(ref.model_dump_json(), split, spec.problem_kind(), spec.history_width())
 
 
 @lru_cache(maxsize=2)
@@ -173,6 +173,6 @@ def registry_teacher(store: BlobStore, dataset: DatasetRef,
         raise ValueError(f"distill.teacher: {name} was built for other data (tables or dense "
                          "features differ); choose a teacher trained on this dataset")
     sha = str(registry.version_info(model_name, version)["model"]["sha256"])
-    if spec.task_kind() != "ranking":
+    if spec.problem_kind() != "ranking":
         return model, None
     return model, store.get_tensor(served_logits(store, sha, lambda: model, dataset)).numpy()

@@ -27,7 +27,7 @@ FAMILIES: dict[str, type[nn.Module]] = {"dlrm": DLRM, "two_tower": TwoTower, "sa
 def resolve(spec: ModelSpec, data: DatasetSpec) -> ModelSpec:
     """Fill the data-dependent fields (tables, dense width, item columns) of a spec."""
     tables = tuple(TableSpec(name=c.name, rows=c.cardinality) for c in data.categorical)
-    task = spec.task_kind()
+    task = spec.problem_kind()
     if task != "ranking" and data.item_id is None:
         raise ValueError(f"model.family {spec.family!r} ({task}) needs the dataset's item_id "
                          f"column; dataset {data.name} sets none")

@@ -58,7 +58,7 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: StageContext) -> nn.Modul
     input_spec = ctx.need("spec")
     assert isinstance(input_spec, MODEL_SPECS)
     spec = student_spec(cfg.student, input_spec)
-    kind = spec.task_kind()
+    kind = spec.problem_kind()
     student = build(spec, ctx.seed)
     n_student, n_input = stored_elements(student), stored_elements(model)
     if cfg.require_smaller and n_student >= n_input:

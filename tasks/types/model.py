@@ -92,7 +92,7 @@ class ModelSpecBase(Frozen):
                 del data[name]
         return data  # type: ignore[no-any-return]
 
-    def task_kind(self) -> ProblemKind:
+    def problem_kind(self) -> ProblemKind:
         """The problem kind: which inputs forward takes and which metrics judge it."""
         raise NotImplementedError
 
@@ -118,7 +118,7 @@ class DlrmSpec(ModelSpecBase):
     interaction: Literal["dot", "cat"] = Field(
         "dot", description="feature interaction: pairwise dot products, or concatenation")
 
-    def task_kind(self) -> ProblemKind:
+    def problem_kind(self) -> ProblemKind:
         return "ranking"
 
     @field_validator("table_dims")
@@ -152,7 +152,7 @@ class TwoTowerSpec(ModelSpecBase):
     temperature: float = Field(0.05, gt=0, le=10,
                                description="softmax temperature of the in-batch loss")
 
-    def task_kind(self) -> ProblemKind:
+    def problem_kind(self) -> ProblemKind:
         return "retrieval"
 
 
@@ -173,7 +173,7 @@ class SasrecSpec(ModelSpecBase):
                              description="most recent history items read")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout while training")
 
-    def task_kind(self) -> ProblemKind:
+    def problem_kind(self) -> ProblemKind:
         return "next_item"
 
     def history_width(self) -> int:
@@ -221,7 +221,7 @@ class CustomSpec(ModelSpecBase):
         user_class(self.class_path)  # refused here, before any work, if it cannot be built
         return self
 
-    def task_kind(self) -> ProblemKind:
+    def problem_kind(self) -> ProblemKind:
         return self.task
 
     def history_width(self) -> int:

@@ -95,7 +95,7 @@ class CompressionRequest(Frozen):
             object.__setattr__(self, "candidates", default_candidates(self.model.family))
         if "budget" not in self.model_fields_set:  # and its own default budget
             object.__setattr__(self, "budget", default_budget(self.model.family))
-        task = self.model.task_kind()
+        task = self.model.problem_kind()
         allowed = {"ranking": ("main", "auc", "logloss", "ndcg"),
                    "retrieval": ("main", "recall", "ndcg"),
                    "next_item": ("main", "hr", "ndcg")}[task]

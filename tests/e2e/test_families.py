@@ -47,9 +47,9 @@ def _reproduce(report, settings, name: str) -> None:
     """The promoted model, loaded from the registry, scores the test split as reported."""
     model, spec = Registry(ArtifactStore(settings)).load(name, report.promoted.version)
     test = to_arrays(ArtifactStore(settings).read_split(report.dataset, "test"), report.dataset.spec,
-                     spec.task_kind(), spec.history_width())
+                     spec.problem_kind(), spec.history_width())
     row = next(r for r in report.leaderboard if r.candidate == report.promoted.candidate_id)
-    measured, _ = quality(spec.task_kind(), test, predict(model, test))
+    measured, _ = quality(spec.problem_kind(), test, predict(model, test))
     assert measured[row.metric].value == pytest.approx(row.quality, abs=1e-9)
 
 

@@ -40,7 +40,7 @@ STUDENTS = {
 def trained(request):
     tables, data = generate("tiny")
     spec = resolve(parse_model_spec({"family": request.param}), data)
-    task = spec.task_kind()
+    task = spec.problem_kind()
     tr, va, te = (to_arrays(tables[s], data, task, spec.history_width())
                   for s in ("train", "valid", "test"))
     model = train(build(spec), tr, TrainConfig(epochs=2, batch_size=256), CUDA, valid=va)

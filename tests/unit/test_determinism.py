@@ -45,7 +45,7 @@ def data():
 
 def _arrays(data, spec):
     tables, ds = data
-    return [to_arrays(tables[s], ds, spec.task_kind(), spec.history_width())
+    return [to_arrays(tables[s], ds, spec.problem_kind(), spec.history_width())
             for s in ("train", "valid", "test")]
 
 

@@ -57,7 +57,7 @@ def test_each_family_offers_its_capabilities_where_python_3_12_looks(data, famil
     Python 3.12 on, which misses nn.Module's buffers and submodules: every capability a family
     offers must be found that way too."""
     model = build(resolve(SPECS[family], data[1]))
-    assert isinstance(model, p.RecModel) and p.problem_kind(model) == SPECS[family].task_kind()
+    assert isinstance(model, p.RecModel) and p.problem_kind(model) == SPECS[family].problem_kind()
     assert {c for c in CAPABILITIES if isinstance(model, c)} == OFFERS[family]
     for capability in OFFERS[family] | {p.RecModel}:
         for name in _members(capability):

@@ -71,7 +71,7 @@ def test_a_spec_stored_before_the_union_still_loads():
     spec = parse_model_spec(json.dumps(legacy))
     assert spec == SasrecSpec(embedding_dim=16, layers=1, ffn_dim=32, max_history=12,
                               tables=(TableSpec(name="item_id", rows=50),), item_table="item_id")
-    assert spec.history_width() == 12 and spec.task_kind() == "next_item"
+    assert spec.history_width() == 12 and spec.problem_kind() == "next_item"
     with pytest.raises(ValidationError, match="model.bottom_mlp is for family 'dlrm' only"):
         CompressionRequest.model_validate({"model": legacy})  # a request stays strict
 
