@@ -4,7 +4,6 @@ thread count the process has (tasks/determinism.py says which kernels differed, 
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -49,15 +48,8 @@ def _arrays(data, spec):
             for s in ("train", "valid", "test")]
 
 
-@contextmanager
-def _process_threads(n):
-    """What a process started with n intra-op threads looks like (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+# what a process started with n intra-op threads looks like (restored afterwards)
+_process_threads = fixed_threads
 
 
 def _sha(model, spec) -> str:
