@@ -24,9 +24,10 @@ from cluster.resources import check_fits_cluster, stage_options
 from cluster.runner import ray_task_runner
 from flows.execute import PrefectExecutor
 from flows.nas import nas_subflow
+from flows.recipe import recipe_subflow
 from infra.settings import Settings
 from tasks.artifacts import ArtifactStore
-from tasks.execute import Executed, run_plan
+from tasks.execute import Executed, run_plan, searches
 from tasks.gate import Champion, decide
 from tasks.models import resolve
 from tasks.plan import plan
@@ -57,7 +58,7 @@ def compress(request: CompressionRequest) -> GateReport:
     # 1. plan and execute: data, baseline, its checks, every candidate, NAS, latency
     executor = PrefectExecutor(refresh=not request.reuse_results)
     graph = plan(request, workers=len(executor.workers))
-    executed = run_plan(graph, executor, nas_subflow if request.nas is not None else None)
+    executed = run_plan(graph, executor, searches(request, nas_subflow, recipe_subflow))
     if executed.stop is not None:
         return publish(store, gate_report(run_id, executed, None))
 

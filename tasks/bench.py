@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tasks.defaults import default_candidates
 from tasks.evaluate import dense_flops, embedding_bytes
-from tasks.execute import LocalExecutor, run_plan
+from tasks.execute import Executed, Executor, LocalExecutor, run_plan, searches
 from tasks.gate import decide
-from tasks.plan import plan
+from tasks.nas import pareto
+from tasks.plan import Graph, plan
+from tasks.recipe import run_search
 from tasks.report import LATENCY_BS, leaderboard
+from tasks.search import search_architectures
 from tasks.types import (
     Budget,
     Candidate,
@@ -26,8 +30,10 @@ from tasks.types import (
     ModelSpec,
     PruneConfig,
     QuantizeConfig,
+    RecipeSearch,
     Resources,
     SasrecSpec,
+    SearchSpace,
     StageConfig,
     TrainConfig,
     TwoTowerSpec,
@@ -136,7 +142,22 @@ SUITES: dict[str, tuple[Plan, ...]] = {
     ),
 }
 SUITE_MODELS: dict[str, ModelSpec] = {
-    "two_tower": TwoTowerSpec(), "sasrec": SasrecSpec()}
+    "two_tower": TwoTowerSpec(), "sasrec": SasrecSpec(),
+    "search_two_tower": TwoTowerSpec(), "search_sasrec": SasrecSpec()}
+
+# the recipe-search suites: each family's hand-listed default candidates side by side with a
+# recipe search (tasks.recipe) under the same budget; the ranker's must also be 2x faster
+SEARCHES: dict[str, tuple[RecipeSearch, float | None]] = {
+    "search": (RecipeSearch(trials=16, parallelism=4, space=SearchSpace(
+        student_dims=(8, 16, 32), student_widths=(0.25, 0.5), qat_epochs=(0, 1),
+        linear_precision=("none", "int8_weight_only"))), 2.0),
+    "search_two_tower": (RecipeSearch(trials=12, space=SearchSpace(
+        student_dims=(0, 32, 48), student_widths=(0.5, 1.0), qat_epochs=(0, 1))), None),
+    "search_sasrec": (RecipeSearch(trials=12, space=SearchSpace(
+        student_dims=(0, 32, 48), student_widths=(0.5, 1.0), qat_epochs=(0, 1))), None),
+}
+for _name in SEARCHES:
+    SUITES[_name] = ()  # their candidates are the family's defaults (suite_request)
 
 
 def _stages(plan: Plan) -> tuple[StageConfig, ...]:
@@ -153,15 +174,36 @@ def suite_request(suite: str, size: str, seed: int = 0, data_seed: int = 0,
     built-in data, every plan a candidate, the main metric's budget at `BUDGET`."""
     if suite not in SUITES:
         raise ValueError(f"--suite must be one of {sorted(SUITES)} (got {suite!r})")
+    model = SUITE_MODELS.get(suite, DlrmSpec())
+    search, faster = SEARCHES.get(suite, (None, None))
+    candidates = default_candidates(model.family) if search is not None else tuple(
+        Candidate(id=f"c{i:02d}", plan=_stages(p)) for i, p in enumerate(SUITES[suite]))
     return CompressionRequest(
-        model_name="bench", model=SUITE_MODELS.get(suite, DlrmSpec()),
+        model_name="bench", model=model,
         dataset=DatasetRequest(builtin=size, seed=data_seed),  # type: ignore[arg-type]
-        train=TrainConfig(seed=seed),
-        candidates=tuple(Candidate(id=f"c{i:02d}", plan=_stages(p))
-                         for i, p in enumerate(SUITES[suite])),
-        budget=Budget(metrics={"main": MetricBudget(max_drop=BUDGET, relative=True)}),
+        train=TrainConfig(seed=seed), candidates=candidates, search=search,
+        budget=Budget(metrics={"main": MetricBudget(max_drop=BUDGET, relative=True)},
+                      min_latency_ratio=faster),
         resources=Resources(timing_seconds=timing_seconds), promote=False,
         require_useful_baseline=False)
+
+
+def _nas(graph: Graph, executor: Executor, executed: Executed) -> None:
+    executed.results.extend(pareto(search_architectures(graph, executor, executed)))
+
+
+def _recipe(graph: Graph, executor: Executor, executed: Executed) -> None:
+    executed.search = run_search(graph, executor, executed)
+
+
+def _search_summary(executed: Executed) -> dict[str, object] | None:
+    s = executed.search
+    if s is None:
+        return None
+    return {"trials": len(s.trials), "complete": sum(t.state == "complete" for t in s.trials),
+            "pruned": sum(t.state == "pruned" for t in s.trials),
+            "feasible": sum(t.feasible for t in s.trials), "wall_s": round(s.wall_s, 1),
+            "cpu_s": round(s.cpu_s, 1), "gpu_s": round(s.gpu_s, 1), "front": list(s.front)}
 
 
 def run_suite(suite: str, size: str, seed: int = 0, log: Callable[[str], None] = print,
@@ -176,7 +218,7 @@ def run_suite(suite: str, size: str, seed: int = 0, log: Callable[[str], None] =
     """
     request = suite_request(suite, size, seed, data_seed, timing_seconds)
     executor = LocalExecutor()
-    executed = run_plan(plan(request), executor)
+    executed = run_plan(plan(request), executor, searches(request, _nas, _recipe))
     if executed.failures:
         raise RuntimeError(f"bench {suite}: candidates failed: {executed.failures}")
     for cid, why in executed.skipped.items():
@@ -210,6 +252,9 @@ def run_suite(suite: str, size: str, seed: int = 0, log: Callable[[str], None] =
             "latency_ratio_low": ratio.ci_low, "latency_ratio_high": ratio.ci_high,
             "latency_rounds": ratio.rounds, "passed": row.passed, "reasons": list(row.reasons),
             "bayes_auc": executed.dataset.spec.bayes_auc, "test_rows": base.rows,
+            "chosen": verdict.chosen == result.candidate.id,
+            "search": _search_summary(executed) if result.candidate.id.startswith("search-")
+            else None,
         })
         log(f"{row.plan:48s} size {row.size_ratio:5.2f}x  {row.metric} {row.delta:+.5f} "
             f"(rel loss<= {row.loss_ci_high / main.baseline:.5f})  p99 {ratio.value:4.2f}x")

@@ -12,6 +12,7 @@ arguments. Two executors exist, with the same result (`Executed`):
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,14 +32,23 @@ from tasks.run import (
     teacher_outputs,
     time_candidates,
     train_baseline,
+    validate_candidate,
 )
 from tasks.runtime import Built, Evaluated, using_store
 from tasks.stages.context import NotApplicable, StageSkipped
-from tasks.types import METRIC_NAME, CandidateResult, CompressionRequest, DatasetRef, DatasetSpec
+from tasks.types import (
+    METRIC_NAME,
+    CandidateResult,
+    CompressionRequest,
+    DatasetRef,
+    DatasetSpec,
+    SearchReport,
+)
 
 TASKS = {"dataset": prepare_dataset, "baseline": train_baseline,
          "evaluate_baseline": evaluate_baseline, "calibrate": calibrate_model,
-         "teacher": teacher_outputs, "stage": run_stage, "evaluate": evaluate_candidate}
+         "teacher": teacher_outputs, "stage": run_stage, "evaluate": evaluate_candidate,
+         "validate": validate_candidate}
 
 
 def node_call(graph: Graph, node: Node, get: Callable[[str], Any]) -> tuple[Any, dict[str, Any]]:
@@ -60,6 +70,8 @@ def node_call(graph: Graph, node: Node, get: Callable[[str], Any]) -> tuple[Any,
                              "dataset": inputs["dataset"], "baseline_model": inputs["baseline"],
                              "baseline": inputs["baseline_evaluation"],
                              "confidence": r.budget.confidence, "ks": graph.ks, "timed": False},
+        "validate": lambda: {**inputs, **{k: v for k, v in json.loads(node.config).items()
+                                          if k != "value"}},
     }[node.op]()
     return TASKS[node.op], args
 
@@ -90,6 +102,7 @@ class Executed:
     failures: dict[str, str] = field(default_factory=dict)  # candidate -> its error
     skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it cannot run
     models: dict[str, list[Built]] = field(default_factory=dict)  # candidate -> its chain
+    search: SearchReport | None = None  # the recipe search, if one ran
 
 
 def _value(out: dict[str, Any], key: str) -> Any:
@@ -153,9 +166,23 @@ def collect(graph: Graph, out: dict[str, Any], ids: Sequence[str], executed: Exe
 Search = Callable[[Graph, Executor, Executed], None]
 
 
+def searches(request: CompressionRequest, nas: Search, recipe: Search) -> Search | None:
+    """The searches a request asks for (NAS, then the recipe search), as one `Search`."""
+    chosen = [s for s, on in ((nas, request.nas is not None), (recipe, request.search is not None))
+              if on]
+    if not chosen:
+        return None
+
+    def run(graph: Graph, executor: Executor, executed: Executed) -> None:
+        for search in chosen:
+            search(graph, executor, executed)
+    return run
+
+
 def run_plan(graph: Graph, executor: Executor, search: Search | None = None) -> Executed:
-    """The request's graph, run by `executor`: see the module docstring. `search` (NAS) adds
-    candidates to the graph, runs them, and leaves its picks in `executed.results`."""
+    """The request's graph, run by `executor`: see the module docstring. `search` (NAS, the
+    recipe search: `tasks.recipe.searches`) adds candidates to the graph, runs them, and
+    leaves its picks in `executed.results`."""
     r, log = graph.request, executor.log
     out = executor.run(graph, [graph.dataset])
     dataset = _value(out, graph.dataset)

@@ -29,12 +29,13 @@ from tasks.types import (
     FactorizeConfig,
     NASTrialConfig,
     PruneConfig,
+    QuantizeConfig,
     StageConfig,
     budget_ks,
 )
 
 Op = Literal["dataset", "baseline", "evaluate_baseline", "calibrate", "teacher", "stage",
-             "evaluate"]
+             "evaluate", "validate"]
 
 
 def canonical(value: BaseModel | dict[str, object] | None) -> str:
@@ -80,6 +81,8 @@ def needs_teacher(stage: StageConfig) -> bool:
         return True
     if isinstance(stage, (PruneConfig, FactorizeConfig)):
         return stage.finetune_epochs > 0 and stage.finetune_target == "teacher"
+    if isinstance(stage, QuantizeConfig):  # quantization-aware fine-tuning fits its input
+        return stage.finetune_epochs > 0
     return False
 
 
@@ -123,7 +126,10 @@ class Graph:
     @property
     def calibration(self) -> str | None:
         r = self.request
-        if not any(s.needs_calibration() for c in r.candidates for s in c.plan):
+        if not any(s.needs_calibration() for c in r.candidates for s in c.plan) and \
+                not (r.search is not None and r.search.warm_start) and \
+                not any(s.needs_calibration() for c in self.candidates.values()
+                        for s in c.candidate.plan):
             return None
         return self.add("calibrate", {"built": self.baseline, "dataset": self.dataset},
                         r.calibrate, {}, "calibrate")
@@ -133,15 +139,14 @@ class Graph:
         return self.add("teacher", {"built": model, "dataset": self.dataset}, None, {},
                         "teacher outputs")
 
-    def add_candidate(self, cand: Candidate, placement: int | None = None) -> CandidatePlan:
-        """The candidate's stages (a prefix shared with another plan is the same node) and its
-        evaluation. Placement deals candidates round-robin over the workers by default."""
+    def add_chain(self, stages: tuple[StageConfig, ...], placement: int | None = None,
+                  ) -> tuple[list[str], list[str]]:
+        """The nodes of `stages` applied in order to the baseline (a prefix shared with another
+        plan is the same node): (each stage's key, every key the chain waits for in order)."""
         r = self.request
-        if placement is None:
-            placement = len(self.candidates) % max(self.workers, 1)
         ranking = r.model.problem_kind() == "ranking"
-        parent, chain = self.baseline, []
-        for stage in cand.plan:
+        parent, chain, stage_keys = self.baseline, [], []
+        for stage in stages:
             inputs = {"parent": parent, "dataset": self.dataset}
             calibration = self.calibration if stage.needs_calibration() else None
             if calibration is not None:
@@ -154,14 +159,31 @@ class Graph:
                               stage.label(), gpus=r.resources.gpus_per_stage,
                               placement=placement)
             chain.append(parent)
+            stage_keys.append(parent)
+        return stage_keys, list(dict.fromkeys(chain))
+
+    def add_candidate(self, cand: Candidate, placement: int | None = None) -> CandidatePlan:
+        """The candidate's stages and its evaluation. Placement deals candidates round-robin
+        over the workers by default."""
+        r = self.request
+        if placement is None:
+            placement = len(self.candidates) % max(self.workers, 1)
+        stages, chain = self.add_chain(cand.plan, placement)
         evaluation = self.add(
-            "evaluate", {"built": parent, "dataset": self.dataset, "baseline": self.baseline,
+            "evaluate", {"built": stages[-1], "dataset": self.dataset, "baseline": self.baseline,
                          "baseline_evaluation": self.baseline_evaluation},
             cand, {"confidence": r.budget.confidence, "ks": list(self.ks)},
             f"evaluate {cand.id}", placement=placement)
-        planned = CandidatePlan(cand, tuple(dict.fromkeys(chain)), parent, evaluation)
+        planned = CandidatePlan(cand, tuple(chain), stages[-1], evaluation)
         self.candidates[cand.id] = planned
         return planned
+
+    def validation(self, model: str, rows: int | None, latency_seconds: float = 0.0) -> str:
+        """`model` scored on the valid split (its first `rows`) against the baseline: a
+        search's score of a trial or of a trial's prefix (never the test split)."""
+        return self.add("validate", {"built": model, "dataset": self.dataset,
+                                     "baseline": self.baseline}, None,
+                        {"rows": rows, "latency_seconds": latency_seconds}, "validate")
 
 
 def plan(request: CompressionRequest, workers: int = 1) -> Graph:

@@ -11,6 +11,7 @@ from tasks.cache import git_sha, installed_digest
 from tasks.execute import Executed
 from tasks.gate import Verdict
 from tasks.report import leaderboard, markdown, model_card, pareto_png
+from tasks.search_report import search_markdown, search_png
 from tasks.types import GateReport
 from tasks.types.record import Lineage, VersionMetrics, VersionRecord, VersionSpec
 
@@ -29,7 +30,7 @@ def gate_report(run_id: str, executed: Executed, verdict: Verdict | None) -> Gat
         baseline=base.metrics, leaderboard=rows, chosen=verdict.chosen if verdict else None,
         promoted=None, status=status, reason=reason,  # type: ignore[arg-type]
         failures=executed.failures, skipped=executed.skipped, trivial=base.trivial,
-        resolution=base.resolution, warnings=executed.warnings)
+        resolution=base.resolution, warnings=executed.warnings, search=executed.search)
 
 
 def version_record(report: GateReport, executed: Executed, candidate: str) -> VersionRecord:
@@ -74,5 +75,11 @@ def write_report(store: BlobStore, report: GateReport) -> tuple[str, bytes | Non
         store.put_bytes(f"{base}/pareto.png", png, "image/png")
         text += (f"\n![size vs {report.baseline.main}, Pareto front](pareto.png)\n\n"
                  f"(`{store.uri(base + '/pareto.png')}`)\n")
+    if report.search is not None:
+        text += "\n" + search_markdown(report.search)
+        search_plot = search_png(report.search)
+        if search_plot is not None:
+            store.put_bytes(f"{base}/search.png", search_plot, "image/png")
+            text += "\n![recipe search: size vs valid loss](search.png)\n"
     store.put_text(f"{base}/report.md", text)
     return text, png

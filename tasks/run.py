@@ -63,6 +63,7 @@ from tasks.types import (
     Promotion,
     StageConfig,
     TrainConfig,
+    Validated,
 )
 from tasks.types.record import VersionRecord
 
@@ -72,10 +73,6 @@ def _transient(task: object, task_run: object, state: State) -> bool:
     NotApplicable and AliasMoved are ValueErrors)."""
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, (ValueError, TypeError, KeyError, AssertionError, StageSkipped))
-
-
-_TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2,
-             retry_condition_fn=_transient)
 
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2,
@@ -227,6 +224,33 @@ def evaluate_candidate(candidate: Candidate, built: Built, dataset: DatasetRef,
         deltas=paired_deltas(spec.problem_kind(), test, base, pred, ks, confidence),
         baseline_latency=base_latency or (), node_ip=built.node_ip, wall_s=built.wall_s,
     )
+
+
+@task(name="validate-candidate", **_TASK)
+def validate_candidate(built: Built, dataset: DatasetRef, baseline: Built, rows: int | None,
+                       latency_seconds: float = 0.0) -> Validated:
+    """`built` and the baseline on the valid split (its first `rows`, or all): the main
+    metric of both on the same rows and, with `latency_seconds`, their batch-512 p99 timed side
+    by side (a search's score; the gate measures again on the test split)."""
+    start = time.perf_counter()
+    store = current_store()
+    model, spec = store.get_model(built.model)
+    reference = reference_model(baseline.model)
+    valid = arrays(dataset, "valid", spec)
+    if rows is not None and rows < len(valid):
+        valid = valid.take(slice(0, rows))
+    mine, _, _ = evaluate(model, valid, built.model.size_bytes, timed=False)
+    theirs, _, _ = evaluate(reference, valid, baseline.model.size_bytes, timed=False)
+    ratio = None
+    if latency_seconds > 0:
+        _, _, ratios = latency_ratios(reference, [model], valid, batch_sizes=(512,), iters=5,
+                                      min_rounds=3, max_rounds=30, max_seconds=latency_seconds)
+        ratio = ratios[0][0].value
+    value, base = mine.value(), theirs.value()
+    return Validated(rows=len(valid), main=mine.main, value=value, baseline_value=base,
+                     relative_loss=(base - value) / base if base else 0.0,
+                     size_bytes=built.model.size_bytes, baseline_bytes=baseline.model.size_bytes,
+                     p99_ratio=ratio, wall_s=time.perf_counter() - start)
 
 
 @task(name="time-candidates", **_TASK)

@@ -9,8 +9,17 @@ from torch import nn
 
 from tasks.modules import fuse_relu, set_submodule
 from tasks.quant.mixed import Option, assign
-from tasks.quant.schemes import BuildArgs, Range, embedding_scheme, linear_scheme
+from tasks.quant.qat import fake_quantized
+from tasks.quant.schemes import (
+    EMBEDDING,
+    LINEAR,
+    BuildArgs,
+    Range,
+    embedding_scheme,
+    linear_scheme,
+)
 from tasks.stages.context import NotApplicable, StageContext
+from tasks.stages.finetune import finetune
 from tasks.types import QuantizeConfig
 
 
@@ -68,8 +77,35 @@ def _nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
+def _choices(model: nn.Module, cfg: QuantizeConfig, plan: dict[str, str] | None) -> dict[str, str]:
+    """Module path -> the scheme each table and Linear layer gets."""
+    out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            out[path] = plan.get(path, "none") if plan is not None else \
+                cfg.layers.get(path, cfg.embeddings)
+            schemes = EMBEDDING
+        elif isinstance(module, nn.Linear):
+            out[path] = plan.get(path, "none") if plan is not None else \
+                cfg.layers.get(path, cfg.linear)
+            schemes = LINEAR
+        else:
+            continue
+        if out[path] not in schemes:
+            kind = "table" if schemes is EMBEDDING else "Linear layer"
+            raise NotApplicable(f"quantize.layers[{path!r}]: {out[path]!r} is not a dtype of a "
+                                f"{kind} (one of {list(schemes)})")
+    unknown = sorted(set(cfg.layers) - set(out))
+    if unknown:
+        raise NotApplicable(f"quantize.layers: {unknown} name no table or Linear layer of this "
+                            f"model (its tables and layers: {sorted(out)})")
+    return out
+
+
 def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Module:
-    """Return a quantized copy of `model` (the input is left untouched).
+    """Return a quantized copy of `model` (the input is left untouched). With
+    `cfg.finetune_epochs`, the copy is first fine-tuned with fake quantization (straight-through
+    estimator, tasks.quant.qat) to fit `model`'s outputs, then converted.
 
     Example:
         >>> small = quantize(model, QuantizeConfig(embeddings="rowwise_int4"), ctx)
@@ -78,11 +114,17 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Mod
     plan = mixed_plan(cfg, ctx) if cfg.mixed_precision is not None else None
     ranges = _act_ranges(ctx.need("activations"), cfg.activation_range) \
         if plan is None and linear_scheme(cfg.linear).needs_ranges else {}
+    choices = _choices(out, cfg, plan)
+    if cfg.finetune_epochs:
+        with fake_quantized(out.to(ctx.device), choices, cfg.group_size):
+            out = finetune(out, model, cfg.finetune_epochs, cfg.finetune_lr, ctx)
+        out = out.cpu()
+        ctx.log(f"{cfg.label()}: {cfg.finetune_epochs} epoch(s) of quantization-aware "
+                "fine-tuning")
     kept = []
     for path, module in list(out.named_modules()):
         if isinstance(module, nn.Embedding):
-            choice = plan.get(path, "none") if plan is not None else cfg.embeddings
-            small = quantize_embedding(module, choice, cfg.row_range)
+            small = quantize_embedding(module, choices[path], cfg.row_range)
             if small is module:  # the scheme keeps the table ("none")
                 continue
             if _nbytes(small) >= _nbytes(module):  # e.g. a width-1 table: the row's scale and
@@ -90,9 +132,9 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Mod
                 continue
             set_submodule(out, path, small)
         elif isinstance(module, nn.Linear):
-            choice = plan.get(path, "none") if plan is not None else cfg.linear
             act = (ranges[f"{path}:input"], ranges[f"{path}:output"]) if ranges else None
-            set_submodule(out, path, quantize_linear(module, choice, cfg.group_size, act, path))
+            set_submodule(out, path, quantize_linear(module, choices[path], cfg.group_size, act,
+                                                     path))
     fused = fuse_relu(out)
     ctx.log(f"{cfg.label()}: done ({fused} ReLUs fused into int8 kernels"
             + (f"; left {kept} as they are: not smaller quantized" if kept else "") + ")")

@@ -7,6 +7,7 @@
 - `stages`: one config per stage kind, the StageConfig union on `kind`, Candidate
 - `budget`: Budget, MetricBudget and the metric names a budget may use
 - `results`: Metrics, Estimate, Latency, PairedDelta, CandidateResult, GateReport, ...
+- `search`: RecipeSearch, SearchSpace (a recipe search's space), Validated (a trial's score)
 - `request`: CompressionRequest (the flow parameter), Resources, NASRequest, NASSpace
 
 Imports nothing heavy: Ray workers and the Prefect UI form load these modules. Every field has
@@ -62,6 +63,7 @@ from tasks.types.results import (
     Resolution,
     TrivialBaseline,
 )
+from tasks.types.search import RecipeSearch, SearchReport, SearchSpace, TrialRecord, Validated
 from tasks.types.stages import (
     CalibrateConfig,
     CalibrationRefs,
@@ -98,7 +100,8 @@ __all__ = [
     "FactorizeConfig", "Family", "FineTuned", "Frozen", "GateDecision", "GateReport", "Latency",
     "LatencyRatio", "LeaderboardRow", "LinearQuant", "Measured", "MetricBudget", "Metrics",
     "MixedPrecision", "ModelSpec", "ModelSpecBase", "NASRequest", "NASSpace", "NASTrialConfig",
-    "PairedDelta", "ProblemKind", "Promotion", "PruneConfig", "QuantizeConfig", "Resolution",
+    "PairedDelta", "ProblemKind", "Promotion", "PruneConfig", "QuantizeConfig", "RecipeSearch",
+    "Resolution", "SearchReport", "SearchSpace", "TrialRecord", "Validated",
     "Resources", "SasrecSpec", "StageConfig", "TableSpec", "TrainConfig", "TrivialBaseline",
     "TwoTowerSpec", "DEFAULT_KS", "budget_ks", "budget_target", "parse_model_spec",
 ]

@@ -12,6 +12,7 @@ from tasks.types.base import Frozen
 from tasks.types.budget import METRIC_NAME, Budget
 from tasks.types.data import DatasetRequest
 from tasks.types.model import MAIN_METRIC, DlrmSpec, ModelSpec, TrainConfig
+from tasks.types.search import RecipeSearch
 from tasks.types.stages import CalibrateConfig, Candidate
 
 
@@ -73,6 +74,10 @@ class CompressionRequest(Frozen):
         default_factory=default_candidates, min_length=1, description="compression plans to try"
     )
     nas: NASRequest | None = Field(None, description="also search architectures (NAS)")
+    search: RecipeSearch | None = Field(
+        None, description="also search compression chains across techniques (student, "
+        "pruning, TT, per-table precision, QAT) under the budget; its front joins the "
+        "candidates")
     reuse_results: bool = Field(
         True, description="serve tasks whose inputs and code are unchanged from the S3 result "
                           "cache (an identical rerun is nearly free); false recomputes them and "

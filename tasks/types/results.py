@@ -10,6 +10,7 @@ from pydantic import Field
 
 from tasks.types.base import ArtifactRef, Frozen, Measured
 from tasks.types.data import DatasetRef
+from tasks.types.search import SearchReport
 from tasks.types.stages import Candidate
 
 
@@ -156,3 +157,4 @@ class GateReport(Measured):
         (), description="per budgeted metric: the smallest loss the test split resolves")
     warnings: tuple[str, ...] = Field((), description="what the user should know (budgets "
                                                       "below resolution)")
+    search: SearchReport | None = Field(None, description="the recipe search, if one ran")

@@ -47,6 +47,9 @@ class QuantizeConfig(Frozen):
         activation_range: static int8 only: which calibrated range to use.
         mixed_precision: when set, ``linear``/``embeddings`` are ignored and each layer gets
             the cheapest dtype the sensitivity table allows within the run's budget.
+        finetune_epochs: quantization-aware fine-tuning (tasks.quant.qat) before the
+            conversion: the model computes with fake-quantized tables and weights and learns
+            the input model's outputs on the train split; 0 = one-shot.
 
     Example: ``QuantizeConfig(linear="int4_weight_only", group_size=32, embeddings="rowwise_int4")``
     """
@@ -59,6 +62,15 @@ class QuantizeConfig(Frozen):
     activation_range: Literal["minmax", "percentile", "mse", "entropy"] = Field(
         "mse", description="static int8 activation clipping range")
     mixed_precision: MixedPrecision | None = Field(None, description="per-layer dtypes")
+    layers: dict[str, str] = Field(
+        default_factory=dict, description="module path -> dtype for that one table or layer, "
+        "overriding linear / embeddings (e.g. {'embeddings.3': 'rowwise_int2'}); a recipe "
+        "search sets per-table precision this way")
+    finetune_epochs: int = Field(
+        0, ge=0, le=20, description="quantization-aware fine-tuning epochs before converting "
+        "(fake quantization, straight-through estimator, fitting the input model's outputs); "
+        "0 = one-shot")
+    finetune_lr: float = Field(5e-4, gt=0, description="quantization-aware fine-tuning rate")
 
     @field_validator("linear", mode="before")
     @classmethod
@@ -71,9 +83,22 @@ class QuantizeConfig(Frozen):
                              f"{v!r}); use int4_weight_only or an int8 mode for Linear layers")
         return v
 
+    @field_validator("layers")
+    @classmethod
+    def _known_dtypes(cls, layers: dict[str, str]) -> dict[str, str]:
+        bad = {k: v for k, v in layers.items() if v not in LINEAR and v not in EMBEDDING}
+        if bad:
+            raise ValueError(f"quantize.layers: unknown dtype(s) {bad}; a table takes one of "
+                             f"{list(EMBEDDING)}, a Linear layer one of {list(LINEAR)}")
+        return layers
+
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeConfig:
-        if self.mixed_precision is None and self.linear == "none" and self.embeddings == "none":
+        if self.mixed_precision is not None and self.layers:
+            raise ValueError("quantize: set mixed_precision or layers, not both (mixed "
+                             "precision chooses every layer's dtype itself)")
+        if self.mixed_precision is None and self.linear == "none" and \
+                self.embeddings == "none" and not self.layers:
             raise ValueError("quantize: linear and embeddings are both 'none'; set one of them")
         if self.group_size is not None and not LINEAR[self.linear].group_wise:
             raise ValueError(f"quantize.group_size applies to int8/int4_weight_only only "
@@ -84,13 +109,20 @@ class QuantizeConfig(Frozen):
         return self.mixed_precision is not None or LINEAR[self.linear].needs_ranges
 
     def label(self) -> str:
+        qat = f",qat{self.finetune_epochs}" if self.finetune_epochs else ""
         if self.mixed_precision is not None:
-            return f"quantize(mixed@{self.mixed_precision.budget_fraction:g})"
+            return f"quantize(mixed@{self.mixed_precision.budget_fraction:g}{qat})"
         lin = self.linear + (f"/g{self.group_size}" if self.group_size else "") + (
             f"/{self.activation_range}" if LINEAR[self.linear].needs_ranges else "")
         emb = self.embeddings + ("/minmax" if self.row_range == "minmax" and
                                  EMBEDDING[self.embeddings].row_range else "")
-        return "quantize(" + "+".join(p for p in (lin, emb) if not p.startswith("none")) + ")"
+        if self.layers:
+            counts: dict[str, int] = {}
+            for v in self.layers.values():
+                counts[v] = counts.get(v, 0) + 1
+            emb += "[" + ",".join(f"{n}x{v.removeprefix('rowwise_')}"
+                                  for v, n in sorted(counts.items())) + "]"
+        return "quantize(" + "+".join(p for p in (lin, emb) if not p.startswith("none")) + qat + ")"
 
 
 class CalibrateConfig(Frozen):

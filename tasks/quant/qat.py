@@ -1,0 +1,134 @@
+"""Quantization-aware fine-tuning: fake quantization with a straight-through estimator.
+
+While the quantize stage fine-tunes (`QuantizeConfig.finetune_epochs`), every table and Linear
+layer that will be quantized computes its forward pass on the values it will have once
+quantized, and its gradient as if rounding were the identity (STE: ``x + (q(x) - x).detach()``).
+The float weights learn to sit where rounding costs the least; afterwards the hooks are removed
+and the one-shot conversion (`tasks.stages.quantize`) packs the fine-tuned float weights.
+
+- Row-wise tables (int8/int4/int2): each gathered row is fake-quantized with its own min/max
+  range, as the table's row would be (a row's codes depend on that row only, so quantizing the
+  rows a batch looks up is exact and costs the batch, not the table). Sub-byte tables carry
+  fp16 scale and offset, as the packed layout does.
+- Weight-only Linear (int8/int4, per channel or per group): the weight is fake-quantized
+  symmetrically, as `WeightOnlyLinear.from_float` stores it.
+- dynamic int8 Linear: the weight per channel, and the input per batch (per-tensor affine), as
+  the dynamic kernel quantizes it.
+- fp16 / bf16: a round trip through the half type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from tasks.quant.primitives import qmax
+from tasks.quant.schemes import EMBEDDING, LINEAR
+
+
+def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return x + (q - x).detach()
+
+
+def fake_rows(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Row-wise affine fake quantization of the last dimension (min/max range per row)."""
+    lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo) / qmax(bits)).clamp_min(1e-8)
+    if bits < 8:  # the packed layout stores scale and offset in fp16
+        scale, lo = scale.half().float(), lo.half().float()
+    q = torch.round((x - lo) / scale).clamp(0, qmax(bits)) * scale + lo
+    return _ste(x, q)
+
+
+def fake_symmetric(w: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """Symmetric fake quantization of a Linear weight [out, in], per channel or per group."""
+    out_f, in_f = w.shape
+    g = group_size if group_size and in_f > group_size and in_f % group_size == 0 else in_f
+    grouped = w.reshape(out_f, in_f // g, g)
+    limit = 2 ** (bits - 1) - 1
+    scale = (grouped.abs().amax(dim=-1, keepdim=True) / limit).clamp_min(1e-12)
+    q = (torch.round(grouped / scale).clamp(-limit, limit) * scale).reshape(out_f, in_f)
+    return _ste(w, q)
+
+
+def fake_tensor_affine(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per-tensor affine fake quantization (a dynamic kernel's activation, per batch)."""
+    lo, hi = x.detach().amin().clamp(max=0), x.detach().amax().clamp(min=0)
+    scale = ((hi - lo) / qmax(bits)).clamp_min(1e-8)
+    zero = torch.round(-lo / scale)
+    q = (torch.round(x / scale) + zero).clamp(0, qmax(bits))
+    return _ste(x, (q - zero) * scale)
+
+
+def _fake_half(x: torch.Tensor, half: str) -> torch.Tensor:
+    return _ste(x, x.to(torch.float16 if half == "fp16" else torch.bfloat16).float())
+
+
+class _WeightFakeQuant(nn.Module):
+    """A parametrization of a Linear's weight: what the weight will be once quantized."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.fn(w)
+
+
+def _embedding_hook(choice: str) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+    scheme = EMBEDDING[choice]
+
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        return _fake_half(out, scheme.half) if scheme.half else fake_rows(out, scheme.bits)
+    return hook
+
+
+def _prepare_linear(layer: nn.Linear, choice: str, group_size: int | None,
+                    handles: list[Any]) -> None:
+    scheme = LINEAR[choice]
+    if scheme.half:
+        half = scheme.half
+        fn: Callable[[torch.Tensor], torch.Tensor] = lambda w: _fake_half(w, half)  # noqa: E731
+    else:
+        bits, group = scheme.bits, group_size if scheme.group_wise else None
+        fn = lambda w: fake_symmetric(w, bits, group)  # noqa: E731
+    parametrize.register_parametrization(layer, "weight", _WeightFakeQuant(fn))
+    if choice in ("dynamic_int8", "static_int8"):  # the kernel also quantizes the input
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, args: (fake_tensor_affine(args[0]), *args[1:])))
+
+
+@contextmanager
+def fake_quantized(model: nn.Module, choices: dict[str, str], group_size: int | None = None):
+    """`model` with every module path of `choices` (a table or a Linear -> its scheme name)
+    fake-quantized while the context is open; the float weights stay the trainable parameters,
+    and on exit the model is plain float again (with the fine-tuned weights).
+
+    Example:
+        >>> with fake_quantized(model, {"embeddings.0": "rowwise_int4", "top.0": "int8_weight_only"}):
+        ...     train(model, ...)
+        >>> small = quantize(model, cfg, ctx)  # packs the fine-tuned weights
+    """
+    handles: list[Any] = []
+    parametrized: list[nn.Linear] = []
+    try:
+        for path, module in model.named_modules():
+            choice = choices.get(path, "none")
+            if choice == "none":
+                continue
+            if isinstance(module, nn.Embedding):
+                handles.append(module.register_forward_hook(_embedding_hook(choice)))
+            elif isinstance(module, nn.Linear):
+                _prepare_linear(module, choice, group_size, handles)
+                parametrized.append(module)
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for layer in parametrized:  # keep the float weight (not its fake-quantized view)
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
