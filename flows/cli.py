@@ -226,12 +226,19 @@ def bench(
     size: str = typer.Option("small", help="built-in dataset size"),
     json_out: Path = typer.Option(Path("bench.json"), "--json", help="rows are written here"),
     seeds: int = typer.Option(1, min=1, help="training seeds (rows repeat per seed)"),
+    first_seed: int = typer.Option(0, min=0, help="the first training seed"),
 ) -> None:
-    """Baseline and one candidate per config, same data, one process; one JSON row each."""
+    """Baseline and one candidate per config, same data, one process; one JSON row each
+    (suites search, search_two_tower, search_sasrec: the family's default candidates and a
+    recipe search under the same budget)."""
     from tasks.bench import run_suite
 
+    progress = logging.StreamHandler()
+    progress.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger("recsqueeze").addHandler(progress)
+    logging.getLogger("recsqueeze").setLevel(logging.INFO)
     rows = []
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         rows += run_suite(suite, size, seed, log=err.print)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(rows, indent=2))

@@ -200,9 +200,16 @@ def warm_start(graph: Graph, executor: Executor, space: SearchSpace, tables: lis
     if not options or any(all(o.choice != "none" for o in opts) for opts in options.values()):
         return None
     picked = assign(options, allowed * margin) if math.isfinite(allowed) else {}
-    params: dict[str, object] = {"student_dim": 0, "prune": 0.0, "tt_rank": 0, "qat": 0,
-                                 "linear": space.linear_precision[0],
-                                 "tables": space.table_precision[0]}
+    def pick(choices: tuple[object, ...], plain: object) -> object:
+        return plain if plain in choices else choices[0]
+
+    dim = pick(space.student_dims, 0)  # the table is the input model's: keep it if allowed
+    params: dict[str, object] = {
+        "student_dim": dim, "prune": pick(space.prune, 0.0), "tt_rank": pick(space.tt_ranks, 0),
+        "qat": pick(space.qat_epochs, 0), "linear": pick(space.linear_precision, "none"),
+        "tables": space.table_precision[0]}
+    if dim:
+        params["student_width"] = max(space.student_widths)
     for path in tables:
         choice = picked.get(path, "none")
         params[f"table:{path}"] = choice if choice in space.table_precision \
