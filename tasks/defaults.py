@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from tasks.types.budget import Budget, MetricBudget
 from tasks.types.model import DlrmSpec, SasrecSpec, TwoTowerSpec
+from tasks.types.search import RecipeSearch, SearchSpace
 from tasks.types.stages import (
     Candidate,
     DistillConfig,
@@ -77,3 +78,16 @@ def default_candidates(family: str = "dlrm") -> tuple[Candidate, ...]:
         Candidate(id="student-half", plan=(DistillConfig(student=half),)),
         Candidate(id="tt-int8", plan=(tt, QuantizeConfig(linear="int8_weight_only"))),
     )
+
+
+def default_search(family: str = "dlrm") -> RecipeSearch | None:
+    """The recipe search a request gets unless it sets `search` (null: none): a small trial
+    budget (6 trials, 2 at a time, one-epoch students) that `make demo` can afford on 2 cores;
+    raise `trials` for a nightly run. A user's own class gets none (no student of it can be
+    built, and its tables' layout is its own)."""
+    if family == "custom":
+        return None
+    dims = (16, 32) if family == "dlrm" else (32, 48)
+    return RecipeSearch(trials=6, parallelism=2, front=2, latency_seconds=2.0, space=SearchSpace(
+        student_dims=(0, *dims), student_widths=(0.5,), student_epochs=1, qat_epochs=(0, 1),
+        linear_precision=("none", "int8_weight_only")))

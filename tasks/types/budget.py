@@ -72,7 +72,10 @@ class Budget(Frozen):
         "end of the ratio's 95% interval")
     latency_batch_size: int = Field(512, description="batch size of the latency constraint")
     objective: Literal["smallest", "fastest", "best_quality"] = Field(
-        "smallest", description="how to pick among passing candidates"
+        "smallest", description="how to pick among passing candidates; with a constraint it "
+        "makes both hold: smallest + min_latency_ratio k = the smallest of those at least k "
+        "times faster, fastest + min_size_ratio k = the fastest of those at least k times "
+        "smaller (docs/search.md)"
     )
 
     @field_validator("metrics")

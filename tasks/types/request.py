@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tasks.defaults import default_budget, default_candidates
+from tasks.defaults import default_budget, default_candidates, default_search
 from tasks.types.base import Frozen
 from tasks.types.budget import METRIC_NAME, Budget
 from tasks.types.data import DatasetRequest
@@ -77,7 +77,9 @@ class CompressionRequest(Frozen):
     search: RecipeSearch | None = Field(
         None, description="also search compression chains across techniques (student, "
         "pruning, TT, per-table precision, QAT) under the budget; its front joins the "
-        "candidates")
+        "candidates. A request that lists neither candidates nor search gets the family's "
+        "default candidates and a small search (tasks.defaults.default_search); one that "
+        "lists candidates gets exactly those (null: no search)")
     reuse_results: bool = Field(
         True, description="serve tasks whose inputs and code are unchanged from the S3 result "
                           "cache (an identical rerun is nearly free); false recomputes them and "
@@ -96,6 +98,8 @@ class CompressionRequest(Frozen):
 
     @model_validator(mode="after")
     def _fits_the_model(self) -> CompressionRequest:
+        if not {"search", "candidates"} & self.model_fields_set:  # the default: a search
+            object.__setattr__(self, "search", default_search(self.model.family))
         if "candidates" not in self.model_fields_set:  # the family's own default plans
             object.__setattr__(self, "candidates", default_candidates(self.model.family))
         if "budget" not in self.model_fields_set:  # and its own default budget

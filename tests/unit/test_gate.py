@@ -162,3 +162,27 @@ def test_a_latency_constraint_is_judged_on_the_low_end_of_the_ratio_interval():
     untimed = result("untimed", 10, 0.0, 0.0001)
     assert check(untimed, metrics(100), budget).reasons == (
         "latency_ratio@512: not measured for this candidate",)
+
+
+def _timed(cid: str, size: int, low: float, high: float) -> CandidateResult:
+    from tasks.types import LatencyRatio
+
+    return result(cid, size, 0.0, 0.0001, p99=2.0 / ((low + high) / 2)).model_copy(update={"latency_ratio": (
+        LatencyRatio(batch_size=512, value=(low + high) / 2, ci_low=low, ci_high=high,
+                     rounds=30),)})
+
+
+def test_small_and_fast_together_are_one_objective_plus_one_constraint():
+    """'smallest subject to >= 2x faster' = objective smallest + min_latency_ratio 2; 'fastest
+    subject to >= 20x smaller' = objective fastest + min_size_ratio 20 (docs/objectives.md)."""
+    tiny_slow, small_fast, big_fastest = (_timed("tiny-slow", 1, 0.4, 0.6),
+                                          _timed("small-fast", 4, 2.1, 2.5),
+                                          _timed("big-fastest", 30, 3.0, 3.4))
+    both = [tiny_slow, small_fast, big_fastest]
+    smallest_fast = Budget(metrics={"auc": MetricBudget(max_drop=0.01)}, min_latency_ratio=2.0)
+    assert decide(metrics(100), None, both, smallest_fast).chosen == "small-fast"
+    fastest_small = Budget(metrics={"auc": MetricBudget(max_drop=0.01)}, min_size_ratio=20,
+                           objective="fastest")
+    assert decide(metrics(100), None, both, fastest_small).chosen == "small-fast"
+    plain = Budget(metrics={"auc": MetricBudget(max_drop=0.01)})
+    assert decide(metrics(100), None, both, plain).chosen == "tiny-slow"

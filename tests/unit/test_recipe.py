@@ -172,3 +172,17 @@ def test_warm_start_choices_stay_inside_the_space():
     params = warm_start(G(), Ex(), space, ["embeddings.0"], allowed=0.001, margin=0.5)
     assert params["student_dim"] == 8 and params["student_width"] == 0.5 and params["qat"] == 1
     assert params["table:embeddings.0"] == "rowwise_int4"  # cheapest within 0.0005
+
+
+def test_a_request_that_lists_nothing_gets_a_search_and_a_list_gets_exactly_that():
+    from tasks.defaults import default_candidates, default_search
+
+    assert CompressionRequest().search == default_search("dlrm")
+    assert CompressionRequest(model=SasrecSpec()).search == default_search("sasrec")
+    listed = CompressionRequest(candidates=default_candidates()[:1])
+    assert listed.search is None and len(listed.candidates) == 1
+    assert CompressionRequest(search=None).search is None
+    assert CompressionRequest(search=None).candidates == default_candidates()
+    # the JSON a UI or REST caller sends round-trips with its search
+    again = CompressionRequest.model_validate_json(CompressionRequest().model_dump_json())
+    assert again.search == default_search("dlrm")
