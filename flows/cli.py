@@ -108,9 +108,9 @@ def run(
     try:
         raw = _read_request(request_file) if request_file else {}
         if size:
-            if size not in ("tiny", "small"):
-                raise ValueError(f"--size must be tiny or small (got {size!r}); for your own data "
-                                 "give --request with dataset.uri")
+            if size not in ("tiny", "small", "small_ids"):
+                raise ValueError(f"--size must be tiny, small or small_ids (got {size!r}); for "
+                                 "your own data give --request with dataset.uri")
             raw["dataset"] = DatasetRequest(builtin=size).model_dump(mode="json")  # type: ignore[arg-type]
         request = CompressionRequest.model_validate(raw)
     except ValidationError as exc:

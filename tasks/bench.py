@@ -143,7 +143,9 @@ SUITES: dict[str, tuple[Plan, ...]] = {
 }
 SUITE_MODELS: dict[str, ModelSpec] = {
     "two_tower": TwoTowerSpec(), "sasrec": SasrecSpec(),
-    "search_two_tower": TwoTowerSpec(), "search_sasrec": SasrecSpec()}
+    "search_two_tower": TwoTowerSpec(), "search_sasrec": SasrecSpec(),
+    # small tables (run with --size small_ids): the MLPs hold ~40% of the bytes
+    "search_small_tables": DlrmSpec(embedding_dim=32, bottom_mlp=(128, 32), top_mlp=(512, 256))}
 
 # the recipe-search suites: each family's hand-listed default candidates side by side with a
 # recipe search (tasks.recipe) under the same budget; the ranker's must also be 2x faster
@@ -151,6 +153,9 @@ SEARCHES: dict[str, tuple[RecipeSearch, float | None]] = {
     "search": (RecipeSearch(trials=12, parallelism=4, space=SearchSpace(
         student_dims=(8, 16), student_widths=(0.25, 0.5), qat_epochs=(0, 1),
         linear_precision=("none", "int8_weight_only"))), 2.0),
+    "search_small_tables": (RecipeSearch(trials=12, parallelism=4, space=SearchSpace(
+        student_dims=(0, 16, 24), student_widths=(0.25, 0.5), qat_epochs=(0, 1),
+        linear_precision=("none", "int8_weight_only", "int4_weight_only"))), None),
     "search_two_tower": (RecipeSearch(trials=12, space=SearchSpace(
         student_dims=(0, 32, 48), student_widths=(0.5, 1.0), qat_epochs=(0, 1))), None),
     "search_sasrec": (RecipeSearch(trials=12, space=SearchSpace(

@@ -42,6 +42,9 @@ class GeneratorSize:
 SIZES = {
     "tiny": GeneratorSize(users=2_000, items=1_000, queries=300, rows=40_000),
     "small": GeneratorSize(users=100_000, items=50_000, queries=5_000, rows=1_000_000),
+    # the rows of `small` over a few thousand ids per table: a model whose MLPs hold a large
+    # share of the bytes (docs/search.md)
+    "small_ids": GeneratorSize(users=4_000, items=3_000, queries=2_000, rows=1_000_000),
 }
 _CATEGORIES, _BRANDS, _SEGMENTS, _DEVICES, _HOURS = 40, 400, 6, 3, 24
 _SESSION, _HISTORY = 10, 20  # results per search session; clicks kept in a history

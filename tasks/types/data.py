@@ -59,8 +59,9 @@ class DatasetRef(Frozen):
 class DatasetRequest(Frozen):
     """Which data to compress against: the built-in generator or a dataset already in S3."""
 
-    builtin: Literal["tiny", "small"] | None = Field(
-        "tiny", description="generate the built-in e-commerce click log of this size"
+    builtin: Literal["tiny", "small", "small_ids"] | None = Field(
+        "tiny", description="generate the built-in e-commerce click log of this size "
+        "(small_ids: the rows of small over a few thousand ids per table)"
     )
     uri: str | None = Field(
         None, description="s3:// prefix of an existing dataset (spec.json + split Parquet files)"
@@ -73,7 +74,8 @@ class DatasetRequest(Frozen):
             object.__setattr__(self, "builtin", None)  # a uri alone replaces the default
         if (self.builtin is None) == (self.uri is None):
             raise ValueError(
-                "dataset: set exactly one of dataset.builtin ('tiny'|'small') or dataset.uri "
+                "dataset: set exactly one of dataset.builtin ('tiny'|'small'|'small_ids') or "
+                "dataset.uri "
                 f"(got builtin={self.builtin!r}, uri={self.uri!r})"
             )
         if self.uri is not None and not self.uri.startswith("s3://"):

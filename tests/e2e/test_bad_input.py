@@ -217,8 +217,9 @@ REQUESTS = [
     _request("", "invalid request: --request {tmp}/nope.json: file not found; give the path of "
              "a CompressionRequest JSON file", "missing-file",
              argv=("run", "--request", "{tmp}/nope.json")),
-    _request("", "invalid request: --size must be tiny or small (got 'huge'); for your own data "
-             "give --request with dataset.uri", "unknown-size", argv=("run", "--size", "huge")),
+    _request("", "invalid request: --size must be tiny, small or small_ids (got 'huge'); for "
+             "your own data give --request with dataset.uri", "unknown-size",
+             argv=("run", "--size", "huge")),
     # fields
     _request('{"modle_name": "x"}', "invalid request: modle_name: unknown field; remove it or "
              "fix its name (allowed here: budget, calibrate, candidates, dataset, model, "
@@ -244,7 +245,8 @@ REQUESTS = [
     _request('{"train": {"weight_decay": NaN}}', "train.weight_decay must be a finite number "
              "(got nan); NaN and Infinity are not allowed: give a number", "weight-decay-nan"),
     _request('{"dataset": {"builtin": "tiny", "uri": "s3://artifacts/datasets/x/"}}',
-             "dataset: set exactly one of dataset.builtin ('tiny'|'small') or dataset.uri (got "
+             "dataset: set exactly one of dataset.builtin ('tiny'|'small'|'small_ids') or "
+             "dataset.uri (got "
              "builtin='tiny', uri='s3://artifacts/datasets/x/')", "dataset-two-sources"),
     _request('{"dataset": {"uri": "/home/me/clicks"}}', "dataset.uri must start with s3:// "
              "(got '/home/me/clicks')", "dataset-uri-not-s3"),
@@ -348,7 +350,8 @@ REST = [  # refused by the API itself (the deployment enforces its parameter sch
           "request.candidates: Value error, candidates: ids must be unique (duplicated: "
           "['int8-emb'])", "duplicate-candidate-ids"),
     _rest(_set("dataset.uri", "s3://artifacts/datasets/x/"), "FAILED", "request.dataset: Value "
-          "error, dataset: set exactly one of dataset.builtin ('tiny'|'small') or dataset.uri "
+          "error, dataset: set exactly one of dataset.builtin ('tiny'|'small'|'small_ids') or "
+          "dataset.uri "
           "(got builtin='tiny', uri='s3://artifacts/datasets/x/')", "dataset-two-sources"),
 ]
 
