@@ -92,9 +92,11 @@ def suggest(trial: optuna.Trial, space: SearchSpace, spec: ModelSpec,
     dim = trial.suggest_categorical("student_dim", space.student_dims)
     if dim:
         width = trial.suggest_categorical("student_width", space.student_widths)
+        temperature = trial.suggest_categorical("temperature", space.student_temperatures)
         student = student_spec(spec, dim, width)
         if student is not None:
-            stages.append(DistillConfig(student=student, epochs=space.student_epochs))
+            stages.append(DistillConfig(student=student, epochs=space.student_epochs,
+                                        temperature=temperature))
     sparsity = trial.suggest_categorical("prune", space.prune)
     if sparsity:
         stages.append(PruneConfig(method="structured", sparsity=sparsity))
@@ -210,6 +212,7 @@ def warm_start(graph: Graph, executor: Executor, space: SearchSpace, tables: lis
         "tables": space.table_precision[0]}
     if dim:
         params["student_width"] = max(space.student_widths)
+        params["temperature"] = space.student_temperatures[0]
     for path in tables:
         choice = picked.get(path, "none")
         params[f"table:{path}"] = choice if choice in space.table_precision \
@@ -254,6 +257,12 @@ def search_recipes(graph: Graph, executor: Executor, executed: Executed,
         log.info("search: %d/%d trials, %d feasible, %.0fs", len(outcome.trials), search.trials,
                  sum(t.feasible for t in outcome.trials), time.monotonic() - start)
     outcome.wall_s = time.monotonic() - start
+    for t in outcome.trials:
+        v = t.validated
+        log.info("search trial %d %s: %s%s", t.number, t.state, t.plan, (
+            f" | size {v.baseline_bytes / v.size_bytes:.2f}x, valid loss {v.relative_loss:+.5f}, "
+            f"p99 {v.p99_ratio or float('nan'):.2f}x, feasible {t.feasible}" if v else "")
+            + (f" | {t.why}" if t.why else ""))
     built = executor.run(graph, sorted(outcome.built)) if outcome.built else {}
     stages = [built[k] for k in outcome.built if isinstance(built[k], Built)]
     outcome.cpu_s = sum(b.cpu_s for b in stages)

@@ -25,6 +25,8 @@ class SearchSpace(Frozen):
     student_widths: tuple[float, ...] = Field(
         (0.25, 0.5, 1.0), description="student hidden widths as a share of the input model's")
     student_epochs: int = Field(2, ge=1, le=50, description="student training epochs (most)")
+    student_temperatures: tuple[float, ...] = Field(
+        (1.0, 2.0), description="distillation temperatures (T) a student may train at")
     prune: tuple[float, ...] = Field(
         (0.0,), description="structured sparsity of the hidden layers (0: none)")
     tt_ranks: tuple[int, ...] = Field(
@@ -41,7 +43,7 @@ class SearchSpace(Frozen):
     qat_epochs: tuple[int, ...] = Field(
         (0, 1), description="quantization-aware fine-tuning epochs (0: one-shot)")
 
-    @field_validator("student_dims", "student_widths", "prune", "tt_ranks", "table_precision",
+    @field_validator("student_dims", "student_widths", "student_temperatures", "prune", "tt_ranks", "table_precision",
                      "linear_precision", "qat_epochs")
     @classmethod
     def _not_empty(cls, v: tuple[object, ...]) -> tuple[object, ...]:
@@ -81,10 +83,11 @@ class RecipeSearch(Frozen):
     parallelism: int = Field(4, ge=1, le=64, description="trials asked and run at once")
     max_wall_s: float = Field(3600, gt=0, description="wall-clock budget of the search")
     proxy_rows: int = Field(
-        20_000, ge=500, description="valid rows of the early check after each stage of a "
+        50_000, ge=500, description="valid rows of the early check after each stage of a "
         "trial (Optuna's ThresholdPruner stops a trial whose prefix already loses too much)")
     prune_at: float = Field(
-        3.0, gt=0, description="stop a trial once a prefix loses this many times the budget")
+        10.0, gt=0, description="stop a trial once a prefix loses this many times the budget "
+        "(hopeless: far beyond what the sampling noise of proxy_rows explains)")
     margin: float = Field(
         0.6, gt=0, le=1, description="share of the budget a trial may lose on the valid split "
         "(the rest is left for the test split's confidence interval)")

@@ -450,6 +450,7 @@ def test_recipe_search_runs_trials_on_the_cluster_shares_prefixes_and_feeds_the_
         search=RecipeSearch(trials=4, parallelism=2, latency_seconds=0.5, prune_at=1000,
                             warm_start=False, space=SearchSpace(
                                 student_dims=(8,), student_widths=(0.5,), per_table=False,
+                                student_temperatures=(1.0,),
                                 qat_epochs=(0,), linear_precision=("none", "int8_weight_only"))))
     report = run_compress(request, settings)
     assert report.search is not None and len(report.search.trials) == 4

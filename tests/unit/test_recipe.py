@@ -54,7 +54,7 @@ def test_suggest_builds_a_valid_chain_from_fixed_choices():
     _, data = generate("tiny", 0)
     spec = resolve(DlrmSpec(), data)
     tables = large_tables(spec, 1000)
-    params = {"student_dim": 16, "student_width": 0.5, "prune": 0.5, "tt_rank": 0,
+    params = {"student_dim": 16, "student_width": 0.5, "temperature": 2.0, "prune": 0.5, "tt_rank": 0,
               "tables": "rowwise_int8", "linear": "int8_weight_only", "qat": 1,
               **{f"table:{p}": "rowwise_int4" for p in tables}}
     cand, before_last = suggest(optuna.trial.FixedTrial(params), SearchSpace(prune=(0.0, 0.5)),
@@ -113,7 +113,7 @@ def test_a_search_on_tiny_shares_prefixes_scores_on_valid_and_sends_its_front_to
         train=TrainConfig(epochs=2, batch_size=512),
         candidates=(Candidate(id="int8", plan=(QuantizeConfig(),)),),
         search=RecipeSearch(trials=4, parallelism=2, latency_seconds=0.5, prune_at=1000,
-                            space=SearchSpace(student_dims=(8,), student_widths=(0.5,),
+                            space=SearchSpace(student_dims=(8,), student_widths=(0.5,), student_temperatures=(1.0,),
                                               per_table=False, qat_epochs=(0,),
                                               linear_precision=("none", "int8_weight_only"))),
         budget=Budget(metrics={"main": MetricBudget(max_drop=0.5, relative=True)}),
