@@ -30,13 +30,13 @@ from tasks.modules.structural import (
     energy_rank,
     semi_structured_ok,
 )
-from tasks.modules.tt import TTEmbedding
+from tasks.modules.tt import QuantTTEmbedding, TTEmbedding
 
 COMPRESSED_MODULES: dict[str, type[nn.Module]] = {
     m.kind: m for m in (RowWiseQuantEmbedding, HalfEmbedding, DynamicInt8Linear,  # type: ignore[attr-defined]
                         StaticInt8Linear, WeightOnlyLinear, HalfLinear, FusedAway, PrunedLinear,
                         SparseLinear, PrunedEmbedding, LowRankLinear, LowRankEmbedding,
-                        TTEmbedding, SemiSparseLinear)
+                        TTEmbedding, QuantTTEmbedding, SemiSparseLinear)
 }
 
 
@@ -65,5 +65,5 @@ def apply_manifest(model: nn.Module, manifest: dict[str, dict[str, Any]]) -> nn.
 __all__ = ["COMPRESSED_MODULES", "DynamicInt8Linear", "FusedAway", "HalfEmbedding", "HalfLinear",
            "RowWiseQuantEmbedding", "StaticInt8Linear", "WeightOnlyLinear", "apply_manifest",
            "LowRankEmbedding", "LowRankLinear", "PrunedEmbedding", "PrunedLinear", "SparseLinear",
-           "SemiSparseLinear", "TTEmbedding",
+           "SemiSparseLinear", "TTEmbedding", "QuantTTEmbedding",
            "energy_rank", "semi_structured_ok", "fuse_relu", "manifest_of", "set_submodule"]

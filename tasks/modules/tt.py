@@ -169,3 +169,76 @@ class TTEmbedding(nn.Module):
         return {"kind": self.kind, "rows": self.rows, "dim": self.dim,
                 "row_factors": self.row_factors, "dim_factors": self.dim_factors,
                 "ranks": self.ranks}
+
+
+class QuantTTEmbedding(nn.Module):
+    """A TT table whose cores are stored as int8 or int4 codes with one scale per core slice
+    (core k's slice [i_k, r, :, :]: symmetric, per row digit and input rank). The cores are
+    dequantized once per process into a plain `TTEmbedding` (memory only, never stored), so
+    lookups cost what the float TT's do and the stored bytes are 1/4 or 1/8 of its cores'.
+    """
+
+    kind = "quant_tt_embedding"
+
+    def __init__(self, rows: int, dim: int, row_factors: list[int], dim_factors: list[int],
+                 ranks: list[int], bits: int) -> None:
+        super().__init__()
+        if bits not in (8, 4):
+            raise ValueError(f"TT core bits must be 8 or 4 (got {bits})")
+        self.rows, self.dim, self.bits = rows, dim, bits
+        self.row_factors, self.dim_factors, self.ranks = list(row_factors), list(dim_factors), \
+            list(ranks)
+        r = [1, *ranks, 1]
+        for k, (n, d) in enumerate(zip(row_factors, dim_factors)):
+            width = d * r[k + 1]
+            self.register_buffer(f"codes{k}", torch.zeros(
+                n * r[k], width if bits == 8 else (width + 1) // 2,
+                dtype=torch.int8 if bits == 8 else torch.uint8))
+            self.register_buffer(f"scale{k}", torch.ones(n * r[k], 1))
+        self._float: tuple[tuple[object, ...], TTEmbedding] | None = None
+
+    @classmethod
+    def from_tt(cls, tt: TTEmbedding, bits: int) -> QuantTTEmbedding:
+        from tasks.quant.primitives import pack, symmetric_codes
+
+        module = cls(tt.rows, tt.dim, tt.row_factors, tt.dim_factors, tt.ranks, bits)
+        for k, core in enumerate(tt.cores):
+            flat = core.detach().float().reshape(core.shape[0] * core.shape[1], -1)
+            codes, scale = symmetric_codes(flat, bits, None)
+            if bits == 4:
+                unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)
+                if flat.shape[1] % 2:
+                    unsigned = torch.cat([unsigned, torch.full_like(unsigned[:, :1], 8)], dim=1)
+                codes = pack(unsigned, 4)
+            getattr(module, f"codes{k}").copy_(codes)
+            getattr(module, f"scale{k}").copy_(scale)
+        return module
+
+    def float_tt(self) -> TTEmbedding:
+        """The dequantized cores as a float TT (rebuilt only when the codes change)."""
+        from tasks.quant.primitives import symmetric_dequant, unpack
+
+        key = (*(getattr(self, f"codes{k}")._version for k in range(len(self.row_factors))),
+               str(self.codes0.device))
+        if self._float is None or self._float[0] != key:
+            tt = TTEmbedding(self.rows, self.dim, self.row_factors, self.dim_factors, self.ranks)
+            with torch.no_grad():
+                for k, param in enumerate(tt.cores):
+                    codes = getattr(self, f"codes{k}")
+                    width = param.shape[2] * param.shape[3]
+                    if self.bits == 4:
+                        codes = unpack(codes, 4, width).to(torch.int8) - 8
+                    param.copy_(symmetric_dequant(codes, getattr(self, f"scale{k}"))
+                                .reshape(param.shape))
+            tt.requires_grad_(False)
+            self._float = (key, tt.to(self.codes0.device))
+        return self._float[1]
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return self.float_tt()(ids, offsets, per_sample_weights)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rows": self.rows, "dim": self.dim,
+                "row_factors": self.row_factors, "dim_factors": self.dim_factors,
+                "ranks": self.ranks, "bits": self.bits}

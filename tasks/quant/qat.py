@@ -15,6 +15,8 @@ and the one-shot conversion (`tasks.stages.quantize`) packs the fine-tuned float
 - dynamic int8 Linear: the weight per channel, and the input per batch (per-tensor affine), as
   the dynamic kernel quantizes it.
 - fp16 / bf16: a round trip through the half type.
+- TT tables: every core, symmetric per (row digit, input rank) slice, as `QuantTTEmbedding`
+  stores it (int8 rows -> int8 cores, int4 / int2 -> int4).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from tasks.modules.tt import TTEmbedding
 from tasks.quant.primitives import qmax
 from tasks.quant.schemes import EMBEDDING, LINEAR
 
@@ -67,6 +70,14 @@ def fake_tensor_affine(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
 def _fake_half(x: torch.Tensor, half: str) -> torch.Tensor:
     return _ste(x, x.to(torch.float16 if half == "fp16" else torch.bfloat16).float())
+
+
+def _core_fn(bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Fake quantization of a TT core [n, r_in, d, r_out], one scale per (n, r_in) slice."""
+    def fn(core: torch.Tensor) -> torch.Tensor:
+        flat = core.reshape(core.shape[0] * core.shape[1], -1)
+        return fake_symmetric(flat, bits, None).reshape(core.shape)
+    return fn
 
 
 class _WeightFakeQuant(nn.Module):
@@ -116,6 +127,7 @@ def fake_quantized(model: nn.Module, choices: dict[str, str], group_size: int | 
     """
     handles: list[Any] = []
     parametrized: list[nn.Linear] = []
+    tt_lists: list[nn.ParameterList] = []
     try:
         for path, module in model.named_modules():
             choice = choices.get(path, "none")
@@ -123,6 +135,14 @@ def fake_quantized(model: nn.Module, choices: dict[str, str], group_size: int | 
                 continue
             if isinstance(module, nn.Embedding):
                 handles.append(module.register_forward_hook(_embedding_hook(choice)))
+            elif isinstance(module, TTEmbedding):
+                bits = 8 if EMBEDDING[choice].bits == 8 else 4 if EMBEDDING[choice].bits in (4, 2) \
+                    else None
+                if bits is not None:  # the cores, per slice, as QuantTTEmbedding stores them
+                    for k in range(len(module.cores)):
+                        parametrize.register_parametrization(
+                            module.cores, str(k), _WeightFakeQuant(_core_fn(bits)))
+                    tt_lists.append(module.cores)
             elif isinstance(module, nn.Linear):
                 _prepare_linear(module, choice, group_size, handles)
                 parametrized.append(module)
@@ -132,3 +152,6 @@ def fake_quantized(model: nn.Module, choices: dict[str, str], group_size: int | 
             h.remove()
         for layer in parametrized:  # keep the float weight (not its fake-quantized view)
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        for cores in tt_lists:
+            for k in range(len(cores)):
+                parametrize.remove_parametrizations(cores, str(k), leave_parametrized=False)

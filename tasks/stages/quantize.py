@@ -7,7 +7,7 @@ import copy
 import pyarrow as pa
 from torch import nn
 
-from tasks.modules import fuse_relu, set_submodule
+from tasks.modules import QuantTTEmbedding, TTEmbedding, fuse_relu, set_submodule
 from tasks.quant.mixed import Option, assign
 from tasks.quant.qat import fake_quantized
 from tasks.quant.schemes import (
@@ -77,11 +77,19 @@ def _nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
+def tt_core_bits(choice: str) -> int | None:
+    """The bits a TT table's cores get for the table dtype `choice`: int8 rows -> int8 cores,
+    int4 / int2 rows -> int4 cores (per-slice scales; 2-bit cores lose too much); None keeps
+    them float."""
+    bits = EMBEDDING[choice].bits
+    return 8 if bits == 8 else 4 if bits in (4, 2) else None
+
+
 def _choices(model: nn.Module, cfg: QuantizeConfig, plan: dict[str, str] | None) -> dict[str, str]:
     """Module path -> the scheme each table and Linear layer gets."""
     out = {}
     for path, module in model.named_modules():
-        if isinstance(module, nn.Embedding):
+        if isinstance(module, (nn.Embedding, TTEmbedding)):
             out[path] = plan.get(path, "none") if plan is not None else \
                 cfg.layers.get(path, cfg.embeddings)
             schemes = EMBEDDING
@@ -123,7 +131,11 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Mod
                 "fine-tuning")
     kept = []
     for path, module in list(out.named_modules()):
-        if isinstance(module, nn.Embedding):
+        if isinstance(module, TTEmbedding):
+            bits = tt_core_bits(choices[path])
+            if bits is not None:
+                set_submodule(out, path, QuantTTEmbedding.from_tt(module, bits))
+        elif isinstance(module, nn.Embedding):
             small = quantize_embedding(module, choices[path], cfg.row_range)
             if small is module:  # the scheme keeps the table ("none")
                 continue

@@ -43,8 +43,8 @@ class SearchSpace(Frozen):
     qat_epochs: tuple[int, ...] = Field(
         (0, 1), description="quantization-aware fine-tuning epochs (0: one-shot)")
 
-    @field_validator("student_dims", "student_widths", "student_temperatures", "prune", "tt_ranks", "table_precision",
-                     "linear_precision", "qat_epochs")
+    @field_validator("student_dims", "student_widths", "student_temperatures", "prune",
+                     "tt_ranks", "table_precision", "linear_precision", "qat_epochs")
     @classmethod
     def _not_empty(cls, v: tuple[object, ...]) -> tuple[object, ...]:
         if not v:

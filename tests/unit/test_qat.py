@@ -92,3 +92,39 @@ def test_per_layer_dtypes_override_and_bad_paths_are_named(trained):
     from pydantic import ValidationError
     with pytest.raises(ValidationError, match="unknown dtype"):
         QuantizeConfig(layers={"embeddings.0": "int3"})
+
+
+def test_tt_cores_quantize_per_slice_round_trip_and_qat_fits_them(trained):
+    from tasks.artifacts import deserialize_model, serialize_model
+    from tasks.modules import QuantTTEmbedding, TTEmbedding
+    from tasks.types import FactorizeConfig
+
+    model, valid, ctx = trained
+    tt = apply_stage(model, FactorizeConfig(target="tt_embeddings", rank=8, finetune_epochs=0), ctx)
+    paths = [p for p, m in tt.named_modules() if isinstance(m, TTEmbedding)]
+    assert paths
+    spec = resolve(SPEC, generate("tiny", 0)[1])
+    sizes = {}
+    for bits, choice in ((8, "rowwise_int8"), (4, "rowwise_int4")):
+        q = apply_stage(tt, QuantizeConfig(linear="none", embeddings=choice), ctx)
+        table = q.get_submodule(paths[0])
+        assert isinstance(table, QuantTTEmbedding) and table.bits == bits
+        ids = torch.arange(min(50, table.rows))
+        ref = tt.get_submodule(paths[0])(ids)
+        err = (table(ids) - ref).abs().max() / ref.abs().max()
+        assert err < (0.02 if bits == 8 else 0.2), (bits, err)
+        blob = serialize_model(q, spec)
+        again, _ = deserialize_model(blob)
+        assert torch.equal(again.get_submodule(paths[0])(ids), table(ids))
+        sizes[bits] = len(blob)
+    assert sizes[4] < sizes[8] < len(serialize_model(tt, spec))
+    # while fine-tuning, a TT table computes with exactly the cores it will store
+    stored = apply_stage(tt, QuantizeConfig(linear="none", embeddings="rowwise_int4"), ctx)
+    ids = torch.arange(50)
+    with fake_quantized(tt, {paths[0]: "rowwise_int4"}):
+        seen = tt.get_submodule(paths[0])(ids)
+    assert torch.allclose(seen, stored.get_submodule(paths[0])(ids), atol=1e-5)
+    assert all(isinstance(c, torch.nn.Parameter) for c in tt.get_submodule(paths[0]).cores)
+    qat = apply_stage(tt, QuantizeConfig(linear="none", embeddings="rowwise_int4",
+                                         finetune_epochs=1), ctx)
+    assert isinstance(qat.get_submodule(paths[0]), QuantTTEmbedding)
