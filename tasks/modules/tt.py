@@ -12,7 +12,8 @@ so a row costs sum_k r_{k-1} n_k d_k r_k numbers instead of rows * dim.
 Inference (no autograd) contracts the first two cores for every (i_1, i_2) pair once and keeps
 that product in memory while the cores stay unchanged (`pair_cache`, never stored): a lookup
 then gathers d_1 d_2 r_2 numbers instead of r_1 d_2 r_2 per core-2 slice and runs one small
-matmul. It is built only when it holds at most a quarter of the dense table's numbers. `from_table` finds the
+matmul. Rows once reconstructed are kept in a row cache of at most a quarter of the table
+(memory only): a batch whose ids are all cached is one gather, like a dense table's. It is built only when it holds at most a quarter of the dense table's numbers. `from_table` finds the
 cores of a trained table by TT-SVD (sequential truncated SVDs of the unfoldings); at full
 TT-ranks it reproduces the table exactly.
 """
@@ -50,6 +51,11 @@ def _dim_factors(dim: int, k: int) -> list[int]:
     return sorted(out, reverse=True)
 
 
+def _version(t: torch.Tensor) -> int:
+    """A tensor's version counter (inference tensors have none: they never change in place)."""
+    return -1 if t.is_inference() else t._version
+
+
 def tt_shape(rows: int, dim: int, k: int = 3) -> tuple[list[int], list[int]]:
     return _factor(rows, k), _dim_factors(dim, k)
 
@@ -85,6 +91,8 @@ class TTEmbedding(nn.Module):
         self.register_buffer("strides", torch.tensor(strides), persistent=False)
         self.register_buffer("radix", torch.tensor(row_factors), persistent=False)
         self._pairs: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._rows: tuple[tuple[object, ...], torch.Tensor, torch.Tensor] | None = None
+        self._cached = 0
 
     @classmethod
     def from_table(cls, table: nn.Embedding, rank: int | None = None, energy: float = 1.0,
@@ -124,7 +132,7 @@ class TTEmbedding(nn.Module):
     def _pair_cache(self) -> torch.Tensor | None:
         if torch.is_grad_enabled() or 4 * self.pair_cache_numbers() > self.rows * self.dim:
             return None
-        key = (self.cores[0]._version, self.cores[1]._version, self.cores[0].data_ptr(),
+        key = (_version(self.cores[0]), _version(self.cores[1]), self.cores[0].data_ptr(),
                self.cores[1].data_ptr())
         if self._pairs is None or self._pairs[0] != key:
             g1, g2 = self.cores[0][:, 0], self.cores[1]  # [n1, d1, r1], [n2, r1, d2, r2]
@@ -134,7 +142,44 @@ class TTEmbedding(nn.Module):
         return self._pairs[1]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` (1-D), each distinct id computed once (ids in a batch repeat a lot)."""
+        """Rows `ids` (1-D). At inference, rows already reconstructed come from the row cache
+        (a plain gather); the others are computed from the cores and kept while the cache has
+        room (`CACHE_SHARE` of the rows: under a skewed id distribution, the head)."""
+        if torch.is_grad_enabled():
+            return self._compute(ids)
+        slot, rows = self._row_cache()
+        slots = slot[ids]
+        if bool((slots >= 0).all()):
+            return rows[slots]
+        out = self._compute(ids)
+        missing = torch.unique(ids[slots < 0])
+        free = min(rows.shape[0] - self._cached, len(missing))
+        if free:
+            new = torch.arange(self._cached, self._cached + free, device=ids.device)
+            first = torch.zeros(self.rows, dtype=torch.long, device=ids.device)
+            first[ids] = torch.arange(len(ids), device=ids.device)  # a position of each id
+            rows[new] = out[first[missing[:free]]]
+            slot[missing[:free]] = new.to(slot.dtype)
+            self._cached += free
+        return out
+
+    CACHE_SHARE = 0.25
+    """The row cache holds at most this share of the table's rows (memory only, never stored)."""
+
+    def _row_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple((_version(c), c.data_ptr(), str(c.device)) for c in self.cores)
+        if getattr(self, "_rows", None) is None or self._rows[0] != key:
+            device = self.cores[0].device
+            cap = max(1, int(self.rows * self.CACHE_SHARE))
+            with torch.inference_mode(False):  # normal tensors: filled in any later mode
+                self._rows = (key, torch.full((self.rows,), -1, dtype=torch.int32,
+                                              device=device),
+                              torch.zeros(cap, self.dim, device=device))
+            self._cached = 0
+        return self._rows[1], self._rows[2]
+
+    def _compute(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` from the cores, each distinct id computed once (ids repeat a lot)."""
         unique, inverse = torch.unique(ids, return_inverse=True)
         digits = (unique[:, None] // self.strides) % self.radix  # [U, K]
         pairs, start = self._pair_cache(), 1
@@ -218,7 +263,7 @@ class QuantTTEmbedding(nn.Module):
         """The dequantized cores as a float TT (rebuilt only when the codes change)."""
         from tasks.quant.primitives import symmetric_dequant, unpack
 
-        key = (*(getattr(self, f"codes{k}")._version for k in range(len(self.row_factors))),
+        key = (*(_version(getattr(self, f"codes{k}")) for k in range(len(self.row_factors))),
                str(self.codes0.device))
         if self._float is None or self._float[0] != key:
             tt = TTEmbedding(self.rows, self.dim, self.row_factors, self.dim_factors, self.ranks)

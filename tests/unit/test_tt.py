@@ -84,3 +84,22 @@ def test_out_of_range_ids_raise_like_nn_embedding():
     tt = TTEmbedding.from_table(nn.Embedding(100, 8), rank=2)
     with pytest.raises(IndexError, match=r"ids must be in \[0, 100\)"):
         tt(torch.tensor([3, 100]))
+
+
+def test_row_cache_serves_reconstructed_rows_is_bounded_and_follows_updates():
+    table = nn.Embedding(4_000, 16)
+    tt = TTEmbedding.from_table(table, rank=8)
+    hot = torch.randint(0, 200, (512,))
+    with torch.inference_mode():
+        first = tt(hot)
+        assert tt._cached == len(torch.unique(hot))  # the hot rows are kept
+        again = tt(hot)  # all cached: one gather
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(again, tt(hot), atol=1e-5, rtol=1e-5)  # autograd path agrees
+    with torch.no_grad():  # a different mode fills the same cache
+        everything = tt(torch.arange(4_000))
+    assert tt._cached == int(4_000 * TTEmbedding.CACHE_SHARE)  # never more than its share
+    torch.testing.assert_close(everything[hot], first)
+    with torch.no_grad():
+        tt.cores[2].mul_(2.0)  # new cores: the cache starts over
+        torch.testing.assert_close(tt(hot), 2 * first, atol=1e-5, rtol=1e-5)
