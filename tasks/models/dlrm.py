@@ -48,6 +48,7 @@ class DLRM(nn.Module):
             if spec.num_dense else None
         n_vectors = len(spec.tables) + (1 if self.bottom is not None else 0)
         self._pairs = torch.triu_indices(n_vectors, n_vectors, offset=1)
+        self._flat_pairs = self._pairs[0] * n_vectors + self._pairs[1]  # into the flat gram
         self._cat = spec.interaction == "cat"
         top_in = n_vectors * d if self._cat else \
             (d if self.bottom is not None else 0) + self._pairs.shape[1]
@@ -63,7 +64,8 @@ class DLRM(nn.Module):
         self.dense_std.copy_(std)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        vectors = [table(sparse[:, i]) for i, table in enumerate(self.embeddings)]
+        columns = sparse.t().contiguous()  # one copy; each table's ids are then contiguous
+        vectors = [table(columns[i]) for i, table in enumerate(self.embeddings)]
         for key, projection in self.projections.items():
             vectors[int(key)] = projection(vectors[int(key)])
         features = []
@@ -76,7 +78,8 @@ class DLRM(nn.Module):
         else:
             stacked = torch.stack(vectors, dim=1)  # [B, n, d]
             gram = torch.bmm(stacked, stacked.transpose(1, 2))
-            features.append(gram[:, self._pairs[0], self._pairs[1]])
+            flat = self._flat_pairs.to(gram.device)
+            features.append(gram.flatten(1).index_select(1, flat))
         if self._pad:
             features.append(vectors[0].new_zeros(vectors[0].shape[0], self._pad))
         return self.top(torch.cat(features, dim=1)).squeeze(1)

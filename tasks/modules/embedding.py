@@ -9,11 +9,24 @@ from torch import nn
 
 from tasks.quant.primitives import affine_codes, mse_row_ranges, pack, unpack
 
-_FUSED = {
-    8: torch.ops.quantized.embedding_bag_byte_rowwise_offsets,
-    4: torch.ops.quantized.embedding_bag_4bit_rowwise_offsets,
-    2: torch.ops.quantized.embedding_bag_2bit_rowwise_offsets,
+_FUSED = {  # the resolved overloads: calling the packet re-resolves it on every lookup
+    8: torch.ops.quantized.embedding_bag_byte_rowwise_offsets.default,
+    4: torch.ops.quantized.embedding_bag_4bit_rowwise_offsets.default,
+    2: torch.ops.quantized.embedding_bag_2bit_rowwise_offsets.default,
 }
+
+
+_ARANGE: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _offsets(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """0..n-1 (one id per bag), from a cached range: the fused kernels' offsets argument costs
+    a fresh arange on every lookup otherwise."""
+    cached = _ARANGE.get(dtype)
+    if cached is None or cached.numel() < n:
+        with torch.inference_mode(False):
+            cached = _ARANGE[dtype] = torch.arange(max(n, 4096), dtype=dtype)
+    return cached[:n]
 
 
 class RowWiseQuantEmbedding(nn.Module):
@@ -76,12 +89,17 @@ class RowWiseQuantEmbedding(nn.Module):
         return codes.float() * scale[:, None] + offset[:, None]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        packed = self._buffers["packed"]  # (not Module.__getattr__: this is the hot path)
+        assert packed is not None
+        if not packed.is_cpu:  # the fused kernels are CPU-only
+            flat = ids.reshape(-1)
+            return self.dequantize().to(packed.device)[flat].reshape(*ids.shape, -1)
         flat = ids.reshape(-1).contiguous()
-        if self.packed.device.type != "cpu":  # the fused kernels are CPU-only
-            return self.dequantize().to(self.packed.device)[flat].reshape(*ids.shape, -1)
-        offsets = torch.arange(flat.numel(), dtype=flat.dtype)
-        out = _FUSED[self.bits](self.packed, flat, offsets, False, 0, False, None, None, False)
-        return out[:, :self.dim].reshape(*ids.shape, -1)
+        out = _FUSED[self.bits](packed, flat, _offsets(flat.numel(), flat.dtype), False, 0,
+                                False, None, None, False)
+        if out.shape[1] != self.dim:  # a width padded to whole bytes
+            out = out[:, :self.dim]
+        return out if ids.dim() == 1 else out.reshape(*ids.shape, -1)
 
     def manifest(self) -> dict[str, Any]:
         return {"kind": self.kind, "rows": self.packed.shape[0], "dim": self.dim,

@@ -6,8 +6,8 @@ quantized, and its gradient as if rounding were the identity (STE: ``x + (q(x) -
 The float weights learn to sit where rounding costs the least; afterwards the hooks are removed
 and the one-shot conversion (`tasks.stages.quantize`) packs the fine-tuned float weights.
 
-- Row-wise tables (int8/int4/int2): each gathered row is fake-quantized with its own min/max
-  range, as the table's row would be (a row's codes depend on that row only, so quantizing the
+- Row-wise tables (int8/int4/int2): each gathered row is fake-quantized with its own range
+  (min/max, or the MSE clip of `QuantizeConfig.row_range`), as the table's row would be (a row's codes depend on that row only, so quantizing the
   rows a batch looks up is exact and costs the batch, not the table). Sub-byte tables carry
   fp16 scale and offset, as the packed layout does.
 - Weight-only Linear (int8/int4, per channel or per group): the weight is fake-quantized
@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from tasks.modules.tt import TTEmbedding
-from tasks.quant.primitives import qmax
+from tasks.quant.primitives import mse_row_ranges, qmax
 from tasks.quant.schemes import EMBEDDING, LINEAR
 
 
@@ -38,9 +38,17 @@ def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return x + (q - x).detach()
 
 
-def fake_rows(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Row-wise affine fake quantization of the last dimension (min/max range per row)."""
-    lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+def fake_rows(x: torch.Tensor, bits: int, row_range: str = "minmax") -> torch.Tensor:
+    """Row-wise affine fake quantization of the last dimension, with each row's range as the
+    packed table computes it: min/max, or (``mse``, sub-byte) the clip minimising the row's
+    squared error (the range is not differentiated: straight through)."""
+    if row_range == "mse" and bits < 8:
+        with torch.no_grad():
+            flat = x.detach().reshape(-1, x.shape[-1])
+            lo, hi = mse_row_ranges(flat, bits)
+            lo, hi = lo.reshape(*x.shape[:-1], 1), hi.reshape(*x.shape[:-1], 1)
+    else:
+        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
     scale = ((hi - lo) / qmax(bits)).clamp_min(1e-8)
     if bits < 8:  # the packed layout stores scale and offset in fp16
         scale, lo = scale.half().float(), lo.half().float()
@@ -91,11 +99,13 @@ class _WeightFakeQuant(nn.Module):
         return self.fn(w)
 
 
-def _embedding_hook(choice: str) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+def _embedding_hook(choice: str, row_range: str,
+                    ) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
     scheme = EMBEDDING[choice]
 
     def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-        return _fake_half(out, scheme.half) if scheme.half else fake_rows(out, scheme.bits)
+        return _fake_half(out, scheme.half) if scheme.half else \
+            fake_rows(out, scheme.bits, row_range)
     return hook
 
 
@@ -115,7 +125,8 @@ def _prepare_linear(layer: nn.Linear, choice: str, group_size: int | None,
 
 
 @contextmanager
-def fake_quantized(model: nn.Module, choices: dict[str, str], group_size: int | None = None):
+def fake_quantized(model: nn.Module, choices: dict[str, str], group_size: int | None = None,
+                   row_range: str = "minmax"):
     """`model` with every module path of `choices` (a table or a Linear -> its scheme name)
     fake-quantized while the context is open; the float weights stay the trainable parameters,
     and on exit the model is plain float again (with the fine-tuned weights).
@@ -134,7 +145,7 @@ def fake_quantized(model: nn.Module, choices: dict[str, str], group_size: int | 
             if choice == "none":
                 continue
             if isinstance(module, nn.Embedding):
-                handles.append(module.register_forward_hook(_embedding_hook(choice)))
+                handles.append(module.register_forward_hook(_embedding_hook(choice, row_range)))
             elif isinstance(module, TTEmbedding):
                 bits = 8 if EMBEDDING[choice].bits == 8 else 4 if EMBEDDING[choice].bits in (4, 2) \
                     else None

@@ -124,7 +124,7 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Mod
         if plan is None and linear_scheme(cfg.linear).needs_ranges else {}
     choices = _choices(out, cfg, plan)
     if cfg.finetune_epochs:
-        with fake_quantized(out.to(ctx.device), choices, cfg.group_size):
+        with fake_quantized(out.to(ctx.device), choices, cfg.group_size, cfg.row_range):
             out = finetune(out, model, cfg.finetune_epochs, cfg.finetune_lr, ctx)
         out = out.cpu()
         ctx.log(f"{cfg.label()}: {cfg.finetune_epochs} epoch(s) of quantization-aware "

@@ -128,3 +128,11 @@ def test_tt_cores_quantize_per_slice_round_trip_and_qat_fits_them(trained):
     qat = apply_stage(tt, QuantizeConfig(linear="none", embeddings="rowwise_int4",
                                          finetune_epochs=1), ctx)
     assert isinstance(qat.get_submodule(paths[0]), QuantTTEmbedding)
+
+
+def test_fake_rows_use_the_mse_clip_the_packed_table_uses():
+    w = torch.randn(64, 16) * torch.linspace(0.1, 3, 16)
+    for bits in (4, 2):
+        packed = RowWiseQuantEmbedding.from_float(w, bits, "mse").dequantize()
+        assert torch.allclose(fake_rows(w, bits, "mse"), packed, atol=1e-3), bits
+        assert not torch.allclose(fake_rows(w, bits, "minmax"), packed, atol=1e-3)
