@@ -13,10 +13,10 @@ Inference (no autograd) contracts the first two cores for every (i_1, i_2) pair 
 that product in memory while the cores stay unchanged (`pair_cache`, never stored): a lookup
 then gathers d_1 d_2 r_2 numbers instead of r_1 d_2 r_2 per core-2 slice and runs one small
 matmul. Rows once reconstructed are kept in a row cache of at most a quarter of the table
-(memory only): a batch whose ids are all cached is one gather, like a dense table's. It is built only when it holds at most a quarter of the dense table's numbers. `from_table` finds the
-cores of a trained table by TT-SVD (sequential truncated SVDs of the unfoldings); at full
-TT-ranks it reproduces the table exactly.
-"""
+(memory only): a batch whose ids are all cached is one gather, like a dense table's. It is built
+only when it holds at most a quarter of the dense table's numbers. `from_table` finds the cores
+of a trained table by TT-SVD (sequential truncated SVDs of the unfoldings); at full TT-ranks it
+reproduces the table exactly."""
 
 from __future__ import annotations
 

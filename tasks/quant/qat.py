@@ -7,17 +7,16 @@ The float weights learn to sit where rounding costs the least; afterwards the ho
 and the one-shot conversion (`tasks.stages.quantize`) packs the fine-tuned float weights.
 
 - Row-wise tables (int8/int4/int2): each gathered row is fake-quantized with its own range
-  (min/max, or the MSE clip of `QuantizeConfig.row_range`), as the table's row would be (a row's codes depend on that row only, so quantizing the
-  rows a batch looks up is exact and costs the batch, not the table). Sub-byte tables carry
-  fp16 scale and offset, as the packed layout does.
+  (min/max, or the MSE clip of `QuantizeConfig.row_range`), as the table's row would be (a row's
+  codes depend on that row only, so quantizing the rows a batch looks up is exact and costs the
+  batch, not the table). Sub-byte tables carry fp16 scale and offset, as the packed layout does.
 - Weight-only Linear (int8/int4, per channel or per group): the weight is fake-quantized
   symmetrically, as `WeightOnlyLinear.from_float` stores it.
 - dynamic int8 Linear: the weight per channel, and the input per batch (per-tensor affine), as
   the dynamic kernel quantizes it.
 - fp16 / bf16: a round trip through the half type.
 - TT tables: every core, symmetric per (row digit, input rank) slice, as `QuantTTEmbedding`
-  stores it (int8 rows -> int8 cores, int4 / int2 -> int4).
-"""
+  stores it (int8 rows -> int8 cores, int4 / int2 -> int4)."""
 
 from __future__ import annotations
 
