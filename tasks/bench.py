@@ -150,8 +150,8 @@ SUITE_MODELS: dict[str, ModelSpec] = {
 # the recipe-search suites: each family's hand-listed default candidates side by side with a
 # recipe search (tasks.recipe) under the same budget; the ranker's must also be 2x faster
 SEARCHES: dict[str, tuple[RecipeSearch, float | None]] = {
-    "search": (RecipeSearch(trials=16, parallelism=4, space=SearchSpace(
-        student_dims=(8, 16), student_widths=(0.25, 0.5), qat_epochs=(0, 1),
+    "search": (RecipeSearch(trials=24, parallelism=4, space=SearchSpace(
+        student_dims=(8, 16, 24), student_widths=(0.25, 0.5), qat_epochs=(0, 1),
         linear_precision=("none", "int8_weight_only"))), 2.0),
     "search_small_tables": (RecipeSearch(trials=12, parallelism=4, space=SearchSpace(
         student_dims=(0, 16, 24), student_widths=(0.25, 0.5), qat_epochs=(0, 1),

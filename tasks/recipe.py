@@ -104,7 +104,8 @@ def suggest(trial: optuna.Trial, space: SearchSpace, spec: ModelSpec,
     if rank:
         stages.append(FactorizeConfig(target="tt_embeddings", rank=rank, finetune_epochs=2,
                                       finetune_lr=3e-3))
-    shared = trial.suggest_categorical("tables", space.table_precision)
+    shared = trial.suggest_categorical(
+        "tables", space.small_table_precision if space.per_table else space.table_precision)
     layers = {path: trial.suggest_categorical(f"table:{path}", space.table_precision)
               for path in (tables if space.per_table else [])}
     linear = trial.suggest_categorical("linear", space.linear_precision)
@@ -209,7 +210,7 @@ def warm_start(graph: Graph, executor: Executor, space: SearchSpace, tables: lis
     params: dict[str, object] = {
         "student_dim": dim, "prune": pick(space.prune, 0.0), "tt_rank": pick(space.tt_ranks, 0),
         "qat": pick(space.qat_epochs, 0), "linear": pick(space.linear_precision, "none"),
-        "tables": space.table_precision[0]}
+        "tables": space.small_table_precision[0]}
     if dim:
         params["student_width"] = max(space.student_widths)
         params["temperature"] = space.student_temperatures[0]

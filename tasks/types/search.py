@@ -35,6 +35,9 @@ class SearchSpace(Frozen):
         ("rowwise_int8", "rowwise_int4", "rowwise_int2"), description="dtypes a table may get")
     per_table: bool = Field(
         True, description="each large table chooses its own dtype (else one for all tables)")
+    small_table_precision: tuple[EmbeddingQuant, ...] = Field(
+        ("rowwise_int8",), description="dtypes the small tables (fewer than large_table_rows "
+        "rows, a few hundred bytes each) may share: few bytes to save, much signal to lose")
     large_table_rows: int = Field(
         1000, ge=1, description="tables with this many rows or more choose their own dtype; "
         "the others share one")
@@ -44,7 +47,8 @@ class SearchSpace(Frozen):
         (0, 1), description="quantization-aware fine-tuning epochs (0: one-shot)")
 
     @field_validator("student_dims", "student_widths", "student_temperatures", "prune",
-                     "tt_ranks", "table_precision", "linear_precision", "qat_epochs")
+                     "tt_ranks", "table_precision", "small_table_precision", "linear_precision",
+                     "qat_epochs")
     @classmethod
     def _not_empty(cls, v: tuple[object, ...]) -> tuple[object, ...]:
         if not v:
@@ -63,7 +67,7 @@ class SearchSpace(Frozen):
             raise ValueError(f"search.space.prune: sparsities in [0, 1) (got {self.prune})")
         if any(r < 0 for r in self.tt_ranks) or any(e < 0 for e in self.qat_epochs):
             raise ValueError("search.space: tt_ranks and qat_epochs must be >= 0")
-        assert all(t in EMBEDDING for t in self.table_precision)
+        assert all(t in EMBEDDING for t in (*self.table_precision, *self.small_table_precision))
         assert all(t in LINEAR for t in self.linear_precision)
         return self
 
