@@ -1,9 +1,12 @@
 """Render a `recsqueeze bench --json F` file as the markdown table docs/benchmarks.md shows.
 
     .venv/bin/python docs/bench_table.py bench-results/two_tower-small.json [--budget 0.01]
+    .venv/bin/python docs/bench_table.py bench-results/search-small-s0.json \
+        bench-results/search-small-s1.json
 
-One row per plan, the seeds side by side (s0 / s1); `--budget` adds a column for the family's
-default relative budget next to the suite's own 0.1%.
+One row per plan, the seeds side by side (s0 / s1; several files are read as one); `--budget`
+adds a column for the family's default relative budget next to the suite's own 0.1%. The plan
+the gate chose is in bold.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ def render(rows: list[dict], budget: float | None) -> str:
     lines = [f"baseline: {first['metric']} " + " / ".join(f"{q:.5f}" for _, q in base)
              + f", {first['baseline_bytes']:,} bytes, test rows {first['test_rows']:,}", ""]
     extra = f" | passes {budget:.1%} |" if budget is not None else " |"
-    lines.append(f"| plan | size | {first['metric']} delta | rel. loss bound | "
-                 f"p99 ratio @512 [95% CI] | passes 0.1%{extra}")
-    lines.append("|---" * (6 + (budget is not None)) + "|")
+    lines.append(f"| plan | size | {first['metric']} delta | rel. loss bound | logloss delta | "
+                 f"p99 ratio @512 [95% CI] | passes{extra}")
+    lines.append("|---" * (7 + (budget is not None)) + "|")
     for plan, runs in by_plan.items():
         size = _join([f"{r['size_ratio']:.2f}x" for r in runs])
         delta = _join([f"{r['delta']:+.5f}" for r in runs])
@@ -37,7 +40,11 @@ def render(rows: list[dict], budget: float | None) -> str:
         latency = _join([f"{r['latency_ratio']:.2f}x [{r['latency_ratio_low']:.2f}, "
                          f"{r['latency_ratio_high']:.2f}]" for r in runs])
         passed = _join(["yes" if r["passed"] else "no" for r in runs])
-        cells = [plan, size, delta, bound, latency, passed]
+        logloss = _join([f"{r['logloss_delta']:+.5f}" for r in runs])
+        name = f"**{plan}**" if any(r.get("chosen") for r in runs) else plan
+        seeds = "" if len({r["seed"] for r in rows}) == len({r["seed"] for r in runs}) else \
+            " (s" + ",".join(str(r["seed"]) for r in runs) + ")"
+        cells = [name + seeds, size, delta, bound, logloss, latency, passed]
         if budget is not None:
             cells.append(_join(["yes" if r["relative_loss_ci_high"] <= budget else "no"
                                 for r in runs]))
@@ -47,11 +54,12 @@ def render(rows: list[dict], budget: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_file", type=Path)
+    parser.add_argument("json_file", type=Path, nargs="+")
     parser.add_argument("--budget", type=float, default=None,
                         help="also judge the relative loss bound against this budget")
     args = parser.parse_args()
-    print(render(json.loads(args.json_file.read_text()), args.budget))
+    rows = [row for f in args.json_file for row in json.loads(f.read_text())]
+    print(render(rows, args.budget))
 
 
 if __name__ == "__main__":
