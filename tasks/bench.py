@@ -68,6 +68,14 @@ SUITES: dict[str, tuple[Plan, ...]] = {
         QuantizeConfig(linear="dynamic_int8", embeddings="rowwise_int4"),
         QuantizeConfig(mixed_precision=MixedPrecision()),
     ),
+    # what quantization-aware fine-tuning buys over one-shot sub-byte tables (docs/search.md)
+    "qat": (
+        QuantizeConfig(linear="none", embeddings="rowwise_int2"),
+        QuantizeConfig(linear="none", embeddings="rowwise_int2", finetune_epochs=1),
+        QuantizeConfig(linear="none", embeddings="rowwise_int4"),
+        QuantizeConfig(linear="none", embeddings="rowwise_int4", finetune_epochs=1),
+        QuantizeConfig(linear="int4_weight_only", embeddings="rowwise_int2", finetune_epochs=1),
+    ),
     "prune": (
         PruneConfig(method="structured", sparsity=0.5),
         PruneConfig(method="structured", sparsity=0.75),

@@ -392,46 +392,11 @@ def test_registry_cli_refuses_bad_moves_clearly(first_run, stack):
     assert shown.returncode == 0 and json.loads(shown.stdout)["verified"] is True
 
 
-def test_nas_search_fans_out_generations_and_feeds_its_front_to_the_gate(stack, settings):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from tasks.types import NASRequest, NASSpace
-
-    request = CompressionRequest(
-        resources=QUICK_TIMING,
-        model_name="nas-ranker", dataset=DatasetRequest(builtin="tiny"),
-        train=TrainConfig(epochs=1, batch_size=512),
-        candidates=(Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),),
-        nas=NASRequest(space=NASSpace(embedding_dims=(8, 16), top_depths=(1,)), trials=4,
-                       parallelism=2, steps=20, population=2, tournament=2))
-    report = run_compress(request, settings)
-    nas_rows = [r for r in report.leaderboard if r.candidate.startswith("nas-")]
-    assert nas_rows and all(r.plan.startswith("nas(") for r in nas_rows)
-    from prefect.client.schemas.filters import FlowRunFilterParentFlowRunId
-
-    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
-        with get_client(sync_client=True) as client:
-            subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[report.run_id])))
-            assert [f.state_type.value for f in subflows] == ["COMPLETED"]  # the `nas` subflow
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[subflows[0].id])))
-            artifacts = {a.key: a for a in client.read_artifacts()}
-    trials = [r for r in runs if r.name.startswith("run-stage")]
-    assert len(trials) == 4  # 2 generations of 2, as tasks of the subflow
-    assert float(artifacts["nas-progress"].data) == 100.0
-    table = artifacts["nas-trials"].data
-    table = json.loads(table) if isinstance(table, str) else table
-    assert len(table) == 4 and {row["trial"] for row in table} >= {r.candidate for r in nas_rows}
-
-
-def test_recipe_search_runs_trials_on_the_cluster_shares_prefixes_and_feeds_the_gate(
-        stack, settings):
-    """A 4-trial recipe search through the flow on the 2 Ray nodes: one student shared by every
-    trial is built once, the trials are tasks of the `recipe-search` subflow, and the front is
-    judged by the gate with the other candidates."""
+@pytest.fixture(scope="module")
+def searched(stack, settings):
+    """One run with both searches (their subflows run one after the other): NAS over 2
+    generations of 2, and a 4-trial recipe search whose trials share one student.
+    -> (report, {subflow name: its task runs}, artifacts by key)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -440,39 +405,64 @@ def test_recipe_search_runs_trials_on_the_cluster_shares_prefixes_and_feeds_the_
     )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.types import Budget, MetricBudget, RecipeSearch, SearchSpace
+    from tasks.types import Budget, MetricBudget, NASRequest, NASSpace, RecipeSearch, SearchSpace
 
     request = CompressionRequest(
         resources=QUICK_TIMING, model_name="search-ranker",
         dataset=DatasetRequest(builtin="tiny"), train=TrainConfig(epochs=1, batch_size=512),
         candidates=(Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),),
         budget=Budget(metrics={"main": MetricBudget(max_drop=0.5, relative=True)}),
+        nas=NASRequest(space=NASSpace(embedding_dims=(8, 16), top_depths=(1,)), trials=4,
+                       parallelism=2, steps=20, population=2, tournament=2),
         search=RecipeSearch(trials=4, parallelism=2, latency_seconds=0.5, prune_at=1000,
                             warm_start=False, space=SearchSpace(
                                 student_dims=(8,), student_widths=(0.5,), per_table=False,
-                                student_temperatures=(1.0,),
-                                qat_epochs=(0,), linear_precision=("none", "int8_weight_only"))))
+                                student_temperatures=(1.0,), qat_epochs=(0,),
+                                table_precision=("rowwise_int8", "rowwise_int4", "rowwise_int2"),
+                                linear_precision=("none", "int8_weight_only"))))
     report = run_compress(request, settings)
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+        with get_client(sync_client=True) as client:
+            subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[report.run_id])))
+            assert sorted(f.state_type.value for f in subflows) == ["COMPLETED", "COMPLETED"]
+            names = {f.id: client.read_flow(f.flow_id).name for f in subflows}
+            runs = {names[f.id]: client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[f.id])))
+                for f in subflows}
+            artifacts = {a.key: a for a in client.read_artifacts()}
+    return report, runs, artifacts
+
+
+def _table(artifact):
+    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
+def test_nas_search_fans_out_generations_and_feeds_its_front_to_the_gate(searched):
+    report, runs, artifacts = searched
+    nas_rows = [r for r in report.leaderboard if r.candidate.startswith("nas-")]
+    assert nas_rows and all(r.plan.startswith("nas(") for r in nas_rows)
+    trials = [r for r in runs["nas"] if r.name.startswith("run-stage")]
+    assert len(trials) == 4  # 2 generations of 2, as tasks of the subflow
+    assert float(artifacts["nas-progress"].data) == 100.0
+    table = _table(artifacts["nas-trials"])
+    assert len(table) == 4 and {row["trial"] for row in table} >= {r.candidate for r in nas_rows}
+
+
+def test_recipe_search_runs_trials_on_the_cluster_shares_prefixes_and_feeds_the_gate(searched):
+    """The 4-trial recipe search through the flow on the 2 Ray nodes: the student every trial
+    starts from is built once, the trials are tasks of the `recipe-search` subflow, they are
+    scored on the valid split, and the front is judged by the gate with the other candidates."""
+    report, runs, artifacts = searched
     assert report.search is not None and len(report.search.trials) == 4
     assert report.search.front
     rows = {r.candidate: r for r in report.leaderboard}
     assert set(report.search.front) <= set(rows)  # the front reached the gate
     assert all(rows[c].plan.startswith("distill(d8") for c in report.search.front)
-    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
-        with get_client(sync_client=True) as client:
-            subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[report.run_id])))
-            assert [f.name for f in subflows] and \
-                [f.state_type.value for f in subflows] == ["COMPLETED"]
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[subflows[0].id])))
-            artifacts = {a.key: a for a in client.read_artifacts()}
-    stages = [r for r in runs if r.name.startswith("run-stage")]
+    stages = [r for r in runs["recipe-search"] if r.name.startswith("run-stage")]
     distinct = {t.plan for t in report.search.trials if t.state == "complete"}
     # one student + one quantize stage per distinct chain: the shared prefix ran once
-    assert len(stages) == 1 + len(distinct) < sum(2 for _ in report.search.trials)
-    assert any(r.name.startswith("validate-candidate") for r in runs)
+    assert len(stages) == 1 + len(distinct) < 2 * len(report.search.trials)
+    assert any(r.name.startswith("validate-candidate") for r in runs["recipe-search"])
     assert float(artifacts["search-progress"].data) == 100.0
-    table = artifacts["search-trials"].data
-    table = json.loads(table) if isinstance(table, str) else table
-    assert len(table) == 4
+    assert len(_table(artifacts["search-trials"])) == 4
