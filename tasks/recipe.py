@@ -238,6 +238,7 @@ def search_recipes(graph: Graph, executor: Executor, executed: Executed,
     outcome, start = SearchOutcome(), time.monotonic()
     allowed: float | None = None
     seen: dict[str, TrialRecord] = {}
+    asked = 0
     while len(outcome.trials) < search.trials and time.monotonic() - start < search.max_wall_s:
         if allowed is None:  # the budget in relative terms needs the baseline's valid value
             first = graph.validation(graph.baseline, search.proxy_rows)
@@ -254,6 +255,11 @@ def search_recipes(graph: Graph, executor: Executor, executed: Executed,
         batch = [study.ask() for _ in range(min(search.parallelism,
                                                  search.trials - len(outcome.trials)))]
         _run_batch(graph, executor, study, search, spec, tables, batch, allowed, seen, outcome)
+        asked += len(batch)
+        if asked >= 4 * search.trials:  # the sampler keeps proposing chains already tried
+            log.info("search: stopping after %d proposals (%d distinct chains)", asked,
+                     len(outcome.trials))
+            break
         progress(100.0 * len(outcome.trials) / search.trials)
         log.info("search: %d/%d trials, %d feasible, %.0fs", len(outcome.trials), search.trials,
                  sum(t.feasible for t in outcome.trials), time.monotonic() - start)
@@ -282,7 +288,7 @@ def _run_batch(graph: Graph, executor: Executor, study: optuna.Study, search: Re
         cand, _ = suggest(t, search.space, spec, tables)
         label = cand.label()
         if label in seen:  # the same chain again: its score is known
-            _tell(study, t, seen[label], search, outcome, cand)
+            _tell(study, t, seen[label], search, outcome, cand, repeat=True)
             continue
         live[t.number] = (t, cand, graph.add_chain(cand.plan)[0])
     depth = 0
@@ -338,7 +344,9 @@ def _scored(graph: Graph, executor: Executor, trial: optuna.Trial, cand: Candida
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, known: TrialRecord, search: RecipeSearch,
-          outcome: SearchOutcome, cand: Candidate) -> None:
+          outcome: SearchOutcome, cand: Candidate, repeat: bool = False) -> None:
+    """Tell Optuna the trial's score; a chain already tried (`repeat`) is told its known score
+    but not counted again against the trial budget."""
     record = known.model_copy(update={"number": trial.number})
     if known.state != "complete" or known.validated is None:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED if known.state == "pruned"
@@ -348,6 +356,8 @@ def _tell(study: optuna.Study, trial: optuna.Trial, known: TrialRecord, search: 
             trial.set_constraint(name, value)
         values = _objectives(search, known.validated)
         study.tell(trial, values[0] if len(values) == 1 else values)
+    if repeat:
+        return
     if record.candidate is not None:
         record = record.model_copy(update={"candidate": cand.model_copy(
             update={"id": f"trial-{trial.number}"})})
