@@ -223,7 +223,8 @@ REQUESTS = [
     # fields
     _request('{"modle_name": "x"}', "invalid request: modle_name: unknown field; remove it or "
              "fix its name (allowed here: budget, calibrate, candidates, dataset, model, "
-             "model_name, nas, promote, require_useful_baseline, resources, reuse_results, search, train)",
+             "model_name, nas, promote, require_useful_baseline, resources, reuse_results, "
+             "search, train)",
              "unknown-field"),
     _request('{"train": {"epoch": 3}}', "train.epoch: unknown field; remove it or fix its name "
              "(allowed here: batch_size, epochs, lr, patience, seed, weight_decay)",
