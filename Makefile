@@ -35,7 +35,7 @@ test: .venv
 
 bench: .venv
 	mkdir -p bench-results
-	for s in quantize prune factorize distill dlrm two_tower sasrec; do \
+	for s in quantize qat prune factorize distill dlrm two_tower sasrec search; do \
 	  $(BIN)/recsqueeze bench --suite $$s --size small --seeds 2 --json bench-results/$$s-small.json; done
 
 clean: down
