@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -92,16 +92,14 @@ def registry_list(state_dir: Path = STATE) -> None:
         raise typer.Exit(1)
 
 
-@registry_app.command("show")
-def registry_show(model: str, version: int | None = None, state_dir: Path = STATE) -> None:
-    """One version's record (default: production)."""
+def _version(reg: Registry, model: str, version: int | None, alias: str) -> int:
+    """The version a command names (--version N, else the alias), checked to exist."""
     from tasks.artifacts import IntegrityError
 
     if version is not None and version < 1:
-        raise _fail(f"--version must be 1 or more (got {version}); omit it for production", 2)
-    reg = _registry(state_dir)
+        raise _fail(f"--version must be 1 or more (got {version}); omit it for {alias}", 2)
     try:
-        n = version if version is not None else reg.alias(model)
+        n = version if version is not None else reg.alias(model, alias)
         versions = reg.versions(model)
     except IntegrityError as exc:  # a tampered alias record
         raise _fail(str(exc), 1) from None
@@ -111,14 +109,117 @@ def registry_show(model: str, version: int | None = None, state_dir: Path = STAT
         raise _fail(f"registry has no model {model!r}; `recsqueeze registry list` shows the "
                     "models", 1)
     if n is None:
-        raise _fail(f"{model} has no production version (versions: {versions}); give "
+        raise _fail(f"{model} has no {alias} version (versions: {versions}); give "
                     f"--version N, or `recsqueeze registry promote {model} N`", 1)
     if n not in versions:
         raise _fail(f"{model} has no version {n} (versions: {versions})", 1)
+    return n
+
+
+VERSION = typer.Option(None, "--version", help="version number (default: the alias)")
+ALIAS = typer.Option("production", "--alias", help="alias to follow when --version is not given")
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(soft_wrap=True, highlight=False)
+    out.print(f"[bold]{s['model']} v{s['version']}[/bold]  candidate {s['candidate']}  "
+              f"(verified: every file matches version.json)")
+    out.print(f"plan: {' -> '.join(s['plan']) or 'the baseline'}", markup=False)
+    r = s["ratios"]
+    lat = ", ".join(
+        f"{x['value']:.2f}x @{x['batch_size']}" + (f" [{x['ci_low']:.2f}, {x['ci_high']:.2f}]"
+                                                  if x["side_by_side"] else " (not side by side)")
+        for x in r["latency_p99"]) or "not measured"
+    out.print(f"size {s['metrics']['size_bytes']:,} bytes = {r['size']:.2f}x smaller than the "
+              f"baseline's {s['baseline']['size_bytes']:,}; p99 {lat} faster")
+    table = Table("metric", "value", "95% CI", "vs baseline", "loss bound")
+    deltas = {d["metric"]: d for d in s["deltas"]}
+    for name, e in s["metrics"]["quality"].items():
+        d = deltas.get(name)
+        table.add_row(name, f"{e['value']:.5f}", f"[{e['ci_low']:.5f}, {e['ci_high']:.5f}]",
+                      f"{d['delta']:+.5f}" if d else "", f"{d['loss_ci_high']:.5f}" if d else "")
+    if s["metrics"]["logloss"] is not None:
+        d = deltas.get("logloss")
+        table.add_row("logloss", f"{s['metrics']['logloss']:.5f}", "",
+                      f"{d['delta']:+.5f}" if d else "", f"{d['loss_ci_high']:.5f}" if d else "")
+    out.print(table)
+    b = s["budget"]
+    limits = "; ".join(f"{k}: loss <= {v['max_drop']:g}{' (relative)' if v['relative'] else ''}"
+                       for k, v in b["metrics"].items())
+    extra = [f"{k}={b[k]}" for k in ("max_size_bytes", "min_size_ratio", "max_p99_ms",
+                                     "min_latency_ratio") if b.get(k) is not None]
+    out.print(f"budget passed: {limits} at {b['confidence']:.0%} confidence"
+              + (f"; {', '.join(extra)}" if extra else "") + f"; objective {b['objective']}",
+              markup=False)
+    lin = s["lineage"]
+    out.print(f"lineage: run {lin['run_id']}, code {lin['code_git_sha']}, dataset "
+              f"{lin['dataset_uri']} (sha256 {lin['dataset_sha256']}), seeds {lin['seeds']}",
+              markup=False)
+    for c in lin["chain"]:
+        out.print(f"  {c['stage']}: {c['wall_s']} s on {c['ray_node']} ({c['device']})",
+                  markup=False)
+    for name, uri in s["uris"].items():
+        out.print(f"{name}: {uri}", markup=False)
+    if s["export_error"]:
+        out.print(f"no serving export: {s['export_error']}", markup=False)
+
+
+@registry_app.command("show")
+def registry_show(model: str, version: int | None = VERSION, alias: str = ALIAS,
+                  as_json: bool = typer.Option(False, "--json", help="one JSON object"),
+                  state_dir: Path = STATE) -> None:
+    """A version (default: production): metrics with 95% intervals, the budget it passed,
+    size and latency ratios, lineage and the URIs of its card, plot and serving export."""
+    from tasks.artifacts import IntegrityError
+    from tasks.serving import version_summary
+
+    reg = _registry(state_dir)
+    n = _version(reg, model, version, alias)
     problem = reg.verify(model, n)  # the bytes are read and checked, not only the record
     if problem is not None:
         raise _fail(problem, 1, style="red")
-    print(json.dumps({**reg.version_info(model, n), "verified": True}, indent=2))
+    try:
+        summary = version_summary(reg, model, n)
+    except (IntegrityError, ValueError) as exc:
+        raise _fail(str(exc), 1, style="red") from None
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+
+
+@registry_app.command("export")
+def registry_export(
+    model: str, directory: Path = typer.Argument(..., metavar="DIR", help="where to write"),
+    version: int | None = VERSION, alias: str = ALIAS,
+    aoti: bool = typer.Option(False, "--aoti", help="also an AOTInductor package for this "
+                              "CPU (compiles C++: a minute or more)"),
+    state_dir: Path = STATE,
+) -> None:
+    """Write a version's serving export to DIR: model.pt2 (a torch.export program that
+    plain torch loads: `torch.export.load(path).module()(dense, sparse)`) and serving.json
+    (inputs, their column order, the output's meaning). See docs/serving.md."""
+    from tasks.artifacts import IntegrityError
+    from tasks.export import ExportError
+    from tasks.serving import version_export
+
+    reg = _registry(state_dir)
+    n = _version(reg, model, version, alias)
+    try:
+        with err.status(f"exporting {model} v{n} ..."):
+            files, source = version_export(reg, model, n, aoti=aoti)
+    except ExportError as exc:
+        raise _fail(f"cannot export {model} v{n}: {exc}", 1, style="red") from None
+    except (IntegrityError, ValueError) as exc:
+        raise _fail(str(exc), 1, style="red") from None
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, body in files.items():
+        (directory / name).write_bytes(body)
+        print(directory / name)
+    err.print(f"{model} v{n}: {len(files)} files ({source})")
 
 
 @registry_app.command("promote")

@@ -42,7 +42,7 @@ def version_record(report: GateReport, executed: Executed, candidate: str) -> Ve
     return VersionRecord(
         spec=VersionSpec(candidate=chosen.candidate, dataset_spec=executed.dataset.spec),
         metrics=VersionMetrics(metrics=chosen.metrics, deltas=chosen.deltas,
-                               baseline=base.metrics),
+                               baseline=base.metrics, latency_ratio=chosen.latency_ratio),
         lineage=Lineage(
             run_id=report.run_id, code_git_sha=git_sha(), code_digest=installed_digest(),
             dataset={"uri": executed.dataset.uri, "sha256": executed.dataset.sha256},

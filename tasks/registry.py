@@ -304,20 +304,32 @@ class Registry:
         """Why some file of the version does not match the digest its record carries, or
         None: every file is read back and hashed."""
         info = self.version_info(model, version)
-        base = f"{self._prefix(model)}/versions/{version}"
-        for name, sha in sorted(info.get("files", {}).items()):
+        for name in sorted(info.get("files", {})):
             try:
-                body = self.s3.get_object(Bucket=self.store.bucket, Key=f"{base}/{name}")[
-                    "Body"].read()
-            except ClientError:
-                return (f"{model} v{version} could not be verified: "
-                        f"{self.store.uri(f'{base}/{name}')}: missing (version.json lists it): "
-                        "fix or roll back the registry")
-            if hashlib.sha256(body).hexdigest() != sha:
-                return (f"{model} v{version} could not be verified: "
-                        f"{self.store.uri(f'{base}/{name}')}: sha256 does not match version.json "
-                        "(edited after the promotion): fix or roll back the registry")
+                self.read_file(model, version, name, info)
+            except IntegrityError as exc:
+                return f"{model} v{version} could not be verified: {exc}"
         return None
+
+    def read_file(self, model: str, version: int, name: str,
+                  info: dict[str, Any] | None = None) -> bytes | None:
+        """File `name` of a sealed version, checked against the digest its record (`info`,
+        read when not given) carries; None when the record lists no such file.
+        IntegrityError when the bytes are missing or differ."""
+        info = info or self.version_info(model, version)
+        sha = info.get("files", {}).get(name)
+        if sha is None:
+            return None
+        key = f"{self._prefix(model)}/versions/{version}/{name}"
+        try:
+            body = self.s3.get_object(Bucket=self.store.bucket, Key=key)["Body"].read()
+        except ClientError:
+            raise IntegrityError(f"{self.store.uri(key)}: missing (version.json lists it): fix "
+                                 "or roll back the registry") from None
+        if hashlib.sha256(body).hexdigest() != sha:
+            raise IntegrityError(f"{self.store.uri(key)}: sha256 does not match version.json "
+                                 "(edited after the promotion): fix or roll back the registry")
+        return bytes(body)
 
     def verify(self, model: str, version: int) -> str | None:
         """Why version `version` cannot be trusted (sealed record missing, bytes that do not

@@ -26,6 +26,7 @@ from prefect.events import emit_event
 from tasks.artifacts import ArtifactStore, BlobStore
 from tasks.baselines import compare_trivial, resolution, trivial_predictions
 from tasks.evaluate import evaluate, latency_ratios
+from tasks.export import export_files
 from tasks.gate import Champion
 from tasks.generator import generate
 from tasks.models import build, resolve
@@ -320,7 +321,13 @@ def promote(model_name: str, result: CandidateResult, record: VersionRecord,
     finds the version it claimed and never publishes a second one."""
     store = current_store()
     assert isinstance(store, ArtifactStore), "the registry lives in S3"
-    promotion = Registry(store).publish(model_name, result.model, record.files(),
+    # the serving export (export/: a torch.export program plain torch loads) beside the
+    # weights; a model that cannot be exported is promoted with serving.json saying why
+    model, spec = store.get_model(result.model)
+    export, reason = export_files(model, spec, record.spec.dataset_spec)
+    if reason is not None:
+        run_logger().warning("%s: no serving export: %s", result.candidate.id, reason)
+    promotion = Registry(store).publish(model_name, result.model, {**record.files(), **export},
                                  owner=f"{run_id}/{result.candidate.id}",
                                  candidate_id=result.candidate.id,
                                  expected_production=expected_production)

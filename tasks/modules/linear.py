@@ -101,7 +101,8 @@ class StaticInt8Linear(DynamicInt8Linear):
         module = cls(linear.in_features, linear.out_features)
         base = DynamicInt8Linear.from_float(linear)
         module.load_state_dict(base.state_dict(), strict=False)
-        module.act_qparams.copy_(torch.tensor([*_qparams(*in_range), *_qparams(*out_range)]))
+        module.act_qparams.copy_(torch.tensor([*_qparams(*in_range, INPUT_QMAX),
+                                               *_qparams(*out_range, 255)]))
         return module
 
     def manifest(self) -> dict[str, Any]:
@@ -110,8 +111,11 @@ class StaticInt8Linear(DynamicInt8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_s, in_z, out_s, out_z = self.act_qparams.tolist()
+        # the calibrated range's codes only (0..INPUT_QMAX): values beyond it saturate here,
+        # not inside the kernel's 16-bit pair sums
+        x = x.clamp(-in_z * in_s, (INPUT_QMAX - in_z) * in_s)
         if x.device.type != "cpu":  # same numerics, emulated
-            xq = torch.fake_quantize_per_tensor_affine(x, in_s, int(in_z), 0, 255)
+            xq = torch.fake_quantize_per_tensor_affine(x, in_s, int(in_z), 0, INPUT_QMAX)
             y = F.linear(xq, self.dequantized_weight(), self.bias)
             return torch.fake_quantize_per_tensor_affine(y, out_s, int(out_z), 0, 255)
         if self._packed is None:
@@ -120,11 +124,18 @@ class StaticInt8Linear(DynamicInt8Linear):
         return torch.ops.quantized.linear(xq, self._packed, out_s, int(out_z)).dequantize()
 
 
-def _qparams(lo: float, hi: float) -> tuple[float, float]:
-    """uint8 scale and zero point for [lo, hi], widened to contain 0 (exact zero)."""
+# fbgemm's AVX2 int8 GEMM adds pairs of uint8 x int8 products in saturating int16: inputs coded
+# over 0..255 overflow there (255 * 127 * 2 > 32767) and the result depends on the CPU (VNNI
+# has no such step). Inputs are coded over 0..127, as torch's own fbgemm observers do
+# (reduce_range), so that every CPU, and the serving export, computes the same numbers.
+INPUT_QMAX = 127
+
+
+def _qparams(lo: float, hi: float, qmax: int) -> tuple[float, float]:
+    """uint8 scale and zero point for [lo, hi] over codes 0..qmax, widened to contain 0."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / 255.0, 1e-8)
-    return scale, float(min(255, max(0, round(-lo / scale))))
+    scale = max((hi - lo) / qmax, 1e-8)
+    return scale, float(min(qmax, max(0, round(-lo / scale))))
 
 
 class WeightOnlyLinear(nn.Module):

@@ -7,7 +7,7 @@ from pydantic import Field
 from tasks.types.base import ArtifactRef, Measured
 from tasks.types.data import DatasetSpec
 from tasks.types.request import CompressionRequest
-from tasks.types.results import Metrics, PairedDelta
+from tasks.types.results import LatencyRatio, Metrics, PairedDelta
 from tasks.types.stages import Candidate, StageConfig
 
 
@@ -24,6 +24,8 @@ class VersionMetrics(Measured):
     metrics: Metrics
     deltas: tuple[PairedDelta, ...]
     baseline: Metrics
+    latency_ratio: tuple[LatencyRatio, ...] = Field(
+        (), description="baseline p99 / this p99 per batch size, timed side by side (95% CI)")
 
 
 class Lineage(Measured):
