@@ -33,6 +33,7 @@ from tasks.types import (
     Resources,
     TrainConfig,
 )
+from tests.serving_check import score_without_recsqueeze, write_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 # these tests check what the flow does with latencies, not how narrow their intervals get
@@ -388,8 +389,65 @@ def test_registry_cli_refuses_bad_moves_clearly(first_run, stack):
         out = cli(*args)
         assert out.returncode == code and needle in out.stderr, (args, out.stderr)
         assert "Traceback" not in out.stderr
-    shown = cli("show", "e2e-ranker", "--version", "1")
+    shown = cli("show", "e2e-ranker", "--version", "1", "--json")
     assert shown.returncode == 0 and json.loads(shown.stdout)["verified"] is True
+
+
+def test_the_promoted_version_carries_an_export_that_plain_torch_loads(first_run, stack,
+                                                                         settings, tmp_path):
+    """registry show names what the version is; registry export writes a torch.export
+    program that a Python without recsqueeze loads, scoring the test rows as recsqueeze does;
+    a tampered program in the bucket is refused."""
+    report, _ = first_run
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "flows.cli", "registry", *args,
+                               "--state-dir", stack.state_dir],
+                              capture_output=True, text=True, timeout=300)
+
+    store = ArtifactStore(settings)
+    version = report.promoted.version
+    info = Registry(store).version_info("e2e-ranker", version)
+    assert {"export/model.pt2", "export/serving.json"} <= set(info["files"])
+    shown = cli("show", "e2e-ranker", "--version", str(version), "--json")
+    assert shown.returncode == 0, shown.stderr
+    summary = json.loads(shown.stdout)
+    row = next(r for r in report.leaderboard if r.candidate == report.promoted.candidate_id)
+    assert summary["ratios"]["size"] == pytest.approx(row.size_ratio)
+    assert summary["metrics"]["quality"]["auc"]["ci_low"] <= summary["metrics"]["quality"][
+        "auc"]["value"] <= summary["metrics"]["quality"]["auc"]["ci_high"]
+    assert summary["budget"]["metrics"]["main"]["max_drop"] == 0.001
+    assert summary["ratios"]["latency_p99"] and summary["ratios"]["latency_p99"][0][
+        "side_by_side"]
+    assert summary["lineage"]["dataset_sha256"] == report.dataset.sha256
+    assert summary["uris"]["export/model.pt2"].startswith("s3://")
+    assert summary["export_error"] is None
+    human = cli("show", "e2e-ranker", "--version", str(version))
+    assert human.returncode == 0 and "budget passed: main: loss <= 0.001 (relative)" in \
+        human.stdout and "export/model.pt2: s3://" in human.stdout, human.stdout
+
+    out_dir = tmp_path / "serving"
+    exported = cli("export", "e2e-ranker", str(out_dir), "--version", str(version))
+    assert exported.returncode == 0, exported.stderr
+    assert {p.name for p in out_dir.iterdir()} == {"model.pt2", "serving.json"}
+    test = to_arrays(store.read_split(report.dataset, "test"), report.dataset.spec)
+    write_inputs(out_dir, test.dense, test.sparse)
+    got = score_without_recsqueeze([out_dir])[out_dir]
+    model, _ = Registry(store).load("e2e-ranker", version)
+    with torch.no_grad():
+        want = model(torch.from_numpy(test.dense), torch.from_numpy(test.sparse)).numpy()
+    tol = json.loads((out_dir / "serving.json").read_text())["checked"]["max_abs_diff_vs_eager"]
+    assert got.shape == want.shape and abs(got - want).max() <= max(1e-5, 10 * tol)
+
+    key = f"registry/e2e-ranker/versions/{version}/export/model.pt2"
+    original = store.s3.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+    try:
+        store.s3.put_object(Bucket=store.bucket, Key=key, Body=original[:-10] + b"0123456789")
+        refused = cli("export", "e2e-ranker", str(tmp_path / "again"), "--version", str(version))
+        assert refused.returncode == 1 and "sha256 does not match" in refused.stderr
+        assert not (tmp_path / "again").exists() and "Traceback" not in refused.stderr
+    finally:
+        store.s3.put_object(Bucket=store.bucket, Key=key, Body=original)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,11 @@ outside the package (tests/user_models), each with every stage that applies to i
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +19,7 @@ from tasks.defaults import default_candidates
 from tasks.evaluate import predict
 from tasks.quality import quality
 from tasks.registry import Registry
+from tasks.serving import version_export
 from tasks.types import (
     Candidate,
     CompressionRequest,
@@ -29,6 +35,7 @@ from tasks.types import (
     TrainConfig,
     TwoTowerSpec,
 )
+from tests.serving_check import score_without_recsqueeze, write_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 # these tests check what the flow does with latencies, not how narrow their intervals get
@@ -51,6 +58,21 @@ def _reproduce(report, settings, name: str) -> None:
     row = next(r for r in report.leaderboard if r.candidate == report.promoted.candidate_id)
     measured, _ = quality(spec.problem_kind(), test, predict(model, test))
     assert measured[row.metric].value == pytest.approx(row.quality, abs=1e-9)
+    # its serving export, promoted beside it, ranks the test rows as it does with torch alone
+    files, source = version_export(Registry(ArtifactStore(settings)), name,
+                                   report.promoted.version)
+    assert source == "registry" and json.loads(files["serving.json"]).get("error") is None
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-export-"))
+    for file, body in files.items():
+        (folder / file).write_bytes(body)
+    write_inputs(folder, test.dense, test.sparse)
+    got = score_without_recsqueeze([folder])[folder]
+    with torch.no_grad():
+        want = model(torch.from_numpy(test.dense), torch.from_numpy(test.sparse)).numpy()
+    assert got.shape == want.shape and abs(got - want).mean() <= 1e-4
+    if got.ndim == 2:  # retrieval: the same top 10 items
+        top = np.argsort(-got, 1)[:, :10] == np.argsort(-want, 1)[:, :10]
+        assert top.mean() >= 0.999, top.mean()
 
 
 def test_two_tower_retrieval_end_to_end(stack, settings):

@@ -128,7 +128,7 @@ def test_a_production_model_that_cannot_be_verified_blocks_promotion(
         assert "gate-ranker v1 could not be verified (sha256 mismatch" in shown.stderr
     finally:
         store.s3.put_object(Bucket=store.bucket, Key=key, Body=original)
-    shown = _cli(stack, "registry", "show", "gate-ranker", timeout=120)
+    shown = _cli(stack, "registry", "show", "gate-ranker", "--json", timeout=120)
     assert shown.returncode == 0 and json.loads(shown.stdout)["verified"] is True
 
 

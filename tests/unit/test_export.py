@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
-import sysconfig
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +40,7 @@ from tasks.types import (
     SasrecSpec,
     TwoTowerSpec,
 )
+from tests.serving_check import score_without_recsqueeze, write_inputs
 
 FAMILIES = {"dlrm": DlrmSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64, 32)),
             "two_tower": TwoTowerSpec(), "sasrec": SasrecSpec(max_history=20)}
@@ -182,36 +179,17 @@ def test_the_program_runs_in_a_python_that_cannot_import_recsqueeze(data, tmp_pa
         model, spec = _compressed(family, plan, data)
         files, reason = export_files(model, spec, data[1])
         assert reason is None
-        family = name
-        folder = tmp_path / family
+        folder = tmp_path / name
         folder.mkdir()
-        for name, body in files.items():
-            (folder / name.split("/", 1)[1]).write_bytes(body)
+        for path, body in files.items():
+            (folder / path.split("/", 1)[1]).write_bytes(body)
         dense, sparse = example_inputs(describe_inputs(spec, data[1]), 2000, seed=2)
-        np.save(folder / "dense.npy", dense.numpy())
-        np.save(folder / "sparse.npy", sparse.numpy())
+        write_inputs(folder, dense.numpy(), sparse.numpy())
         with torch.no_grad():
-            rows[family] = model(dense, sparse).numpy()
-    script = textwrap.dedent(f"""
-        import importlib.util, json, sys
-        sys.path[:0] = [{sysconfig.get_paths()["purelib"]!r}]
-        assert importlib.util.find_spec("tasks") is None, "recsqueeze is importable"
-        assert importlib.util.find_spec("flows") is None, "recsqueeze is importable"
-        import numpy as np, torch
-        for family in sys.argv[1:]:
-            serving = json.load(open(f"{{family}}/serving.json"))
-            program = torch.export.load(f"{{family}}/" + serving["program"]).module()
-            dense = torch.from_numpy(np.load(f"{{family}}/dense.npy", allow_pickle=False))
-            sparse = torch.from_numpy(np.load(f"{{family}}/sparse.npy", allow_pickle=False))
-            with torch.no_grad():
-                np.save(f"{{family}}/out.npy", program(dense, sparse).numpy())
-        print("loaded without recsqueeze:", *sys.argv[1:])
-    """)
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", script, *rows], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+            rows[name] = model(dense, sparse).numpy()
+    scores = score_without_recsqueeze([tmp_path / name for name in rows])
     for name, want in rows.items():
-        got = np.load(tmp_path / name / "out.npy")
+        got = scores[tmp_path / name]
         assert got.shape == want.shape
         if name == "sasrec_int8":
             # activations quantized per batch: a float-order difference of 1e-7 can move one
