@@ -6,7 +6,8 @@
 
 One row per plan, the seeds side by side (s0 / s1; several files are read as one); `--budget`
 adds a column for the family's default relative budget next to the suite's own 0.1%. The plan
-the gate chose is in bold.
+the gate chose is in bold. Rows of a bench that timed serving exports get a column for the
+exported program: its p99, eager p99 / its p99, and the baseline's program p99 / its p99.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ def render(rows: list[dict], budget: float | None) -> str:
     lines = [f"baseline: {first['metric']} " + " / ".join(f"{q:.5f}" for _, q in base)
              + f", {first['baseline_bytes']:,} bytes, test rows {first['test_rows']:,}", ""]
     extra = f" | passes {budget:.1%} |" if budget is not None else " |"
+    exports = any("export_error" in r for r in rows)  # rows of a bench with serving exports
+    if exports:
+        extra += " export p99 @512, vs eager, vs the baseline's export [95% CI] |"
     lines.append(f"| plan | size | {first['metric']} delta | rel. loss bound | logloss delta | "
                  f"p99 ratio @512 [95% CI] | passes{extra}")
-    lines.append("|---" * (7 + (budget is not None)) + "|")
+    lines.append("|---" * (7 + (budget is not None) + exports) + "|")
     for plan, runs in by_plan.items():
         size = _join([f"{r['size_ratio']:.2f}x" for r in runs])
         delta = _join([f"{r['delta']:+.5f}" for r in runs])
@@ -40,11 +44,18 @@ def render(rows: list[dict], budget: float | None) -> str:
         latency = _join([f"{r['latency_ratio']:.2f}x [{r['latency_ratio_low']:.2f}, "
                          f"{r['latency_ratio_high']:.2f}]" for r in runs])
         passed = _join(["yes" if r["passed"] else "no" for r in runs])
-        logloss = _join([f"{r['logloss_delta']:+.5f}" for r in runs])
+        logloss = _join([f"{r['logloss_delta']:+.5f}" if r["logloss_delta"] is not None
+                         else "-" for r in runs])
         name = f"**{plan}**" if any(r.get("chosen") for r in runs) else plan
         seeds = "" if len({r["seed"] for r in rows}) == len({r["seed"] for r in runs}) else \
             " (s" + ",".join(str(r["seed"]) for r in runs) + ")"
         cells = [name + seeds, size, delta, bound, logloss, latency, passed]
+        if exports:
+            cells.append(_join([
+                f"{r['export_p99_ms_bs512']:.2f} ms, {r['export_vs_eager']:.2f}x eager, "
+                f"{r['export_latency_ratio']:.2f}x [{r['export_latency_ratio_low']:.2f}, "
+                f"{r['export_latency_ratio_high']:.2f}]" if r.get("export_p99_ms_bs512")
+                else f"not exported: {r.get('export_error')}" for r in runs]))
         if budget is not None:
             cells.append(_join(["yes" if r["relative_loss_ci_high"] <= budget else "no"
                                 for r in runs]))
