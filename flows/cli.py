@@ -97,9 +97,11 @@ def run(
     request_file: Path | None = typer.Option(None, "--request", help="CompressionRequest JSON"),
     size: str | None = typer.Option(None, help="built-in dataset size (tiny|small)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON on stdout"),
+    quiet: bool = typer.Option(False, "--quiet", help="no live progress while the run goes"),
     state_dir: Path = STATE,
 ) -> None:
-    """Run the compression flow and print the leaderboard and the promoted model."""
+    """Run the compression flow and print the leaderboard and the promoted model; while it
+    runs, one line per candidate and an overall bar (plain lines when not on a terminal)."""
     from pydantic import ValidationError
     from rich.markup import escape
 
@@ -129,9 +131,12 @@ def run(
     except RuntimeError as exc:  # no stack at --state-dir: say so, not a traceback
         err.print(f"[red]no stack:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
+    # progress: on stdout before the table, on stderr when stdout is the JSON result
+    console = Console(file=sys.stderr if as_json else sys.stdout, soft_wrap=True)
     try:
-        with contextlib.redirect_stdout(sys.stderr), _user_errors_without_traceback():
-            report = run_compress(request, settings)  # stdout is kept for the result
+        with contextlib.redirect_stdout(sys.stderr), _user_errors_without_traceback(), \
+                _progress(request, settings.prefect_api_url, console, quiet) as tags:
+            report = run_compress(request, settings, tags)  # stdout is kept for the result
     except ValueError as exc:  # bad input found once the run could look (data, cluster)
         err.print(f"[red]run refused:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
@@ -151,6 +156,37 @@ def run(
         print_report(report, ui)
     if report.status == "stopped":  # nothing was compressed: say so to scripts too
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _progress(request: CompressionRequest, api_url: str, console: Console,
+              quiet: bool) -> Iterator[tuple[str, ...]]:
+    """Live progress (flows.progress) of the run started inside, found by a tag of its own;
+    yields the tags the run must carry."""
+    if quiet:
+        yield ()
+        return
+    import threading
+    import uuid
+
+    from flows.progress import Progress, Watcher, show
+    from tasks.plan import plan
+
+    tag = f"cli-run-{uuid.uuid4().hex[:12]}"
+    graph = plan(request)
+    rule = request.budget.metrics.get("main")
+    progress = Progress(list(graph.candidates), planned=len(graph.nodes),
+                        budget=rule.max_drop if rule else None,
+                        relative=rule.relative if rule else True)
+    stop = threading.Event()
+    drawer = threading.Thread(target=show, args=(progress, Watcher(tag, api_url), console, stop),
+                              daemon=True, name="progress")
+    drawer.start()
+    try:
+        yield (tag,)
+    finally:
+        stop.set()
+        drawer.join(timeout=30)
 
 
 def _read_request(path: Path) -> dict[str, object]:

@@ -35,11 +35,14 @@ def driver_env(settings: Settings) -> dict[str, str]:
     return env | ray_env(settings.ray_auth_token_path)
 
 
-def run_compress(request: CompressionRequest, settings: Settings) -> GateReport:
-    """Validate services, then run `compress` on the Ray cluster from `settings`."""
+def run_compress(request: CompressionRequest, settings: Settings,
+                 tags: tuple[str, ...] = ()) -> GateReport:
+    """Validate services, then run `compress` on the Ray cluster from `settings`; its flow
+    run (and subflow runs) carry `tags` (the CLI's progress finds them by one)."""
     require_prefect_server(settings)
     os.environ.update(settings.s3_env())
     use_ray_env(driver_env(settings))
+    import prefect
     import prefect.settings
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -48,5 +51,6 @@ def run_compress(request: CompressionRequest, settings: Settings) -> GateReport:
     runner = ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.public_env())
     # settings read at import predate the environment set above: name them again
     client = {getattr(prefect.settings, name): value for name, value in CLIENT_ENV.items()}
-    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url, **client}):
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url, **client}), \
+            prefect.tags(*tags):
         return compress.with_options(task_runner=runner)(request)

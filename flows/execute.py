@@ -8,10 +8,12 @@ waits only for the keys asked for, so independent nodes run in parallel on the c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+from uuid import UUID
 
 from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect_ray.context import remote_options
 
 from cluster.resources import cluster_gpus, exclusive_options, stage_options, worker_nodes
@@ -19,9 +21,24 @@ from infra.settings import Settings
 from tasks.cache import cached, result_storage
 from tasks.execute import node_call
 from tasks.plan import Graph
-from tasks.run import time_candidates
+from tasks.run import log_node, time_candidates
 from tasks.runtime import Built
 from tasks.types import CandidateResult, DatasetRef
+
+
+def run_name(label: str, key: str) -> Callable[[], str]:
+    """A task run's name: its node's label and the head of its content key (a callable:
+    Prefect formats a string name with the task's parameters)."""
+    return lambda: f"{label} [{key[:8]}]"
+
+
+def node_tags(graph: Graph, key: str) -> set[str]:
+    """The task run's tags: its plan op and every candidate whose chain it is part of (a
+    shared prefix carries several); `flows.progress` groups task runs by them."""
+    node = graph.nodes[key]
+    owners = {cid for cid, c in graph.candidates.items()
+              if key in c.chain or key == c.evaluation}
+    return {f"op:{node.op}", *(f"candidate:{cid}" for cid in sorted(owners))}
 
 
 class PrefectExecutor:
@@ -35,6 +52,7 @@ class PrefectExecutor:
         self.workers: list[Any] = worker_nodes() or [None]
         self.futures: dict[str, Any] = {}
         self.outputs: dict[str, Any] = {}  # node key -> its result, or what ended it
+        self.progress_id: UUID | None = None
 
     def submit(self, graph: Graph, keys: Sequence[str]) -> list[str]:
         """Submit `keys` and the nodes they need that are not submitted yet, parents first;
@@ -52,8 +70,11 @@ class PrefectExecutor:
             fn, args = node_call(graph, node, self.futures.__getitem__)
             worker = None if node.placement is None else \
                 self.workers[node.placement % len(self.workers)]
+            task_ = cached(fn, self.storage, self.refresh, key).with_options(
+                task_run_name=run_name(node.label, key), tags=node_tags(graph, key),
+                on_running=[log_node])
             with remote_options(**stage_options(node.cpus, node.gpus, self.gpus, worker)):
-                self.futures[key] = cached(fn, self.storage, self.refresh, key).submit(**args)
+                self.futures[key] = task_.submit(**args)
         return needed
 
     def run(self, graph: Graph, keys: Sequence[str]) -> dict[str, Any]:
@@ -65,7 +86,18 @@ class PrefectExecutor:
                            if isinstance(self.outputs[p], BaseException)), None)
             self.outputs[key] = failed if failed is not None else \
                 self.futures[key].result(raise_on_failure=False)
+            self._progress(graph)
         return {k: self.outputs[k] for k in keys}
+
+    def _progress(self, graph: Graph) -> None:
+        """The run's progress artifact (the UI's bar): plan nodes finished / planned."""
+        done = 100.0 * len(self.outputs) / max(len(graph.nodes), 1)
+        about = f"{len(self.outputs)} of {len(graph.nodes)} plan nodes finished"
+        if self.progress_id is None:
+            self.progress_id = create_progress_artifact(done, key="compress-progress",
+                                                        description=about)
+        else:
+            update_progress_artifact(self.progress_id, done, description=about)
 
     def time(self, graph: Graph, baseline: Built, results: list[CandidateResult],
              dataset: DatasetRef) -> list[CandidateResult]:

@@ -68,6 +68,16 @@ from tasks.types import (
 )
 from tasks.types.record import VersionRecord
 
+EVALUATED = "evaluated"  # the prefix of an evaluation's result line (read by flows.progress)
+STARTED = "started on node"  # the line a task's first log says where it runs
+
+
+def log_node(task: object, task_run: object, state: State) -> None:
+    """An `on_running` hook: the task run's first log line names its Ray node."""
+    from prefect.logging.loggers import task_run_logger
+
+    task_run_logger(task_run, task).info("%s %s", STARTED, node_ip())  # type: ignore[arg-type]
+
 
 def _transient(task: object, task_run: object, state: State) -> bool:
     """Retry S3/network/lost-worker failures; bad input fails at once (retrying cannot fix it;
@@ -220,9 +230,14 @@ def evaluate_candidate(candidate: Candidate, built: Built, dataset: DatasetRef,
     metrics, pred, base_latency = evaluate(model, test, built.model.size_bytes, reference, ks,
                                            timed)
     base = store.get_tensor(baseline.predictions).numpy()
+    deltas = paired_deltas(spec.problem_kind(), test, base, pred, ks, confidence)
+    main = next(d for d in deltas if d.metric == metrics.main)
+    # the line the CLI's live progress shows as this candidate's result (flows.progress)
+    run_logger().info("%s: %s, size %.2fx, %s %+.5f, relative loss bound %.5f", EVALUATED,
+                      candidate.id, baseline_model.model.size_bytes / built.model.size_bytes,
+                      main.metric, main.delta, main.loss_ci_high / max(abs(main.baseline), 1e-12))
     return CandidateResult(
-        candidate=candidate, model=built.model, metrics=metrics,
-        deltas=paired_deltas(spec.problem_kind(), test, base, pred, ks, confidence),
+        candidate=candidate, model=built.model, metrics=metrics, deltas=deltas,
         baseline_latency=base_latency or (), node_ip=built.node_ip, wall_s=built.wall_s,
     )
 
