@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test bench up down status clean
+.PHONY: demo test bench up down status clean browser
 
 .venv: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv .venv
@@ -30,7 +30,17 @@ demo: up
 	$(BIN)/recsqueeze run --size small --state-dir $(STATE)
 	$(BIN)/recsqueeze registry list --state-dir $(STATE)
 
-test: .venv
+# the browser test's Chromium (Debian's package), installed only where it is missing; where it
+# cannot be installed the test says why it skips
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "installing Debian's chromium for tests/e2e/test_ui_form.py"; \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install \
+	      -y -qq --no-install-recommends chromium >/dev/null; } \
+	  || echo "could not install chromium: the browser test will skip and say why"; }
+
+test: .venv browser
 	$(BIN)/python -m pytest -q tests
 
 bench: .venv

@@ -178,6 +178,16 @@ class Progress:
         return f"~{left / 60:.0f} min left" if left >= 90 else f"~{left:.0f}s left"
 
 
+def _state_name(task_run: Any) -> str:
+    """The state's name, with the names of a final type folded into that type's (a task whose
+    transaction rolled back ends `RolledBack`, of type COMPLETED)."""
+    name = task_run.state_name or "Pending"
+    kind = getattr(task_run.state_type, "value", None)
+    if name != "Cached" and kind in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+        return kind.capitalize()
+    return name
+
+
 class Watcher:
     """Polls the Prefect server at `api_url` for the task runs and logs of the flow runs
     tagged `tag` (a client of that URL: never Prefect's temporary server, whatever the
@@ -223,14 +233,14 @@ class Watcher:
                 if len(page) < 200:
                     break
             tasks = [TaskView(id=str(t.id), name=t.name, tags=frozenset(t.tags or ()),
-                              state=t.state_name or "Pending",
+                              state=_state_name(t),
                               message=(t.state.message or "") if t.state else "",
                               start=t.start_time) for t in raw]
             # each task run's logs until the lines it owes are read (its node; an evaluation's
             # result too), or a while after it ended (logs reach the server in batches)
             now = time.monotonic()
             for t in raw:
-                if t.state_name in _FINAL:
+                if _state_name(t) in _FINAL:
                     self.ended.setdefault(str(t.id), now)
             want = [t.id for t in raw if not self._settled(
                 str(t.id), "op:evaluate" in (t.tags or ()), now)]
@@ -273,11 +283,21 @@ def show(progress: Progress, watcher: Watcher, console: Console, stop: threading
                               soft_wrap=True, highlight=False)
             failures.append(str(exc))
 
+    def settle() -> None:  # after the run: task states reach the API as events, a bit later
+        for _ in range(10):
+            refresh()
+            if progress.finished() >= progress.total():
+                return
+            time.sleep(1.0)
+
     if not console.is_terminal:
         printed: dict[str, str] = {}
         while True:
             finished = stop.wait(every)
-            refresh()
+            if finished:
+                settle()
+            else:
+                refresh()
             now = datetime.now(timezone.utc)
             for line in progress.lines():
                 text = line.text(now)
@@ -307,6 +327,6 @@ def show(progress: Progress, watcher: Watcher, console: Console, stop: threading
         while not stop.wait(every):
             refresh()
             live.update(render())
-        refresh()
+        settle()
     for line in progress.lines():
         console.print(line.text(datetime.now(timezone.utc)), soft_wrap=True, highlight=False)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, SecretStr
 
 from infra.settings import Settings
 from tasks.artifacts import s3_client, seal
-from tasks.types import CalibrationRefs, CandidateResult, DatasetRef
+from tasks.types import ArtifactRef, CalibrationRefs, CandidateResult, DatasetRef, Validated
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def result_type(cls: type[BaseModel]) -> type[BaseModel]:
     return cls
 
 
-for _cls in (DatasetRef, CalibrationRefs, CandidateResult):
+for _cls in (DatasetRef, CalibrationRefs, CandidateResult, ArtifactRef, Validated):
     result_type(_cls)
 
 

@@ -3,7 +3,7 @@ parameter, which Prefect renders as the run form (DESIGN §3, §5)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -59,6 +59,15 @@ class NASRequest(Frozen):
     seed: int = Field(0, ge=0, description="search seed")
 
 
+def _family_picker(schema: dict[str, Any]) -> None:
+    # Prefect's run form renders `anyOf` as a choice of its members (one family's fields at
+    # a time) and a `oneOf` as a raw JSON box; the members are exclusive either way (each
+    # requires its own `family`, only dlrm's may be left out)
+    if "oneOf" in schema:
+        schema["anyOf"] = schema.pop("oneOf")
+    schema["default"] = DlrmSpec().model_dump(mode="json", exclude=set(DlrmSpec.FROM_DATASET))
+
+
 class CompressionRequest(Frozen):
     """One compression run: the flow parameter, rendered by Prefect as the run form."""
 
@@ -66,8 +75,8 @@ class CompressionRequest(Frozen):
         "ctr-ranker", pattern=r"^[a-z0-9][a-z0-9\-]{0,62}$", description="registry model name"
     )
     model: ModelSpec = Field(
-        default_factory=DlrmSpec, description="baseline architecture: its family, then that "
-        "family's hyperparameters")
+        default_factory=DlrmSpec, description="baseline architecture: pick its family, then "
+        "set that family's hyperparameters", json_schema_extra=_family_picker)
     dataset: DatasetRequest = Field(default_factory=DatasetRequest, description="data source")
     train: TrainConfig = Field(default_factory=TrainConfig, description="baseline training")
     candidates: tuple[Candidate, ...] = Field(
