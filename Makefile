@@ -41,7 +41,7 @@ browser:
 	  || echo "could not install chromium: the browser test will skip and say why"; }
 
 test: .venv browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 bench: .venv
 	mkdir -p bench-results

@@ -31,8 +31,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def test_cli_progress_names_every_candidate_and_ends_with_the_table(stack, tmp_path):
     # a training seed of its own: nothing is served from another test's cache, so every
     # evaluation runs and logs its result
-    candidates = (*default_candidates(), Candidate(id="pruned", plan=(
-        PruneConfig(method="structured", sparsity=0.5),)))
+    # (three of the defaults, one of them a chain, and a plan sharing its first stage with it)
+    candidates = (*default_candidates()[:2], *[c for c in default_candidates()
+                                               if c.id == "pruned-int8"],
+                  Candidate(id="pruned", plan=(PruneConfig(method="structured", sparsity=0.5),)))
     request = CompressionRequest(
         model_name="e2e-progress", dataset=DatasetRequest(builtin="tiny"),
         train=TrainConfig(epochs=1, batch_size=512, seed=23), candidates=candidates,
