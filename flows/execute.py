@@ -8,7 +8,7 @@ waits only for the keys asked for, so independent nodes run in parallel on the c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
@@ -26,19 +26,15 @@ from tasks.runtime import Built
 from tasks.types import CandidateResult, DatasetRef
 
 
-def run_name(label: str, key: str) -> Callable[[], str]:
-    """A task run's name: its node's label and the head of its content key (a callable:
-    Prefect formats a string name with the task's parameters)."""
-    return lambda: f"{label} [{key[:8]}]"
-
-
 def node_tags(graph: Graph, key: str) -> set[str]:
-    """The task run's tags: its plan op and every candidate whose chain it is part of (a
-    shared prefix carries several); `flows.progress` groups task runs by them."""
+    """The task run's tags: its plan op, its node's label and key, and every candidate whose
+    chain it is part of (a shared prefix carries several); `flows.progress` groups task runs
+    by them. (Run names stay Prefect's `<task>-<suffix>`, which operators filter on.)"""
     node = graph.nodes[key]
     owners = {cid for cid, c in graph.candidates.items()
               if key in c.chain or key == c.evaluation}
-    return {f"op:{node.op}", *(f"candidate:{cid}" for cid in sorted(owners))}
+    return {f"op:{node.op}", f"label:{node.label}", f"node:{key[:8]}",
+            *(f"candidate:{cid}" for cid in sorted(owners))}
 
 
 class PrefectExecutor:
@@ -71,8 +67,7 @@ class PrefectExecutor:
             worker = None if node.placement is None else \
                 self.workers[node.placement % len(self.workers)]
             task_ = cached(fn, self.storage, self.refresh, key).with_options(
-                task_run_name=run_name(node.label, key), tags=node_tags(graph, key),
-                on_running=[log_node])
+                tags=node_tags(graph, key), on_running=[log_node])
             with remote_options(**stage_options(node.cpus, node.gpus, self.gpus, worker)):
                 self.futures[key] = task_.submit(**args)
         return needed

@@ -1,7 +1,7 @@
 """Live progress of a compress run, read from the Prefect API (never from S3).
 
-The executor (flows.execute) names every task run after its plan node and tags it with its op
-and every candidate whose chain it is part of; each task's first log line names its Ray node,
+The executor (flows.execute) tags every task run with its plan node's op and label and every
+candidate whose chain it is part of; each task's first log line names its Ray node,
 and a candidate's evaluation logs its size and loss bound. `Watcher` polls the API for the task
 runs of the flow runs that carry the run's tag (the flow and its NAS / search subflows) and
 their logs, and `Progress` folds them into one line per candidate and an overall count of plan
@@ -56,7 +56,9 @@ class TaskView:
 
     @property
     def stage(self) -> str:
-        return self.name.rsplit(" [", 1)[0]
+        """The plan node's label (its tag), else the run's name (timing, promotion)."""
+        label = next((t[6:] for t in self.tags if t.startswith("label:")), None)
+        return label if label is not None else self.name
 
 
 @dataclass
