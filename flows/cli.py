@@ -135,8 +135,8 @@ def run(
     console = Console(file=sys.stderr if as_json else sys.stdout, soft_wrap=True)
     try:
         with contextlib.redirect_stdout(sys.stderr), _user_errors_without_traceback(), \
-                _progress(request, settings.prefect_api_url, console, quiet) as tags:
-            report = run_compress(request, settings, tags)  # stdout is kept for the result
+                _progress(request, settings.prefect_api_url, console, quiet) as run_name:
+            report = run_compress(request, settings, run_name)  # stdout is kept for the result
     except ValueError as exc:  # bad input found once the run could look (data, cluster)
         err.print(f"[red]run refused:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
@@ -160,30 +160,30 @@ def run(
 
 @contextlib.contextmanager
 def _progress(request: CompressionRequest, api_url: str, console: Console,
-              quiet: bool) -> Iterator[tuple[str, ...]]:
-    """Live progress (flows.progress) of the run started inside, found by a tag of its own;
-    yields the tags the run must carry."""
+              quiet: bool) -> Iterator[str | None]:
+    """Live progress (flows.progress) of the run started inside, found by the flow run name it
+    yields (None: quiet, Prefect names the run)."""
     if quiet:
-        yield ()
+        yield None
         return
     import threading
     import uuid
 
-    from flows.progress import Progress, Watcher, show
+    from flows.progress import Progress, Watcher, plan_nodes, show
     from tasks.plan import plan
 
-    tag = f"cli-run-{uuid.uuid4().hex[:12]}"
+    name = f"cli-{uuid.uuid4().hex[:12]}"
     graph = plan(request)
     rule = request.budget.metrics.get("main")
     progress = Progress(list(graph.candidates), planned=len(graph.nodes),
                         budget=rule.max_drop if rule else None,
                         relative=rule.relative if rule else True)
     stop = threading.Event()
-    drawer = threading.Thread(target=show, args=(progress, Watcher(tag, api_url), console, stop),
-                              daemon=True, name="progress")
+    drawer = threading.Thread(target=show, daemon=True, name="progress", args=(
+        progress, Watcher(name, api_url, plan_nodes(graph)), console, stop))
     drawer.start()
     try:
-        yield (tag,)
+        yield name
     finally:
         stop.set()
         drawer.join(timeout=30)

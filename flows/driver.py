@@ -36,13 +36,12 @@ def driver_env(settings: Settings) -> dict[str, str]:
 
 
 def run_compress(request: CompressionRequest, settings: Settings,
-                 tags: tuple[str, ...] = ()) -> GateReport:
-    """Validate services, then run `compress` on the Ray cluster from `settings`; its flow
-    run (and subflow runs) carry `tags` (the CLI's progress finds them by one)."""
+                 run_name: str | None = None) -> GateReport:
+    """Validate services, then run `compress` on the Ray cluster from `settings` (as a flow
+    run named `run_name`: the CLI's progress finds it by that name)."""
     require_prefect_server(settings)
     os.environ.update(settings.s3_env())
     use_ray_env(driver_env(settings))
-    import prefect
     import prefect.settings
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -51,6 +50,6 @@ def run_compress(request: CompressionRequest, settings: Settings,
     runner = ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.public_env())
     # settings read at import predate the environment set above: name them again
     client = {getattr(prefect.settings, name): value for name, value in CLIENT_ENV.items()}
-    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url, **client}), \
-            prefect.tags(*tags):
-        return compress.with_options(task_runner=runner)(request)
+    options: dict[str, object] = {"flow_run_name": run_name} if run_name else {}
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url, **client}):
+        return compress.with_options(task_runner=runner, **options)(request)  # type: ignore[arg-type]

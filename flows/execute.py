@@ -8,7 +8,7 @@ waits only for the keys asked for, so independent nodes run in parallel on the c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -26,15 +26,11 @@ from tasks.runtime import Built
 from tasks.types import CandidateResult, DatasetRef
 
 
-def node_tags(graph: Graph, key: str) -> set[str]:
-    """The task run's tags: its plan op, its node's label and key, and every candidate whose
-    chain it is part of (a shared prefix carries several); `flows.progress` groups task runs
-    by them. (Run names stay Prefect's `<task>-<suffix>`, which operators filter on.)"""
-    node = graph.nodes[key]
-    owners = {cid for cid, c in graph.candidates.items()
-              if key in c.chain or key == c.evaluation}
-    return {f"op:{node.op}", f"label:{node.label}", f"node:{key[:8]}",
-            *(f"candidate:{cid}" for cid in sorted(owners))}
+def run_name(task_name: str, key: str) -> Callable[[], str]:
+    """A task run's name: Prefect's `<task>-<suffix>` with the head of its node's content key
+    as the suffix, so `flows.progress` finds the node in its copy of the plan. (No tags: a
+    tagged task asks the API for tag concurrency slots before it runs.)"""
+    return lambda: f"{task_name}-{key[:8]}"
 
 
 class PrefectExecutor:
@@ -67,7 +63,7 @@ class PrefectExecutor:
             worker = None if node.placement is None else \
                 self.workers[node.placement % len(self.workers)]
             task_ = cached(fn, self.storage, self.refresh, key).with_options(
-                tags=node_tags(graph, key), on_running=[log_node])
+                task_run_name=run_name(fn.name, key), on_running=[log_node])
             with remote_options(**stage_options(node.cpus, node.gpus, self.gpus, worker)):
                 self.futures[key] = task_.submit(**args)
         return needed

@@ -1,12 +1,13 @@
 """Live progress of a compress run, read from the Prefect API (never from S3).
 
-The executor (flows.execute) tags every task run with its plan node's op and label and every
-candidate whose chain it is part of; each task's first log line names its Ray node,
-and a candidate's evaluation logs its size and loss bound. `Watcher` polls the API for the task
-runs of the flow runs that carry the run's tag (the flow and its NAS / search subflows) and
-their logs, and `Progress` folds them into one line per candidate and an overall count of plan
-nodes finished. `show` draws them with rich: a live table and bar on a terminal, one plain line
-per change elsewhere (CI logs).
+The executor (flows.execute) names every task run `<task>-<key8>`, the head of its plan node's
+content key, so the CLI finds each run's node (its op, its label, the candidates whose chain
+holds it) in its own copy of the request's plan (`plan_nodes`). Each task's first log line
+names its Ray node, and a candidate's evaluation logs its size and loss bound. `Watcher` polls
+the API for the task runs of the run's flow run (found by the name the CLI gave it) and of its
+subflow runs (NAS, the recipe search), and their logs; `Progress` folds them into one line per
+candidate and an overall count of plan nodes finished. `show` draws them with rich: a live
+table and bar on a terminal, one plain line per change elsewhere (CI logs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+from uuid import UUID
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -35,30 +37,57 @@ _RESULT = re.compile(EVALUATED + r": (?P<cand>\S+), size (?P<size>[\d.]+)x, (?P<
                      r"(?P<delta>[-+][\d.]+), relative loss bound (?P<bound>-?[\d.]+)")
 
 
+# the plan op of each task (the nodes' ops; the rest, timing and promotion, are the gate's)
+TASK_OPS = {"prepare-dataset": "dataset", "train-baseline": "baseline",
+            "evaluate-baseline": "evaluate_baseline", "calibrate": "calibrate",
+            "teacher-outputs": "teacher", "run-stage": "stage",
+            "evaluate-candidate": "evaluate", "validate-candidate": "validate"}
+
+
+@dataclass(frozen=True)
+class PlanNode:
+    op: str
+    label: str
+    candidates: tuple[str, ...]
+
+
+def plan_nodes(graph: Any) -> dict[str, PlanNode]:
+    """The graph's nodes by the head of their key (what a task run's name ends with)."""
+    owners: dict[str, list[str]] = {}
+    for cid, c in graph.candidates.items():
+        for key in (*c.chain, c.evaluation):
+            owners.setdefault(key, []).append(cid)
+    return {key[:8]: PlanNode(node.op, node.label, tuple(owners.get(key, ())))
+            for key, node in graph.nodes.items()}
+
+
 @dataclass
 class TaskView:
-    """What the API says of one task run."""
+    """What the API says of one task run, with its plan node where the plan has it."""
 
     id: str
     name: str
-    tags: frozenset[str]
     state: str  # the state's name: Pending, Running, Completed, Cached, Failed, ...
     message: str = ""
     start: datetime | None = None
-
-    @property
-    def op(self) -> str:
-        return next((t[3:] for t in self.tags if t.startswith("op:")), "")
-
-    @property
-    def candidates(self) -> list[str]:
-        return sorted(t[10:] for t in self.tags if t.startswith("candidate:"))
+    op: str = ""
+    label: str = ""
+    candidates: tuple[str, ...] = ()
 
     @property
     def stage(self) -> str:
-        """The plan node's label (its tag), else the run's name (timing, promotion)."""
-        label = next((t[6:] for t in self.tags if t.startswith("label:")), None)
-        return label if label is not None else self.name
+        """The plan node's label, else the run's name (timing, promotion)."""
+        return self.label or self.name
+
+
+def task_view(run: Any, nodes: dict[str, PlanNode]) -> TaskView:
+    task, _, suffix = run.name.rpartition("-")
+    node = nodes.get(suffix)
+    return TaskView(id=str(run.id), name=run.name, state=_state_name(run),
+                    message=(run.state.message or "") if run.state else "", start=run.start_time,
+                    op=node.op if node else TASK_OPS.get(task, ""),
+                    label=node.label if node else "",
+                    candidates=node.candidates if node else ())
 
 
 @dataclass
@@ -102,10 +131,6 @@ class Progress:
                 self.nodes[task_id] = message[len(STARTED):].strip()
             elif (m := _RESULT.search(message)) is not None:
                 self.results[m["cand"]] = self._verdict(m)
-        for t in tasks:
-            for cid in t.candidates:
-                if cid not in self.candidates:
-                    self.candidates.append(cid)
 
     def _verdict(self, m: re.Match[str]) -> str:
         size, bound = float(m["size"]), float(m["bound"])
@@ -191,12 +216,12 @@ def _state_name(task_run: Any) -> str:
 
 
 class Watcher:
-    """Polls the Prefect server at `api_url` for the task runs and logs of the flow runs
-    tagged `tag` (a client of that URL: never Prefect's temporary server, whatever the
-    settings of this thread say)."""
+    """Polls the Prefect server at `api_url` for the task runs and logs of the flow run named
+    `run_name` and its subflow runs (a client of that URL: never Prefect's temporary server,
+    whatever the settings of this thread say)."""
 
-    def __init__(self, tag: str, api_url: str) -> None:
-        self.tag, self.api_url = tag, api_url
+    def __init__(self, run_name: str, api_url: str, nodes: dict[str, PlanNode]) -> None:
+        self.run_name, self.api_url, self.nodes = run_name, api_url, nodes
         self.seen_logs: set[str] = set()
         self.started: set[str] = set()  # task runs whose node line was read
         self.evaluated: set[str] = set()  # evaluations whose result line was read
@@ -214,7 +239,8 @@ class Watcher:
     def poll(self) -> tuple[list[TaskView], list[tuple[str, str]]]:
         from prefect.client.schemas.filters import (
             FlowRunFilter,
-            FlowRunFilterTags,
+            FlowRunFilterName,
+            FlowRunFilterParentFlowRunId,
             LogFilter,
             LogFilterTaskRunId,
             TaskRunFilter,
@@ -223,10 +249,16 @@ class Watcher:
 
         with self._client() as client:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=[self.tag])), limit=200)
-            if not runs:
-                return [], []
+                name=FlowRunFilterName(any_=[self.run_name])), limit=10)
             ids = [r.id for r in runs]
+            parents = list(ids)
+            while parents:  # subflow runs (NAS, the recipe search), and theirs
+                children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=parents)), limit=200)
+                parents = [c.id for c in children if c.id not in ids]
+                ids += parents
+            if not ids:
+                return [], []
             raw: list[Any] = []
             while True:  # every task run, 200 at a time
                 page = client.read_task_runs(task_run_filter=TaskRunFilter(
@@ -234,18 +266,14 @@ class Watcher:
                 raw += page
                 if len(page) < 200:
                     break
-            tasks = [TaskView(id=str(t.id), name=t.name, tags=frozenset(t.tags or ()),
-                              state=_state_name(t),
-                              message=(t.state.message or "") if t.state else "",
-                              start=t.start_time) for t in raw]
+            tasks = [task_view(t, self.nodes) for t in raw]
             # each task run's logs until the lines it owes are read (its node; an evaluation's
             # result too), or a while after it ended (logs reach the server in batches)
             now = time.monotonic()
-            for t in raw:
-                if _state_name(t) in _FINAL:
-                    self.ended.setdefault(str(t.id), now)
-            want = [t.id for t in raw if not self._settled(
-                str(t.id), "op:evaluate" in (t.tags or ()), now)]
+            for t in tasks:
+                if t.state in _FINAL:
+                    self.ended.setdefault(t.id, now)
+            want = [UUID(t.id) for t in tasks if not self._settled(t.id, t.op == "evaluate", now)]
             found: list[Any] = []
             for i in range(0, len(want), 50):
                 flt = LogFilter(task_run_id=LogFilterTaskRunId(any_=want[i:i + 50]))
