@@ -106,7 +106,8 @@ class Line:
             secs = (now - self.since).total_seconds() if self.since else 0.0
             return f"{self.name}: running {self.stage} on {self.node or '?'} ({secs:.0f}s)"
         if self.status in ("done", "failed", "skipped"):
-            return f"{self.name}: {self.status}" + (f" - {self.result}" if self.result else "")
+            return f"{self.name}: {self.status}" + (f" on {self.node}" if self.node else "") \
+                + (f" - {self.result}" if self.result else "")
         return f"{self.name}: {self.status}" + (f" (next after {self.stage})" if self.stage else "")
 
 
@@ -187,6 +188,8 @@ class Progress:
             line.result = f"{t.stage}: {t.message.split(': ', 1)[-1][:160]}".strip()
         elif any(t.op == final for t in finished) and final:
             line.status = "done"
+            ran = [t for t in finished if t.id in self.nodes]  # where its last step ran
+            line.node = self.nodes[ran[-1].id] if ran else ""
             line.result = self.results.get(name, "cached" if any(
                 t.state == "Cached" for t in finished if t.op == final) else "")
         elif running:
@@ -226,6 +229,7 @@ class Watcher:
         self.started: set[str] = set()  # task runs whose node line was read
         self.evaluated: set[str] = set()  # evaluations whose result line was read
         self.ended: dict[str, float] = {}  # task run -> when it was first seen ended
+        self.owed = 0  # task runs whose node or result line is still to come
 
     def _settled(self, task_id: str, evaluation: bool, now: float, grace: float = 20.0) -> bool:
         owed = task_id in self.started and (not evaluation or task_id in self.evaluated)
@@ -295,6 +299,8 @@ class Watcher:
                         self.evaluated.add(str(log.task_run_id))
                     if log.message.startswith(STARTED) or EVALUATED + ":" in log.message:
                         logs.append((str(log.task_run_id), log.message))
+        self.owed = sum(not self._settled(t.id, t.op == "evaluate", time.monotonic())
+                        for t in tasks)
         return tasks, logs
 
 
@@ -313,10 +319,10 @@ def show(progress: Progress, watcher: Watcher, console: Console, stop: threading
                               soft_wrap=True, highlight=False)
             failures.append(str(exc))
 
-    def settle() -> None:  # after the run: task states reach the API as events, a bit later
-        for _ in range(10):
+    def settle() -> None:  # after the run: states and logs reach the API a bit later
+        for _ in range(15):
             refresh()
-            if progress.finished() >= progress.total():
+            if progress.finished() >= progress.total() and watcher.owed == 0:
                 return
             time.sleep(1.0)
 
