@@ -31,7 +31,9 @@ from tasks.run import EVALUATED, STARTED
 
 SHARED = "baseline"  # the line of the nodes every candidate needs (data, baseline, calibration)
 SEARCH = "search"  # trials of a recipe search or NAS before any is a candidate
-_FINAL = ("Completed", "Cached", "Failed", "Crashed", "Cancelled")
+_DONE = ("Completed", "Cached")  # state names (`_state_name`) of a task that ended well
+_FAILED = ("Failed", "Crashed")
+_FINAL = (*_DONE, *_FAILED, "Cancelled")
 GATE = "gate"  # the tasks after the candidates: latency timing, the champion, promotion
 _RESULT = re.compile(EVALUATED + r": (?P<cand>\S+), size (?P<size>[\d.]+)x, (?P<metric>\S+) "
                      r"(?P<delta>[-+][\d.]+), relative loss bound (?P<bound>-?[\d.]+)")
@@ -141,7 +143,7 @@ class Progress:
         return f"size {size:.2f}x, {m['metric']} {m['delta']}, loss bound {bound:.3%}{verdict}"
 
     def finished(self) -> int:
-        return sum(t.state in ("Completed", "Cached", "Failed", "Crashed") for t in self.tasks)
+        return sum(t.state in (*_DONE, *_FAILED) for t in self.tasks)
 
     def total(self) -> int:
         return max(self.planned, len(self.tasks))
@@ -163,10 +165,10 @@ class Progress:
         out += [self._line(cid, ts, final="evaluate") for cid, ts in groups.items()]
         if search:
             line = self._line(SEARCH, search, final="")
-            done = sum(t.state in ("Completed", "Cached") for t in search if t.op == "validate")
+            done = sum(t.state in _DONE for t in search if t.op == "validate")
             line.result = f"{done} validation(s) of trials finished"
             if line.status != "running":
-                line.status = "done" if all(t.state in ("Completed", "Cached", "Failed")
+                line.status = "done" if all(t.state in (*_DONE, "Failed")
                                             for t in search) else line.status
             out.append(line)
         if gate:
@@ -179,9 +181,9 @@ class Progress:
 
     def _line(self, name: str, tasks: list[TaskView], final: str) -> Line:
         line = Line(name)
-        failed = [t for t in tasks if t.state in ("Failed", "Crashed")]
+        failed = [t for t in tasks if t.state in _FAILED]
         running = [t for t in tasks if t.state in ("Running", "Retrying")]
-        finished = [t for t in tasks if t.state in ("Completed", "Cached")]
+        finished = [t for t in tasks if t.state in _DONE]
         if failed:
             t = failed[0]
             line.status = "skipped" if "StageSkipped" in t.message else "failed"
@@ -293,12 +295,14 @@ class Watcher:
                 key = str(log.id)
                 if key not in self.seen_logs and log.task_run_id is not None:
                     self.seen_logs.add(key)
+                    owner = str(log.task_run_id)
                     if log.message.startswith(STARTED):
-                        self.started.add(str(log.task_run_id))
-                    if EVALUATED + ":" in log.message:
-                        self.evaluated.add(str(log.task_run_id))
-                    if log.message.startswith(STARTED) or EVALUATED + ":" in log.message:
-                        logs.append((str(log.task_run_id), log.message))
+                        self.started.add(owner)
+                    elif EVALUATED + ":" in log.message:
+                        self.evaluated.add(owner)
+                    else:
+                        continue
+                    logs.append((owner, log.message))
         self.owed = sum(not self._settled(t.id, t.op == "evaluate", time.monotonic())
                         for t in tasks)
         return tasks, logs
