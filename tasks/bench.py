@@ -179,12 +179,14 @@ SEARCHES: dict[str, SearchSuite] = {
     "search_two_tower": SearchSuite(RecipeSearch(trials=12, space=SearchSpace(
         student_dims=(0, 32, 48), student_widths=(0.5, 1.0), qat_epochs=(0, 1)))),
     # NDCG@10 on this split resolves about 0.5% (docs/families.md), so SASRec is judged at its
-    # resolvable default of 1%; its students lose 8% and more (docs/benchmarks.md): the space
-    # is precision, per table and per layer, with and without QAT
+    # resolvable default of 1%; its students lose 8% and more, int2 item rows 3%, and int8
+    # weight-only layers lose nothing measurable (docs/benchmarks.md): the space is the item
+    # table's precision, tiered by lookups (the head at int4, the tail at int2), with and
+    # without QAT
     "search_sasrec": SearchSuite(RecipeSearch(trials=8, space=SearchSpace(
-        student_dims=(0,), table_precision=("rowwise_int4", "rowwise_int2"),
-        linear_precision=("none", "int8_weight_only", "int4_weight_only"), qat_epochs=(0, 1))),
-        budget=0.01),
+        student_dims=(0,), table_precision=("rowwise_int4", "tiered_int4_int2"),
+        head_shares=(0.3, 0.4, 0.5), linear_precision=("int8_weight_only",),
+        qat_epochs=(0, 1))), budget=0.01),
 }
 for _name in SEARCHES:
     SUITES[_name] = ()  # their candidates are the family's defaults (suite_request)
@@ -281,7 +283,8 @@ def export_timing(baseline: nn.Module, base_spec: ModelSpec, models: list[nn.Mod
 
 
 def run_suite(suite: str, size: str, seed: int = 0, log: Callable[[str], None] = print,
-              data_seed: int = 0, timing_seconds: float = 90.0) -> list[dict[str, object]]:
+              data_seed: int = 0, timing_seconds: float = 90.0,
+              serving: bool = True) -> list[dict[str, object]]:
     """One row per candidate of `suite`: its leaderboard row (the flow's, judged by the
     flow's gate) plus what the bench adds (embedding bytes, FLOPs, the baseline's values).
 
@@ -289,6 +292,7 @@ def run_suite(suite: str, size: str, seed: int = 0, log: Callable[[str], None] =
     (`LocalExecutor`); latency of all candidates is timed side by side with the baseline in
     at most `timing_seconds`. `seed` is the training seed (init, shuffling); the data stays
     the same (`data_seed`), so rows of several seeds show the spread training alone causes.
+    `serving=False` leaves out the serving exports' timing (the `export_*` fields).
     """
     request = suite_request(suite, size, seed, data_seed, timing_seconds)
     executor = LocalExecutor()
@@ -306,7 +310,8 @@ def run_suite(suite: str, size: str, seed: int = 0, log: Callable[[str], None] =
     test = to_arrays(store.read_split(executed.dataset, "test"), executed.dataset.spec,
                      base_spec.problem_kind(), base_spec.history_width())
     served = export_timing(baseline, base_spec, [m for m, _ in loaded], [s for _, s in loaded],
-                           executed.dataset.spec, test, timing_seconds)
+                           executed.dataset.spec, test, timing_seconds) if serving else \
+        [{} for _ in loaded]
     out: list[dict[str, object]] = []
     for result, (model, _), serving in zip(executed.results, loaded, served, strict=True):
         row = rows[result.candidate.id]

@@ -31,6 +31,7 @@ from tasks.execute import Executed, Executor
 from tasks.models import resolve
 from tasks.plan import Graph
 from tasks.quant.mixed import Option, assign
+from tasks.quant.schemes import EMBEDDING
 from tasks.runtime import Built, current_store, using_store
 from tasks.types import (
     MAIN_METRIC,
@@ -110,8 +111,11 @@ def suggest(trial: optuna.Trial, space: SearchSpace, spec: ModelSpec,
               for path in (tables if space.per_table else [])}
     linear = trial.suggest_categorical("linear", space.linear_precision)
     qat = trial.suggest_categorical("qat", space.qat_epochs)
+    tiers = {}
+    if any(EMBEDDING[c].head_bits is not None for c in (shared, *layers.values())):
+        tiers["head_share"] = trial.suggest_categorical("head_share", space.head_shares)
     stages.append(QuantizeConfig(linear=linear, embeddings=shared, layers=layers,
-                                 finetune_epochs=qat))
+                                 finetune_epochs=qat, **tiers))
     return Candidate(id=f"trial-{trial.number}", plan=tuple(stages)), len(stages) - 1  # type: ignore[arg-type]
 
 
@@ -284,12 +288,18 @@ def _run_batch(graph: Graph, executor: Executor, study: optuna.Study, search: Re
     """Run one batch of trials stage by stage (pruning hopeless prefixes), then tell Optuna."""
     single = len(search.objectives) == 1
     live: dict[int, tuple[optuna.Trial, Candidate, list[str]]] = {}
+    again: list[tuple[optuna.Trial, Candidate]] = []  # a chain this batch already runs
+    running: set[str] = set()
     for t in batch:
         cand, _ = suggest(t, search.space, spec, tables)
         label = cand.label()
         if label in seen:  # the same chain again: its score is known
             _tell(study, t, seen[label], search, outcome, cand, repeat=True)
             continue
+        if label in running:  # told once its twin's score is known, counted once
+            again.append((t, cand))
+            continue
+        running.add(label)
         live[t.number] = (t, cand, graph.add_chain(cand.plan)[0])
     depth = 0
     while live:
@@ -328,6 +338,8 @@ def _run_batch(graph: Graph, executor: Executor, study: optuna.Study, search: Re
                 seen[cand.label()] = record
                 del live[n]
         depth += 1
+    for t, cand in again:
+        _tell(study, t, seen[cand.label()], search, outcome, cand, repeat=True)
 
 
 def _scored(graph: Graph, executor: Executor, trial: optuna.Trial, cand: Candidate,

@@ -29,7 +29,8 @@ class ItemIndex(nn.Embedding):
 def all_rows(table: nn.Module, rows: int) -> torch.Tensor:
     """Every row of an embedding table, whatever its (compressed) form."""
     weight = getattr(table, "weight", None)
-    if type(table) in (nn.Embedding, ItemIndex) and weight is not None:
+    hooked = table._forward_hooks or table._forward_pre_hooks  # QAT's fake quantization
+    if type(table) in (nn.Embedding, ItemIndex) and weight is not None and not hooked:
         return weight
     device = next(iter(table.buffers()), next(iter(table.parameters()), None))
     ids = torch.arange(rows, device=device.device if device is not None else None)

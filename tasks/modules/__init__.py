@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from tasks.modules.embedding import HalfEmbedding, RowWiseQuantEmbedding
+from tasks.modules.embedding import HalfEmbedding, RowWiseQuantEmbedding, TieredQuantEmbedding
 from tasks.modules.linear import (
     DynamicInt8Linear,
     FusedAway,
@@ -33,7 +33,7 @@ from tasks.modules.structural import (
 from tasks.modules.tt import QuantTTEmbedding, TTEmbedding
 
 COMPRESSED_MODULES: dict[str, type[nn.Module]] = {
-    m.kind: m for m in (RowWiseQuantEmbedding, HalfEmbedding, DynamicInt8Linear,  # type: ignore[attr-defined]
+    m.kind: m for m in (RowWiseQuantEmbedding, TieredQuantEmbedding, HalfEmbedding, DynamicInt8Linear,  # type: ignore[attr-defined]
                         StaticInt8Linear, WeightOnlyLinear, HalfLinear, FusedAway, PrunedLinear,
                         SparseLinear, PrunedEmbedding, LowRankLinear, LowRankEmbedding,
                         TTEmbedding, QuantTTEmbedding, SemiSparseLinear)
@@ -63,7 +63,8 @@ def apply_manifest(model: nn.Module, manifest: dict[str, dict[str, Any]]) -> nn.
 
 
 __all__ = ["COMPRESSED_MODULES", "DynamicInt8Linear", "FusedAway", "HalfEmbedding", "HalfLinear",
-           "RowWiseQuantEmbedding", "StaticInt8Linear", "WeightOnlyLinear", "apply_manifest",
+           "RowWiseQuantEmbedding", "TieredQuantEmbedding", "StaticInt8Linear", "WeightOnlyLinear",
+           "apply_manifest",
            "LowRankEmbedding", "LowRankLinear", "PrunedEmbedding", "PrunedLinear", "SparseLinear",
            "SemiSparseLinear", "TTEmbedding", "QuantTTEmbedding",
            "energy_rank", "semi_structured_ok", "fuse_relu", "manifest_of", "set_submodule"]

@@ -131,3 +131,73 @@ class HalfEmbedding(nn.Module):
     def manifest(self) -> dict[str, Any]:
         return {"kind": self.kind, "rows": self.weight.shape[0], "dim": self.weight.shape[1],
                 "dtype": self.dtype_name}
+
+
+class TieredQuantEmbedding(nn.Module):
+    """A row-wise table in two precisions: the `head_rows` most looked-up rows (the head of a
+    long-tailed id distribution) at `head_bits`, the rest at `tail_bits` (both
+    `RowWiseQuantEmbedding`s, fused kernels on CPU).
+
+    `head_ids` holds the head's ids in ascending order (int32). An id's place follows from one
+    `searchsorted`: `p` head ids are smaller than it, so it is head row `p` when
+    `head_ids[p]` is that id, and tail row `id - p` otherwise. No per-row map is stored: the
+    index costs 4 bytes per head row. Both parts are looked up for every id and the right one
+    is kept (`torch.where`), so the forward has no data-dependent shape (it exports as it is).
+    """
+
+    kind = "tiered_quant_embedding"
+
+    def __init__(self, rows: int, dim: int, head_rows: int, head_bits: int,
+                 tail_bits: int) -> None:
+        super().__init__()
+        if not 0 < head_rows < rows:
+            raise ValueError(f"head_rows must be in (0, {rows}) (got {head_rows})")
+        self.rows, self.dim = rows, dim
+        self.register_buffer("head_ids", torch.zeros(head_rows, dtype=torch.int32))
+        self.head = RowWiseQuantEmbedding(head_rows, dim, head_bits)
+        self.tail = RowWiseQuantEmbedding(rows - head_rows, dim, tail_bits)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, head: torch.Tensor, head_bits: int,
+                   tail_bits: int, row_range: str = "mse") -> TieredQuantEmbedding:
+        """`head`: the ids kept at `head_bits` (any order, no repeats)."""
+        w = weight.detach().float().cpu()
+        rows = w.shape[0]
+        ids = torch.unique(head.cpu().long())  # sorted
+        if ids.numel() != head.numel() or (ids.numel() and (ids[0] < 0 or ids[-1] >= rows)):
+            raise ValueError(f"head ids must be distinct rows of the {rows}-row table")
+        is_head = torch.zeros(rows, dtype=torch.bool)
+        is_head[ids] = True
+        module = cls(rows, w.shape[1], ids.numel(), head_bits, tail_bits)
+        module.head_ids.copy_(ids.to(torch.int32))
+        module.head = RowWiseQuantEmbedding.from_float(w[is_head], head_bits, row_range)
+        module.tail = RowWiseQuantEmbedding.from_float(w[~is_head], tail_bits, row_range)
+        return module
+
+    def _places(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        head_ids = self.head_ids
+        flat = flat.to(head_ids.dtype)
+        before = torch.searchsorted(head_ids, flat)  # head ids smaller than the id
+        at = before.clamp(max=head_ids.numel() - 1)
+        is_head = head_ids[at] == flat
+        tail_at = (flat - before).clamp(0, self.rows - head_ids.numel() - 1)
+        return is_head, at, tail_at
+
+    def dequantize(self) -> torch.Tensor:
+        out = torch.empty(self.rows, self.dim)
+        is_head = torch.zeros(self.rows, dtype=torch.bool)
+        is_head[self.head_ids.long()] = True
+        out[is_head] = self.head.dequantize()
+        out[~is_head] = self.tail.dequantize()
+        return out
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        is_head, at, tail_at = self._places(flat)
+        out = torch.where(is_head[:, None], self.head(at), self.tail(tail_at))
+        return out if ids.dim() == 1 else out.reshape(*ids.shape, -1)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rows": self.rows, "dim": self.dim,
+                "head_rows": self.head_ids.numel(), "head_bits": self.head.bits,
+                "tail_bits": self.tail.bits}

@@ -14,6 +14,7 @@ and the one-shot conversion (`tasks.stages.quantize`) packs the fine-tuned float
   symmetrically, as `WeightOnlyLinear.from_float` stores it.
 - dynamic int8 Linear: the weight per channel, and the input per batch (per-tensor affine), as
   the dynamic kernel quantizes it.
+- Tiered tables: each looked-up row at its tier's bits (head rows at the head dtype).
 - fp16 / bf16: a round trip through the half type.
 - TT tables: every core, symmetric per (row digit, input rank) slice, as `QuantTTEmbedding`
   stores it (int8 rows -> int8 cores, int4 / int2 -> int4)."""
@@ -98,9 +99,22 @@ class _WeightFakeQuant(nn.Module):
         return self.fn(w)
 
 
-def _embedding_hook(choice: str, row_range: str,
+def _embedding_hook(choice: str, row_range: str, head: torch.Tensor | None = None,
                     ) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
     scheme = EMBEDDING[choice]
+    head_bits = scheme.head_bits
+    if head_bits is not None:  # tiered: each looked-up row at the bits its tier stores it in
+        if head is None:
+            raise ValueError(f"fake quantization of a {choice} table needs its head ids")
+
+        def tiered(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+            is_head = torch.zeros(module.weight.shape[0], dtype=torch.bool,
+                                  device=out.device)
+            is_head[head.to(out.device)] = True
+            mask = is_head[args[0]][..., None]
+            return torch.where(mask, fake_rows(out, head_bits, row_range),
+                               fake_rows(out, scheme.bits, row_range))
+        return tiered
 
     def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
         return _fake_half(out, scheme.half) if scheme.half else \
@@ -125,10 +139,11 @@ def _prepare_linear(layer: nn.Linear, choice: str, group_size: int | None,
 
 @contextmanager
 def fake_quantized(model: nn.Module, choices: dict[str, str], group_size: int | None = None,
-                   row_range: str = "minmax"):
+                   row_range: str = "minmax", heads: dict[str, torch.Tensor] | None = None):
     """`model` with every module path of `choices` (a table or a Linear -> its scheme name)
     fake-quantized while the context is open; the float weights stay the trainable parameters,
-    and on exit the model is plain float again (with the fine-tuned weights).
+    and on exit the model is plain float again (with the fine-tuned weights). `heads`: the
+    head ids of each tiered table (tasks.quant.tiers).
 
     Example:
         >>> with fake_quantized(model, {"embeddings.0": "rowwise_int4", "top.0": "int8_weight_only"}):
@@ -144,7 +159,8 @@ def fake_quantized(model: nn.Module, choices: dict[str, str], group_size: int | 
             if choice == "none":
                 continue
             if isinstance(module, nn.Embedding):
-                handles.append(module.register_forward_hook(_embedding_hook(choice, row_range)))
+                handles.append(module.register_forward_hook(
+                    _embedding_hook(choice, row_range, (heads or {}).get(path))))
             elif isinstance(module, TTEmbedding):
                 bits = 8 if EMBEDDING[choice].bits == 8 else 4 if EMBEDDING[choice].bits in (4, 2) \
                     else None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,6 +39,7 @@ class BuildArgs:
     group_size: int | None = None  # group-wise schemes: one scale per this many input columns
     row_range: str = "mse"  # row-wise tables: "mse" or "minmax" per-row range
     act_range: tuple[Range, Range] | None = None  # schemes that need_ranges: (input, output)
+    head: Any = None  # tiered tables: the ids (a tensor) kept at the head dtype
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,10 @@ class Scheme(Generic[M]):
         name: the value of `QuantizeConfig.linear` / `.embeddings` and of a sensitivity row.
         build: (float module, this scheme, BuildArgs) -> the compressed module; returns the
             float module itself when the scheme keeps it ("none").
-        bits: bits per stored weight (32: kept as float, 16: half precision).
+        bits: bits per stored weight (32: kept as float, 16: half precision); a tiered
+            table's tail rows.
+        head_bits: tiered tables: the bits of the head rows (the most looked-up share
+            `QuantizeConfig.head_share` of the rows, counted on the train split).
         half: "fp16" or "bf16" for a half-precision scheme (the stored float format).
         group_wise: weight-only; accepts `QuantizeConfig.group_size`.
         needs_ranges: needs static activation ranges from the calibrate stage's table.
@@ -62,6 +66,7 @@ class Scheme(Generic[M]):
     build: Callable[[M, Scheme[M], BuildArgs], nn.Module]
     bits: int
     half: str | None = None
+    head_bits: int | None = None
     group_wise: bool = False
     needs_ranges: bool = False
     row_range: bool = False
@@ -112,6 +117,22 @@ def _row_wise(table: nn.Embedding, scheme: Scheme[nn.Embedding], args: BuildArgs
     return RowWiseQuantEmbedding.from_float(table.weight, scheme.bits, args.row_range)
 
 
+def _tiered(table: nn.Embedding, scheme: Scheme[nn.Embedding], args: BuildArgs) -> nn.Module:
+    from tasks.modules.embedding import RowWiseQuantEmbedding, TieredQuantEmbedding
+
+    assert scheme.head_bits is not None
+    if args.head is None:
+        raise ValueError(f"{scheme.name} needs the head rows of {args.path} (counted on the "
+                         "train split by the quantize stage)")
+    rows = table.weight.shape[0]
+    if args.head.numel() == 0:  # no head: every row is a tail row
+        return RowWiseQuantEmbedding.from_float(table.weight, scheme.bits, args.row_range)
+    if args.head.numel() >= rows:
+        return RowWiseQuantEmbedding.from_float(table.weight, scheme.head_bits, args.row_range)
+    return TieredQuantEmbedding.from_float(table.weight, args.head, scheme.head_bits,
+                                           scheme.bits, args.row_range)
+
+
 def _half_table(table: nn.Embedding, scheme: Scheme[nn.Embedding], args: BuildArgs) -> nn.Module:
     from tasks.modules.embedding import HalfEmbedding
 
@@ -138,6 +159,10 @@ EMBEDDING: dict[str, Scheme[nn.Embedding]] = {s.name: s for s in (
     Scheme("rowwise_int2", _row_wise, 2, row_range=True, measured=True),
     Scheme("fp16", _half_table, 16, half="fp16"),
     Scheme("bf16", _half_table, 16, half="bf16"),
+    # head rows at the first dtype, the long tail at the second (QuantizeConfig.head_share)
+    Scheme("tiered_int8_int4", _tiered, 4, head_bits=8, row_range=True),
+    Scheme("tiered_int8_int2", _tiered, 2, head_bits=8, row_range=True),
+    Scheme("tiered_int4_int2", _tiered, 2, head_bits=4, row_range=True),
 )}
 
 LINEAR_SCHEMES: tuple[str, ...] = tuple(LINEAR)

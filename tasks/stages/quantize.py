@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pyarrow as pa
+import torch
 from torch import nn
 
 from tasks.modules import QuantTTEmbedding, TTEmbedding, fuse_relu, set_submodule
@@ -18,15 +19,18 @@ from tasks.quant.schemes import (
     embedding_scheme,
     linear_scheme,
 )
+from tasks.quant.tiers import heads_of
 from tasks.stages.context import NotApplicable, StageContext
 from tasks.stages.finetune import finetune
 from tasks.types import QuantizeConfig
 
 
-def quantize_embedding(table: nn.Embedding, choice: str, row_range: str = "mse") -> nn.Module:
-    """`table` as the embedding scheme `choice` builds it (the table itself for "none")."""
+def quantize_embedding(table: nn.Embedding, choice: str, row_range: str = "mse",
+                       head: torch.Tensor | None = None, path: str = "") -> nn.Module:
+    """`table` as the embedding scheme `choice` builds it (the table itself for "none");
+    `head`: a tiered scheme's head ids (tasks.quant.tiers)."""
     scheme = embedding_scheme(choice)
-    return scheme.build(table, scheme, BuildArgs(row_range=row_range))
+    return scheme.build(table, scheme, BuildArgs(path, row_range=row_range, head=head))
 
 
 def quantize_linear(layer: nn.Linear, choice: str, group_size: int | None = None,
@@ -81,6 +85,9 @@ def tt_core_bits(choice: str) -> int | None:
     """The bits a TT table's cores get for the table dtype `choice`: int8 rows -> int8 cores,
     int4 / int2 rows -> int4 cores (per-slice scales; 2-bit cores lose too much); None keeps
     them float."""
+    if EMBEDDING[choice].head_bits is not None:
+        raise NotApplicable(f"quantize: {choice} tiers the rows of a dense table; a TT table "
+                            "has no rows to tier (use rowwise_int8/int4 for its cores)")
     bits = EMBEDDING[choice].bits
     return 8 if bits == 8 else 4 if bits in (4, 2) else None
 
@@ -123,8 +130,18 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Mod
     ranges = _act_ranges(ctx.need("activations"), cfg.activation_range) \
         if plan is None and linear_scheme(cfg.linear).needs_ranges else {}
     choices = _choices(out, cfg, plan)
+    tiered = [p for p, c in choices.items()
+              if EMBEDDING.get(c) and EMBEDDING[c].head_bits is not None
+              and isinstance(out.get_submodule(p), nn.Embedding)]
+    heads = heads_of(out.to(ctx.device), tiered, cfg.head_share, ctx.need("train_data")) \
+        if tiered else {}  # type: ignore[arg-type]
+    for path, ids in heads.items():
+        ctx.log(f"{cfg.label()}: {path}: {ids.numel()} head rows at "
+                f"{choices[path].split('_')[1]}, the other "
+                f"{out.get_submodule(path).weight.shape[0] - ids.numel()} at "
+                f"{choices[path].split('_')[2]}")
     if cfg.finetune_epochs:
-        with fake_quantized(out.to(ctx.device), choices, cfg.group_size, cfg.row_range):
+        with fake_quantized(out.to(ctx.device), choices, cfg.group_size, cfg.row_range, heads):
             out = finetune(out, model, cfg.finetune_epochs, cfg.finetune_lr, ctx)
         out = out.cpu()
         ctx.log(f"{cfg.label()}: {cfg.finetune_epochs} epoch(s) of quantization-aware "
@@ -136,7 +153,8 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Mod
             if bits is not None:
                 set_submodule(out, path, QuantTTEmbedding.from_tt(module, bits))
         elif isinstance(module, nn.Embedding):
-            small = quantize_embedding(module, choices[path], cfg.row_range)
+            small = quantize_embedding(module, choices[path], cfg.row_range, heads.get(path),
+                                       path)
             if small is module:  # the scheme keeps the table ("none")
                 continue
             if _nbytes(small) >= _nbytes(module):  # e.g. a width-1 table: the row's scale and

@@ -33,6 +33,9 @@ class SearchSpace(Frozen):
         (0,), description="tensor-train rank of every table (0: tables stay dense)")
     table_precision: tuple[EmbeddingQuant, ...] = Field(
         ("rowwise_int8", "rowwise_int4", "rowwise_int2"), description="dtypes a table may get")
+    head_shares: tuple[float, ...] = Field(
+        (0.1, 0.2), description="tiered table dtypes (tiered_*): shares of the rows, the most "
+        "looked-up, kept at the head dtype")
     per_table: bool = Field(
         True, description="each large table chooses its own dtype (else one for all tables)")
     small_table_precision: tuple[EmbeddingQuant, ...] = Field(
@@ -47,6 +50,7 @@ class SearchSpace(Frozen):
         (0, 1), description="quantization-aware fine-tuning epochs (0: one-shot)")
 
     @field_validator("student_dims", "student_widths", "student_temperatures", "prune",
+                     "head_shares",
                      "tt_ranks", "table_precision", "small_table_precision", "linear_precision",
                      "qat_epochs")
     @classmethod
@@ -63,6 +67,9 @@ class SearchSpace(Frozen):
         if any(not 0 < w <= 1 for w in self.student_widths):
             raise ValueError(f"search.space.student_widths are shares in (0, 1] (got "
                              f"{self.student_widths})")
+        if any(not 0 < h < 1 for h in self.head_shares):
+            raise ValueError(f"search.space.head_shares: shares in (0, 1) (got "
+                             f"{self.head_shares})")
         if any(not 0 <= p < 1 for p in self.prune):
             raise ValueError(f"search.space.prune: sparsities in [0, 1) (got {self.prune})")
         if any(r < 0 for r in self.tt_ranks) or any(e < 0 for e in self.qat_epochs):

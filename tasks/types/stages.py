@@ -29,6 +29,16 @@ class MixedPrecision(Frozen):
     linear_choices: tuple[LinearQuant, ...] = Field(
         ("none", "dynamic_int8"), description="dtypes a Linear layer may get")
 
+    @model_validator(mode="after")
+    def _measured(self) -> MixedPrecision:
+        bad = [c for c in self.embedding_choices if not EMBEDDING[c].measured] + \
+            [c for c in self.linear_choices if not LINEAR[c].measured]
+        if bad:
+            ok = [n for n, s in (*EMBEDDING.items(), *LINEAR.items()) if s.measured]
+            raise ValueError(f"quantize.mixed_precision: {bad} have no calibrated sensitivity "
+                             f"to choose by; choose among {sorted(set(ok))}")
+        return self
+
 
 class QuantizeConfig(Frozen):
     """Post-training quantization of Linear layers and embedding tables.
@@ -41,7 +51,12 @@ class QuantizeConfig(Frozen):
         group_size: weight-only only: one scale per this many input columns (None =
             per output channel). Must divide every layer's width.
         embeddings: row-wise ``rowwise_int8`` / ``rowwise_int4`` / ``rowwise_int2`` (per-row
-            scale and offset, packed 1 / 2 / 4 values per byte), ``fp16`` / ``bf16``, ``none``.
+            scale and offset, packed 1 / 2 / 4 values per byte), ``fp16`` / ``bf16``, ``none``;
+            or tiered, ``tiered_<head>_<tail>`` (``tiered_int8_int2``, ``tiered_int4_int2``,
+            ``tiered_int8_int4``): the ``head_share`` most looked-up rows at the first dtype,
+            the long tail at the second.
+        head_share: tiered tables: the share of each table's rows kept at the head dtype,
+            the rows looked up most often on the train split (ties: the larger row norm).
         row_range: per-row range of sub-byte tables: ``mse`` (clip that minimises the row's
             squared error) or ``minmax`` (what torch's one-shot prepack does).
         activation_range: static int8 only: which calibrated range to use.
@@ -59,6 +74,9 @@ class QuantizeConfig(Frozen):
     group_size: int | None = Field(None, gt=0, description="weight-only group width")
     embeddings: EmbeddingQuant = Field("rowwise_int8", description="embedding tables")
     row_range: Literal["minmax", "mse"] = Field("mse", description="per-row range (sub-byte)")
+    head_share: float = Field(
+        0.2, gt=0, lt=1, description="tiered tables: share of rows (the most looked-up on the "
+        "train split) kept at the head dtype")
     activation_range: Literal["minmax", "percentile", "mse", "entropy"] = Field(
         "mse", description="static int8 activation clipping range")
     mixed_precision: MixedPrecision | None = Field(None, description="per-layer dtypes")
@@ -122,6 +140,9 @@ class QuantizeConfig(Frozen):
                 counts[v] = counts.get(v, 0) + 1
             emb += "[" + ",".join(f"{n}x{v.removeprefix('rowwise_')}"
                                   for v, n in sorted(counts.items())) + "]"
+        if any(EMBEDDING[v].head_bits for v in (self.embeddings, *self.layers.values())
+               if v in EMBEDDING):
+            emb += f"@head{self.head_share:g}"
         return "quantize(" + "+".join(p for p in (lin, emb) if not p.startswith("none")) + qat + ")"
 
 

@@ -22,6 +22,12 @@ def test_quantize_suite_rows_are_measured_side_by_side():
     for r in rows:
         assert r["latency_ratio"] == pytest.approx(r["baseline_p99_ms_bs512"] / r["p99_ms_bs512"])
         assert r["passed"] == (r["relative_loss_ci_high"] <= 0.001)
+        # what serving gets: each export timed side by side with its eager model
+        assert r["export_error"] is None, r["plan"]
+        assert r["export_vs_eager"] == pytest.approx(
+            r["export_eager_p99_ms_bs512"] / r["export_p99_ms_bs512"])
+        assert r["export_latency_ratio_low"] <= r["export_latency_ratio"] <= \
+            r["export_latency_ratio_high"]
 
 
 def test_unknown_suite_is_named():
@@ -30,7 +36,8 @@ def test_unknown_suite_is_named():
 
 
 def test_prune_suite_reports_flops_and_embedding_bytes():
-    rows = {r["plan"]: r for r in run_suite("prune", "tiny", log=lambda _: None, timing_seconds=5)}
+    rows = {r["plan"]: r for r in run_suite("prune", "tiny", log=lambda _: None, timing_seconds=5,
+                                                serving=False)}
     structured = rows["prune(structured@0.75)"]
     assert structured["dense_flops"] < structured["baseline_dense_flops"] / 2
     emb = rows["prune(embedding_rows@0.5)"]
@@ -42,7 +49,8 @@ def test_prune_suite_reports_flops_and_embedding_bytes():
 
 
 def test_distill_and_factorize_suites_follow_the_row_contract():
-    rows = run_suite("distill", "tiny", log=lambda _: None, timing_seconds=5)
+    rows = run_suite("distill", "tiny", log=lambda _: None, timing_seconds=5, serving=False)
+    assert "export_p99_ms_bs512" not in rows[0]  # serving exports left out
     assert len(rows) == len(SUITES["distill"]) and {r["suite"] for r in rows} == {"distill"}
     by_plan = {r["plan"]: r for r in rows}
     half = next(r for p, r in by_plan.items() if p.startswith("distill(d32") and "->" not in p)

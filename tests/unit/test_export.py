@@ -62,6 +62,8 @@ PLANS = [
     ("two_tower", "dynamic_int8+rowwise_int8", (Q(),)),
     ("two_tower", "tt+int8_cores", (FactorizeConfig(target="tt_embeddings", rank=8), Q())),
     ("sasrec", "dynamic_int8+rowwise_int4", (Q(embeddings="rowwise_int4"),)),
+    ("sasrec", "tiered_int8_int2", (Q(linear="int8_weight_only", embeddings="tiered_int8_int2"),)),
+    ("dlrm", "tiered_int4_int2", (Q(embeddings="tiered_int4_int2", head_share=0.3),)),
     ("sasrec", "static_int8", ("calibrate", Q(linear="static_int8", embeddings="none"))),
     ("sasrec", "fp16+structured", (PruneConfig(method="structured", sparsity=0.5),
                                    Q(linear="fp16", embeddings="fp16"))),

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 from torch import nn
 
@@ -44,7 +45,7 @@ def test_every_linear_scheme_is_a_config_value_the_config_agrees_with(name):
     scheme = LINEAR[name]
     cfg = QuantizeConfig(linear=name, embeddings="rowwise_int8")
     assert cfg.needs_calibration() == scheme.needs_ranges
-    assert MixedPrecision(linear_choices=("none", name)).linear_choices[-1] == name
+    _mixed_takes_it_when_measured(scheme, linear_choices=("none", name))
     if scheme.group_wise:
         assert QuantizeConfig(linear=name, group_size=16).group_size == 16
     else:
@@ -57,7 +58,17 @@ def test_every_embedding_scheme_is_a_config_value_the_config_agrees_with(name):
     scheme = EMBEDDING[name]
     cfg = QuantizeConfig(linear="dynamic_int8", embeddings=name, row_range="minmax")
     assert ("/minmax" in cfg.label()) == scheme.row_range
-    assert MixedPrecision(embedding_choices=("none", name)).embedding_choices[-1] == name
+    _mixed_takes_it_when_measured(scheme, embedding_choices=("none", name))
+
+
+def _mixed_takes_it_when_measured(scheme, **choices):
+    """Mixed precision chooses by the calibrated sensitivity: a dtype calibrate does not
+    measure could never be picked, so it is refused by name rather than ignored."""
+    if scheme.measured:
+        assert scheme.name in MixedPrecision(**choices).model_dump_json()
+    else:
+        with pytest.raises(ValidationError, match=f"{scheme.name}.*no calibrated sensitivity"):
+            MixedPrecision(**choices)
 
 
 def _round_trips(model, q, spec, valid):
@@ -88,12 +99,14 @@ def test_every_linear_scheme_quantizes_every_layer_and_round_trips(tiny_dlrm, na
 def test_every_embedding_scheme_quantizes_every_table_and_round_trips(tiny_dlrm, name):
     model, spec, valid, _ = tiny_dlrm
     cfg = QuantizeConfig(linear="none" if name != "none" else "dynamic_int8", embeddings=name)
-    q = quantize(model, cfg, StageContext())
+    q = quantize(model, cfg, StageContext(train_data=lambda: valid))  # tiered: counts lookups
     scheme = EMBEDDING[name]
     tables = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Embedding)]
     assert tables
     for path, table in tables:
-        assert type(q.get_submodule(path)) is type(scheme.build(table, scheme, BuildArgs(path))), path
+        head = torch.arange(min(1, table.weight.shape[0] - 1))  # a tiered table's head ids
+        built = scheme.build(table, scheme, BuildArgs(path, head=head))
+        assert type(q.get_submodule(path)) is type(built), path
     _round_trips(model, q, spec, valid.take(slice(0, 500)))
 
 

@@ -64,6 +64,12 @@ def test_suggest_builds_a_valid_chain_from_fixed_choices():
     quant = cand.plan[-1]
     assert quant.finetune_epochs == 1 and set(quant.layers.values()) == {"rowwise_int4"}
     assert Candidate.model_validate_json(cand.model_dump_json()) == cand
+    # a tiered table dtype brings its head share
+    tiered = {**params, "student_dim": 0, "prune": 0.0, "head_share": 0.4,
+              **{f"table:{p}": "tiered_int4_int2" for p in tables}}
+    cand, _ = suggest(optuna.trial.FixedTrial(tiered), SearchSpace(
+        table_precision=("rowwise_int4", "tiered_int4_int2"), head_shares=(0.3, 0.4)), spec, tables)
+    assert cand.plan[-1].head_share == 0.4 and "@head0.4" in cand.label()
 
 
 def test_search_config_refuses_bad_spaces_by_name():
@@ -124,6 +130,8 @@ def test_a_search_on_tiny_shares_prefixes_scores_on_valid_and_sends_its_front_to
     executed = run_plan(graph, executor, searches(request, None, _recipe))
     report = executed.search
     assert report is not None and len(report.trials) == 4 and report.wall_s > 0
+    # a chain proposed twice (in one batch, too) is one trial of the budget
+    assert len({t.plan for t in report.trials}) == 4
     ops = [graph.nodes[k] for k in executor.ran]
     students = [n for n in ops if n.op == "stage" and n.label.startswith("distill")]
     assert len(students) == 1  # every trial starts from the one student, built once
