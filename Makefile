@@ -11,10 +11,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: demo test bench up down status clean browser
 
-.venv: pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv .venv
-	$(BIN)/pip install -q $(TORCH) 2>&1 | { grep -v '^WARNING: Location' || true; }
-	$(BIN)/pip install -q -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+# the same install script the Dockerfile runs (infra/install.sh)
+.venv: pyproject.toml infra/install.sh
+	PY=$(PY) TORCH='$(TORCH)' EDITABLE=1 infra/install.sh .venv dev
 	touch .venv
 
 up: .venv
