@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test bench up down status clean browser
+.PHONY: demo test bench up down status clean browser postgres
 
 # the same install script the Dockerfile runs (infra/install.sh)
 .venv: pyproject.toml infra/install.sh
@@ -39,7 +39,19 @@ browser:
 	      -y -qq --no-install-recommends chromium >/dev/null; } \
 	  || echo "could not install chromium: the browser test will skip and say why"; }
 
-test: .venv browser
+# PostgreSQL for `recsqueeze up --db postgres` and its test (Debian's package), where missing;
+# without the package's default cluster (nothing is left running: the stack starts its own)
+postgres:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+	  echo "installing Debian's postgresql for recsqueeze up --db postgres"; \
+	  { $(SUDO) mkdir -p /etc/postgresql-common/createcluster.d && \
+	    echo "create_main_cluster = false" | $(SUDO) tee \
+	      /etc/postgresql-common/createcluster.d/recsqueeze.conf >/dev/null && \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install \
+	      -y -qq --no-install-recommends postgresql >/dev/null; } \
+	  || echo "could not install postgresql: the PostgreSQL test will skip and say why"; }
+
+test: .venv browser postgres
 	$(BIN)/python -m pytest -q --durations=20 tests
 
 bench: .venv

@@ -32,7 +32,12 @@ app.add_typer(registry_app, name="registry")
 
 
 @app.command()
-def up(state_dir: Path = STATE, workers: int = typer.Option(1, min=1, max=8)) -> None:
+def up(state_dir: Path = STATE, workers: int = typer.Option(1, min=1, max=8),
+       work_pool: str = typer.Option(
+           "", help="register the deployments in this `process` work pool and start a "
+           "`prefect worker` for it (what production runs); empty: serve them"),
+       db: str = typer.Option("sqlite", help="the Prefect server's database: sqlite, or "
+                              "postgres (a local PostgreSQL under the state dir)")) -> None:
     """Start S3 (SeaweedFS), a Prefect server and a Ray head + worker nodes on loopback.
 
     On a stack that is partly down, restart only what is down, on the same ports: a run in
@@ -57,8 +62,12 @@ def up(state_dir: Path = STATE, workers: int = typer.Option(1, min=1, max=8)) ->
         return
     with err.status("starting S3, Prefect and Ray ..."):
         stack = start_stack(state_dir, worker_ips=tuple(f"127.0.0.{3 + i}" for i in range(workers)),
-                            well_known_ports=True)
+                            well_known_ports=True, work_pool=work_pool or None, db=db)
     err.print(f"S3      {stack.s3.endpoint} (bucket {stack.s3.bucket})")
+    if stack.postgres:
+        err.print(f"DB      PostgreSQL {stack.postgres.host}:{stack.postgres.port} (Prefect's)")
+    if stack.work_pool:
+        err.print(f"Worker  work pool {stack.work_pool} (process)")
     err.print(f"Prefect {stack.prefect.ui_url}")
     err.print(f"Ray     {stack.ray.address} ({len(stack.ray.nodes)} nodes)")
 

@@ -1,10 +1,17 @@
 """The deployments users trigger: `compress/on-demand` (the Prefect UI's run form, the REST API,
 `run_deployment`) and `compress/nightly` (a cron schedule with a time zone).
 
-`python -m flows.deployments --state-dir DIR` registers both with the Prefect server and serves
-them: every flow run executes in a subprocess of this process, whose environment names the S3
-store and the Ray cluster, so its tasks run on the cluster (see `flows.compress.cluster_runner`).
-`recsqueeze up` starts it with the stack.
+Two ways to run them, both started by `recsqueeze up`:
+
+- `python -m flows.deployments --state-dir DIR` registers both with the Prefect server and serves
+  them: every flow run executes in a subprocess of this process, whose environment names the S3
+  store and the Ray cluster, so its tasks run on the cluster (see `flows.compress.cluster_runner`).
+  The laptop's default.
+- `python -m flows.deployments --state-dir DIR --pool NAME` creates the `process` work pool NAME
+  (where missing), registers both deployments into it and exits; a `prefect worker start --pool
+  NAME` process (what production runs, `recsqueeze up --work-pool NAME`) then runs each flow
+  run. The deployments' job variables carry the working directory (this checkout, so the
+  module entrypoint imports) and the same environment as a served run, without any secret.
 
 Each deployment has a concurrency limit of 1 with the ENQUEUE strategy: a second run of it waits
 for the first instead of competing for the same workers (or being refused).
@@ -33,7 +40,7 @@ def one_at_a_time() -> ConcurrencyLimitConfig:
     return ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
 
 
-def deployments() -> list:  # type: ignore[type-arg]
+def deployments(job_variables: dict[str, object] | None = None) -> list:  # type: ignore[type-arg]
     from flows.compress import compress
 
     # imported as `flows.compress` (not loaded from its file as a top-level `compress`): what
@@ -41,13 +48,13 @@ def deployments() -> list:  # type: ignore[type-arg]
 
     on_demand = compress.to_deployment(
         name="on-demand", concurrency_limit=one_at_a_time(), tags=["recsqueeze"],
-        entrypoint_type=EntrypointType.MODULE_PATH,
+        entrypoint_type=EntrypointType.MODULE_PATH, job_variables=job_variables,
         description="Compress, gate and promote; triggered from the UI form, the REST API or "
                     "run_deployment. Every request field is described in the form.")
     nightly = compress.to_deployment(
         name="nightly", schedules=[Cron(NIGHTLY_CRON, timezone=NIGHTLY_TIMEZONE)],
         parameters=NIGHTLY_PARAMETERS, concurrency_limit=one_at_a_time(), tags=["recsqueeze"],
-        entrypoint_type=EntrypointType.MODULE_PATH,
+        entrypoint_type=EntrypointType.MODULE_PATH, job_variables=job_variables,
         description=f"The default candidates on the built-in `small` click log, "
                     f"{NIGHTLY_CRON} ({NIGHTLY_TIMEZONE}).")
     return [on_demand, nightly]
@@ -64,9 +71,37 @@ def cluster_env(settings: Settings) -> dict[str, str]:
     return {k: v for k, v in env.items() if v}
 
 
+def register_in_pool(settings: Settings, pool: str) -> list[str]:
+    """Create the `process` work pool `pool` where it is missing and register both deployments
+    into it (updated in place when they exist); their ids. A pool of another type is refused:
+    its worker would not run these job variables."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    from flows.stack import REPO
+
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_work_pool(pool)
+        except ObjectNotFound:
+            found = client.create_work_pool(WorkPoolCreate(
+                name=pool, type="process",
+                base_job_template=ProcessWorker.get_default_base_job_template(),
+                description="recsqueeze flow runs: a `prefect worker start` process runs each"))
+        if found.type != "process":
+            raise ValueError(f"work pool {pool!r} is a {found.type!r} pool; recsqueeze up runs "
+                             "a process worker: name a new pool or a process one")
+    job = {"working_dir": str(REPO), "env": cluster_env(settings)}
+    return [str(d.apply(work_pool_name=pool)) for d in deployments(job)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", type=Path, default=Path(".recsqueeze"))
+    parser.add_argument("--pool", default=None,
+                        help="register into this process work pool and exit (no serving)")
     args = parser.parse_args()
     from flows.stack import settings_for
 
@@ -78,6 +113,9 @@ def main() -> None:
     # the server this process registers with and its flow runs report to (never a temporary
     # one): settings read at import time may predate the variables set above
     with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+        if args.pool:
+            register_in_pool(settings, args.pool)
+            return
         serve(*deployments(), print_starting_message=False)
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cluster.local import LocalRayCluster, heal_cluster, start_local_cluster, stop_local_cluster
+from infra.postgres import PostgresServer, restart_postgres, start_postgres
 from infra.prefect_server import PrefectServer, restart_prefect, start_prefect
 from infra.process import alive, spawn, stop
 from infra.s3server import S3Server, credentials, credentials_path, restart_s3, start_s3
@@ -28,11 +29,18 @@ class Stack:
     s3: S3Server
     prefect: PrefectServer
     ray: LocalRayCluster
-    deployments_pid: int | None = None  # `python -m flows.deployments`: serves the deployments
+    deployments_pid: int | None = None  # serves the deployments, or the pool's worker
+    work_pool: str | None = None  # None: `python -m flows.deployments` serves them; else the
+    # `process` work pool they are registered in, and deployments_pid is its worker
+    postgres: PostgresServer | None = None  # Prefect's database; None: SQLite
 
     def pids(self) -> list[int]:
         extra = [self.deployments_pid] if self.deployments_pid else []
-        return [self.s3.pid, self.prefect.pid, *(n.pid for n in self.ray.nodes), *extra]
+        db = [self.postgres.pid] if self.postgres else []
+        return [self.s3.pid, *db, self.prefect.pid, *(n.pid for n in self.ray.nodes), *extra]
+
+    def database_url(self) -> str | None:
+        return self.postgres.url(Path(self.state_dir)) if self.postgres else None
 
     def settings(self) -> Settings:
         """The stack's settings; the keys come from its credentials file."""
@@ -51,31 +59,48 @@ def _stack_file(state_dir: Path) -> Path:
 
 def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
                 worker_ips: tuple[str, ...] = ("127.0.0.3",), cpus_per_node: int = 1,
-                well_known_ports: bool = False, serve_deployments: bool = True) -> Stack:
+                well_known_ports: bool = False, serve_deployments: bool = True,
+                work_pool: str | None = None, db: str = "sqlite") -> Stack:
     """Start S3, Prefect and Ray (head + workers); stop what was started if any part fails.
 
     With `well_known_ports`, S3 and Prefect take 8333 and 4200 when those are free (the demo's
     stable UI address); tests leave it off and get free ports. `serve_deployments` also starts
-    the process serving the `on-demand` and `nightly` deployments (flows/deployments.py).
+    the process serving the `on-demand` and `nightly` deployments (flows/deployments.py); with
+    `work_pool`, they are registered in that `process` work pool instead and a Prefect worker
+    polling it runs their flow runs. `db="postgres"` puts the Prefect server on a local
+    PostgreSQL under the state dir (infra/postgres.py) instead of SQLite.
     """
+    if db not in ("sqlite", "postgres"):
+        raise ValueError(f"db must be 'sqlite' or 'postgres' (got {db!r})")
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     os.environ.update(QUIET_ENV)
     s3 = start_s3(state_dir, port=8333 if well_known_ports else None)
     started: list[int] = [s3.pid]
+    postgres = None
     try:
-        prefect = start_prefect(state_dir, port=4200 if well_known_ports else None)
+        if db == "postgres":
+            postgres = start_postgres(state_dir)
+            started.append(postgres.pid)
+        prefect = start_prefect(state_dir, port=4200 if well_known_ports else None,
+                                database_url=postgres.url(state_dir) if postgres else None)
         started.append(prefect.pid)
         ray = start_local_cluster(state_dir, head_ip, worker_ips, cpus_per_node,
                                   extra_env=node_env(state_dir, s3))
     except BaseException:
-        for pid in started:
+        for pid in reversed(started):
             stop(pid)
         raise
-    stack = Stack(str(state_dir), s3, prefect, ray)
+    stack = Stack(str(state_dir), s3, prefect, ray, work_pool=work_pool, postgres=postgres)
     _write(stack)
     if serve_deployments:
-        stack = dataclasses.replace(stack, deployments_pid=_serve(stack))
+        try:
+            if work_pool:
+                _register(stack)
+            stack = dataclasses.replace(stack, deployments_pid=_serve(stack))
+        except BaseException:
+            stop_stack(stack)
+            raise
         _write(stack)
     return stack
 
@@ -88,10 +113,35 @@ def node_env(state_dir: Path, s3: S3Server) -> dict[str, str]:
 
 
 def _serve(stack: Stack) -> int:
-    """Start the process serving the deployments; its pid."""
+    """Start the process that runs the deployments' flow runs (it serves them, or it is the
+    work pool's worker); its pid."""
+    env = os.environ | QUIET_ENV | {"PREFECT_API_URL": stack.prefect.api_url}
+    log = Path(stack.state_dir) / "deployments.log"
+    if stack.work_pool:
+        worker = Path(sys.executable).with_name("prefect")
+        return spawn([str(worker), "worker", "start", "--pool", stack.work_pool, "--type",
+                      "process", "--name", f"recsqueeze-{Path(stack.state_dir).name}"],
+                     env, log, cwd=REPO)
     return spawn([sys.executable, "-m", "flows.deployments", "--state-dir", stack.state_dir],
-                 os.environ | QUIET_ENV | {"PREFECT_API_URL": stack.prefect.api_url},
-                 Path(stack.state_dir) / "deployments.log", cwd=REPO)
+                 env, log, cwd=REPO)
+
+
+def _register(stack: Stack) -> None:
+    """Register the deployments in the stack's work pool (`flows.deployments --pool`)."""
+    import subprocess
+
+    assert stack.work_pool
+    log = Path(stack.state_dir) / "register.log"
+    with open(log, "ab") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.deployments", "--state-dir", stack.state_dir,
+             "--pool", stack.work_pool], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, timeout=300,
+            env=os.environ | QUIET_ENV | {"PREFECT_API_URL": stack.prefect.api_url})
+    if done.returncode:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"registering the deployments in work pool {stack.work_pool!r} "
+                           f"failed (exit {done.returncode}; {log}):\n{tail}")
 
 
 def heal_stack(stack: Stack) -> tuple[Stack, list[str]]:
@@ -106,8 +156,13 @@ def heal_stack(stack: Stack) -> tuple[Stack, list[str]]:
         stack = dataclasses.replace(stack, s3=restart_s3(state_dir, stack.s3))
         restarted.append("s3")
         _write(stack)
+    if stack.postgres and not up["postgres"]:
+        stack = dataclasses.replace(stack, postgres=restart_postgres(state_dir, stack.postgres))
+        restarted.append("postgres")
+        _write(stack)
     if not up["prefect"]:
-        stack = dataclasses.replace(stack, prefect=restart_prefect(state_dir, stack.prefect))
+        stack = dataclasses.replace(stack, prefect=restart_prefect(state_dir, stack.prefect,
+                                                                   stack.database_url()))
         restarted.append("prefect")
         _write(stack)
     ray, nodes = heal_cluster(stack.ray, node_env(state_dir, stack.s3))
@@ -140,12 +195,15 @@ def load_stack(state_dir: Path) -> Stack | None:
     access, secret = credentials(Path(raw["state_dir"]))
     raw["s3"] |= {"access_key": access, "secret_key": secret}
     return Stack(raw["state_dir"], S3Server(**raw["s3"]), PrefectServer(**raw["prefect"]),
-                 LocalRayCluster.from_json(json.dumps(raw["ray"])), raw.get("deployments_pid"))
+                 LocalRayCluster.from_json(json.dumps(raw["ray"])), raw.get("deployments_pid"),
+                 raw.get("work_pool"),
+                 PostgresServer(**raw["postgres"]) if raw.get("postgres") else None)
 
 
 def stack_alive(stack: Stack) -> dict[str, bool]:
     served = {"deployments": alive(stack.deployments_pid)} if stack.deployments_pid else {}
-    return {"s3": alive(stack.s3.pid), "prefect": alive(stack.prefect.pid), **served,
+    db = {"postgres": alive(stack.postgres.pid)} if stack.postgres else {}
+    return {"s3": alive(stack.s3.pid), **db, "prefect": alive(stack.prefect.pid), **served,
             **{f"ray {n.ip}": alive(n.pid) for n in stack.ray.nodes}}
 
 
@@ -154,6 +212,8 @@ def stop_stack(stack: Stack) -> None:
         stop(stack.deployments_pid)
     stop_local_cluster(stack.ray)
     stop(stack.prefect.pid)
+    if stack.postgres:  # after its one client, so its shutdown waits for nobody
+        stop(stack.postgres.pid)
     stop(stack.s3.pid)
     _stack_file(Path(stack.state_dir)).unlink(missing_ok=True)
 

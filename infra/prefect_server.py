@@ -1,4 +1,5 @@
-"""A local Prefect server (SQLite under STATE/prefect) on 127.0.0.1, telemetry off."""
+"""A local Prefect server (SQLite under STATE/prefect, or PostgreSQL: infra/postgres.py) on
+127.0.0.1, telemetry off."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ class PrefectServer:
 
 
 def start_prefect(state_dir: Path, port: int | None = None, host: str = "127.0.0.1",
-                  same_port: bool = False) -> PrefectServer:
+                  same_port: bool = False, database_url: str | None = None) -> PrefectServer:
     """Start the server (on `port` when it is free, else any free port) and wait for health.
 
     With `same_port` (a restart: clients know that address) it is `port` or an error.
+    `database_url`: a PostgreSQL (asyncpg) URL instead of SQLite under STATE/prefect; only the
+    server's environment holds it.
     """
     if port and not port_free(host, port):
         if same_port:
@@ -40,6 +43,8 @@ def start_prefect(state_dir: Path, port: int | None = None, host: str = "127.0.0
         "PREFECT_UI_API_URL": f"http://{host}:{port}/api",
         "PREFECT_API_URL": f"http://{host}:{port}/api",
     }
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     prefect = str(Path(sys.executable).with_name("prefect"))
     log = state_dir / "prefect.log"
     pid = spawn([prefect, "server", "start", "--host", host, "--port", str(port)], env, log)
@@ -90,7 +95,9 @@ def crash_silent_runs(api_url: str) -> None:
         ).create()
 
 
-def restart_prefect(state_dir: Path, server: PrefectServer) -> PrefectServer:
-    """The server that died, back on its address, on the same database (STATE/prefect)."""
+def restart_prefect(state_dir: Path, server: PrefectServer,
+                    database_url: str | None = None) -> PrefectServer:
+    """The server that died, back on its address, on the same database (STATE/prefect, or
+    `database_url`)."""
     host, port = server.api_url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    return start_prefect(state_dir, int(port), host, same_port=True)
+    return start_prefect(state_dir, int(port), host, same_port=True, database_url=database_url)

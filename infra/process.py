@@ -61,15 +61,17 @@ def free_port_block(host: str, count: int, taken: set[int]) -> int:
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path | None = None,
-          umask: int = -1) -> int:
+          umask: int = -1, user: str | None = None) -> int:
     """Start a detached process, its output appended to `log` (own session: outlives the CLI,
     stopped as a group). `umask` (e.g. 0o077: its files are the user's alone) applies in the
-    child; -1 keeps ours."""
+    child; -1 keeps ours. `user`: run it as that user (a server that refuses root)."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    as_user: dict[str, object] = {"user": user, "group": user, "extra_groups": []} if user else {}
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, umask=umask,
+            **as_user,  # type: ignore[call-overload]
         )
     return proc.pid
 
