@@ -114,7 +114,10 @@ def wildcard_listener(cluster: LocalRayCluster, process: str, port: int) -> str 
 
 def ray_env(token_path: str) -> dict[str, str]:
     # no usage stats, and no metrics: each node's agent would serve Prometheus on 0.0.0.0
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0"}
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0",
+           # how long `ray start` waits for its raylet to register (default 30 s): a node
+           # started on a machine busy training gives up too early otherwise
+           "RAY_raylet_start_wait_time_s": "120"}
     if token_path:
         env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path}
     return env
@@ -221,13 +224,15 @@ def start_local_cluster(
     cluster = LocalRayCluster(address, head_ip, str(token_path), temp_dir, tuple(nodes))
     try:
         _wait_nodes(address, {head_ip}, env, timeout_s)
-        for ip in worker_ips:
+        # one node at a time: raylets registering at once on a busy machine can take longer
+        # than Ray's start wait (each node's `ray start` then gives up), and the wait is longer
+        for k, ip in enumerate(worker_ips):
             args = [ray_bin, "start", f"--address={address}", f"--node-ip-address={ip}",
                     *common, *_node_ports(ip, head=False)]
             log = state_dir / f"ray-worker-{ip}.log"
             nodes.append(RayNode(ip, _start_node(args, env, log), False, str(log), tuple(args)))
-        cluster = LocalRayCluster(address, head_ip, str(token_path), temp_dir, tuple(nodes))
-        _wait_nodes(address, {head_ip, *worker_ips}, env, timeout_s)
+            cluster = LocalRayCluster(address, head_ip, str(token_path), temp_dir, tuple(nodes))
+            _wait_nodes(address, {head_ip, *worker_ips[:k + 1]}, env, timeout_s)
     except BaseException:
         stop_local_cluster(cluster)
         raise

@@ -275,7 +275,8 @@ def bench(
 ) -> None:
     """Baseline and one candidate per config, same data, one process; one JSON row each
     (suites search, search_two_tower, search_sasrec: the family's default candidates and a
-    recipe search under the same budget)."""
+    recipe search under the same budget; orchestration: one row per executor, the bare
+    process and the Prefect flow on Ray clusters of 1, 2 and 3 one-CPU nodes)."""
     from tasks.bench import run_suite
 
     progress = logging.StreamHandler()
@@ -283,7 +284,11 @@ def bench(
     logging.getLogger("recsqueeze").addHandler(progress)
     logging.getLogger("recsqueeze").setLevel(logging.INFO)
     rows = []
-    for seed in range(first_seed, first_seed + seeds):
+    if suite == "orchestration":  # the flow on fresh stacks of 1, 2, 3 Ray nodes vs bare
+        from flows.orchestration import run_orchestration
+
+        rows = run_orchestration(size, log=err.print)
+    for seed in range(first_seed, first_seed + seeds) if suite != "orchestration" else ():
         rows += run_suite(suite, size, seed, log=err.print)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(rows, indent=2))

@@ -21,7 +21,7 @@ from infra.settings import Settings
 from tasks.cache import cached, result_storage
 from tasks.execute import node_call
 from tasks.plan import Graph
-from tasks.run import log_node, time_candidates
+from tasks.run import log_io, log_node, time_candidates
 from tasks.runtime import Built
 from tasks.types import CandidateResult, DatasetRef
 
@@ -63,7 +63,8 @@ class PrefectExecutor:
             worker = None if node.placement is None else \
                 self.workers[node.placement % len(self.workers)]
             task_ = cached(fn, self.storage, self.refresh, key).with_options(
-                task_run_name=run_name(fn.name, key), on_running=[log_node])
+                task_run_name=run_name(fn.name, key), on_running=[log_node],
+                on_completion=[log_io])
             with remote_options(**stage_options(node.cpus, node.gpus, self.gpus, worker)):
                 self.futures[key] = task_.submit(**args)
         return needed

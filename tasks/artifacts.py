@@ -29,6 +29,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from infra.settings import Settings
+from tasks import iostats
 from tasks.types import ArtifactRef, DatasetRef, DatasetSpec, ModelSpec, parse_model_spec
 
 # torch is imported where weights are (de)serialized: the registry commands that only read
@@ -233,11 +234,16 @@ class ArtifactStore(BlobStore):
         return f"s3://{self.bucket}/{key}"
 
     def _put(self, key: str, body: bytes, content_type: str) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+        with iostats.timed("s3_put") as moved:
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+            moved.append(len(body))
 
     def _get(self, key: str) -> bytes | None:
         try:
-            return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+            with iostats.timed("s3_get") as moved:
+                body: bytes = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+                moved.append(len(body))
+            return body
         except ClientError as exc:
             if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -312,10 +318,13 @@ def serialize_model(model: nn.Module, spec: ModelSpec) -> bytes:
 
     from tasks.modules import manifest_of
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": "recsqueeze-model/1", "spec": spec.model_dump_json(),
-            "manifest": json.dumps(manifest_of(model), sort_keys=True)}
-    return canonical_safetensors(st_save(state, metadata=meta))
+    with iostats.timed("serialize") as moved:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        meta = {"format": "recsqueeze-model/1", "spec": spec.model_dump_json(),
+                "manifest": json.dumps(manifest_of(model), sort_keys=True)}
+        data = canonical_safetensors(st_save(state, metadata=meta))
+        moved.append(len(data))
+    return data
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -337,12 +346,15 @@ def deserialize_model(data: bytes) -> tuple[nn.Module, ModelSpec]:
     from tasks.models import build
     from tasks.modules import apply_manifest
 
-    meta = _safetensors_metadata(data)
-    if meta.get("format") != "recsqueeze-model/1":
-        raise UnsafeArtifactError("safetensors file lacks recsqueeze model metadata (format)")
-    spec = parse_model_spec(meta["spec"])
-    model = apply_manifest(build(spec), json.loads(meta["manifest"]))
-    model.load_state_dict(st_load(data), strict=True)
+    with iostats.timed("deserialize") as moved:
+        meta = _safetensors_metadata(data)
+        if meta.get("format") != "recsqueeze-model/1":
+            raise UnsafeArtifactError("safetensors file lacks recsqueeze model metadata "
+                                      "(format)")
+        spec = parse_model_spec(meta["spec"])
+        model = apply_manifest(build(spec), json.loads(meta["manifest"]))
+        model.load_state_dict(st_load(data), strict=True)
+        moved.append(len(data))
     return model.eval(), spec
 
 

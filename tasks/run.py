@@ -23,6 +23,7 @@ from prefect import State, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
+from tasks import iostats
 from tasks.artifacts import ArtifactStore, BlobStore
 from tasks.baselines import compare_trivial, resolution, trivial_predictions
 from tasks.evaluate import evaluate, latency_ratios
@@ -73,10 +74,19 @@ STARTED = "started on node"  # the line a task's first log says where it runs
 
 
 def log_node(task: object, task_run: object, state: State) -> None:
-    """An `on_running` hook: the task run's first log line names its Ray node."""
+    """An `on_running` hook: the task run's first log line names its Ray node (and its I/O
+    counts start from zero)."""
     from prefect.logging.loggers import task_run_logger
 
+    iostats.reset()
     task_run_logger(task_run, task).info("%s %s", STARTED, node_ip())  # type: ignore[arg-type]
+
+
+def log_io(task: object, task_run: object, state: State) -> None:
+    """An `on_completion` hook: the task's S3 and (de)serialization seconds, one line."""
+    from prefect.logging.loggers import task_run_logger
+
+    task_run_logger(task_run, task).info("%s", iostats.line())  # type: ignore[arg-type]
 
 
 def _transient(task: object, task_run: object, state: State) -> bool:

@@ -1,0 +1,65 @@
+"""The orchestration bench's accounting (tasks.iostats, flows.orchestration), without a
+cluster: the bench itself is `recsqueeze bench --suite orchestration` (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.orchestration import _split, _stats, orchestration_request
+from tasks import iostats
+from tasks.artifacts import deserialize_model, serialize_model
+from tasks.models import build
+from tasks.plan import plan
+from tasks.types import DlrmSpec
+from tasks.types.model import TableSpec
+
+
+def test_model_serialization_is_counted_and_the_line_round_trips():
+    spec = DlrmSpec(tables=(TableSpec(name="a", rows=50),), num_dense=2, embedding_dim=8,
+                    bottom_mlp=(8,), top_mlp=(8,))
+    iostats.reset()
+    blob = serialize_model(build(spec), spec)
+    deserialize_model(blob)
+    counts = iostats.parse(iostats.line())
+    assert counts is not None
+    assert counts["serialize"]["bytes"] == counts["deserialize"]["bytes"] == len(blob)
+    assert counts["serialize"]["s"] > 0 and counts["s3_get"]["bytes"] == 0
+    iostats.reset()
+    assert iostats.snapshot()["serialize"] == {"s": 0.0, "bytes": 0}
+    assert iostats.parse("started on node 127.0.0.3") is None
+    assert iostats.parse(f"{iostats.IO_LINE} not json") is None
+
+
+def _task(name, start, end, tid):
+    return {"id": tid, "name": name, "start_time": f"2026-12-03T10:00:{start:06.3f}+00:00",
+            "end_time": f"2026-12-03T10:00:{end:06.3f}+00:00"}
+
+
+def test_each_task_is_matched_to_its_node_and_its_overhead_split():
+    bare = {"a" * 64: 1.0, "b" * 64: 2.0}
+    io = {"t1": {"s3_get": {"s": 0.1, "bytes": 10}, "s3_put": {"s": 0.2, "bytes": 5},
+                 "serialize": {"s": 0.05, "bytes": 5}},
+          "t2": {"s3_get": {"s": 0.0, "bytes": 0}}}
+    flow = {"tasks": [_task("run-stage-aaaaaaaa", 0.0, 3.0, "t1"),
+                      _task("evaluate-candidate-bbbbbbbb", 3.0, 5.5, "t2"),
+                      _task("time-candidates-cccccccc", 5.5, 6.0, "t3")],
+            "io": io, "node_of": {"t1": "127.0.0.3", "t2": "127.0.0.3"}}
+    split = _split(flow, bare)
+    assert split["extra"] == pytest.approx([2.0, 0.5])  # running time beyond the bare node's
+    assert split["s3"] == pytest.approx([0.3, 0.0]) and split["s3_bytes"] == 15
+    assert split["other"] == pytest.approx([1.7, 0.5])
+    assert split["first_on_node"] == pytest.approx([2.0]) and split["later"] == [0.5]
+    assert split["unmatched"] == ["time-candidates-cccccccc"]
+    assert split["task_s"] == pytest.approx(6.0)
+    stats = _stats([1.0, 2.0, 3.0, 10.0])
+    assert stats["median"] == 2.5 and stats["p95"] == 10.0 and stats["sum"] == 16.0
+    assert _stats([])["median"] is None
+
+
+def test_the_request_has_every_stage_kind_and_no_search_or_cache():
+    request = orchestration_request("tiny")
+    assert request.search is None and not request.reuse_results and not request.promote
+    kinds = {stage.kind for c in request.candidates for stage in c.plan}
+    assert kinds == {"quantize", "prune", "factorize", "distill"}
+    graph = plan(request)
+    assert any(n.op == "calibrate" for n in graph.nodes.values())  # mixed precision's
