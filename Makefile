@@ -52,7 +52,7 @@ postgres:
 	  || echo "could not install postgresql: the PostgreSQL test will skip and say why"; }
 
 test: .venv browser postgres
-	$(BIN)/python -m pytest -q --durations=20 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 tests
 
 bench: .venv
 	mkdir -p bench-results

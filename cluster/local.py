@@ -190,11 +190,13 @@ def start_local_cluster(
     object_store_bytes: int = 256 * 1024**2,
     extra_env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
+    head_cpus: int | None = None,
 ) -> LocalRayCluster:
     """Start a head and one worker node per address in `worker_ips`, with token auth.
 
     `extra_env` reaches every node's processes (and so every task): the stack passes the S3
-    settings this way, never through task parameters.
+    settings this way, never through task parameters. `head_cpus` (default `cpus_per_node`):
+    0 keeps every task off the head.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     token_path = state_dir / "ray-token"
@@ -214,9 +216,11 @@ def start_local_cluster(
     ]
     common = [a for a in common if a]
     # no autoscaler monitor (a fixed cluster needs none; it would serve metrics on 0.0.0.0)
+    head_common = common if head_cpus is None else \
+        [f"--num-cpus={head_cpus}" if a.startswith("--num-cpus=") else a for a in common]
     head_args = [ray_bin, "start", "--head", f"--node-ip-address={head_ip}",
-                 "--include-dashboard=false", "--no-monitor", f"--temp-dir={temp_dir}", *common,
-                 *_node_ports(head_ip, head=True)]
+                 "--include-dashboard=false", "--no-monitor", f"--temp-dir={temp_dir}",
+                 *head_common, *_node_ports(head_ip, head=True)]
     address = f"{head_ip}:{head_args[-2].split('=')[1]}"
     head_log = state_dir / "ray-head.log"
     nodes = [RayNode(head_ip, _start_node(head_args, env, head_log), True, str(head_log),

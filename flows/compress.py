@@ -44,7 +44,7 @@ def cluster_runner() -> Any:
     settings = Settings()
     if not settings.ray_address:
         return None
-    return ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.public_env())
+    return ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.worker_env())
 
 
 @flow(name="compress", validate_parameters=True, task_runner=cluster_runner())

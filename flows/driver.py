@@ -47,7 +47,7 @@ def run_compress(request: CompressionRequest, settings: Settings,
 
     from flows.compress import compress
 
-    runner = ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.public_env())
+    runner = ray_task_runner(settings.ray_address, settings.ray_node_ip, settings.worker_env())
     # settings read at import predate the environment set above: name them again
     client = {getattr(prefect.settings, name): value for name, value in CLIENT_ENV.items()}
     options: dict[str, object] = {"flow_run_name": run_name} if run_name else {}

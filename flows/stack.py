@@ -60,7 +60,8 @@ def _stack_file(state_dir: Path) -> Path:
 def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
                 worker_ips: tuple[str, ...] = ("127.0.0.3",), cpus_per_node: int = 1,
                 well_known_ports: bool = False, serve_deployments: bool = True,
-                work_pool: str | None = None, db: str = "sqlite") -> Stack:
+                work_pool: str | None = None, db: str = "sqlite",
+                service_ip: str = "127.0.0.1", head_cpus: int | None = None) -> Stack:
     """Start S3, Prefect and Ray (head + workers); stop what was started if any part fails.
 
     With `well_known_ports`, S3 and Prefect take 8333 and 4200 when those are free (the demo's
@@ -68,14 +69,16 @@ def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
     the process serving the `on-demand` and `nightly` deployments (flows/deployments.py); with
     `work_pool`, they are registered in that `process` work pool instead and a Prefect worker
     polling it runs their flow runs. `db="postgres"` puts the Prefect server on a local
-    PostgreSQL under the state dir (infra/postgres.py) instead of SQLite.
+    PostgreSQL under the state dir (infra/postgres.py) instead of SQLite. `service_ip` is
+    where S3 and Prefect listen (a test's veth address: nodes on other hosts reach them
+    there); `head_cpus=0` keeps every task off the Ray head.
     """
     if db not in ("sqlite", "postgres"):
         raise ValueError(f"db must be 'sqlite' or 'postgres' (got {db!r})")
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     os.environ.update(QUIET_ENV)
-    s3 = start_s3(state_dir, port=8333 if well_known_ports else None)
+    s3 = start_s3(state_dir, port=8333 if well_known_ports else None, host=service_ip)
     started: list[int] = [s3.pid]
     postgres = None
     try:
@@ -83,10 +86,11 @@ def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
             postgres = start_postgres(state_dir)
             started.append(postgres.pid)
         prefect = start_prefect(state_dir, port=4200 if well_known_ports else None,
+                                host=service_ip,
                                 database_url=postgres.url(state_dir) if postgres else None)
         started.append(prefect.pid)
         ray = start_local_cluster(state_dir, head_ip, worker_ips, cpus_per_node,
-                                  extra_env=node_env(state_dir, s3))
+                                  extra_env=node_env(state_dir, s3), head_cpus=head_cpus)
     except BaseException:
         for pid in reversed(started):
             stop(pid)

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
             env["RECSQUEEZE_CREDENTIALS_FILE"] = self.credentials_file
         return env
 
+    def worker_env(self) -> dict[str, str]:
+        """What travels to every Ray worker (the runtime_env): where the store is, and nothing
+        of this host's: no key, and no path of its credentials file (a node on another host
+        has its own, or its keys in its environment)."""
+        return {k: v for k, v in self.public_env().items() if k != "RECSQUEEZE_CREDENTIALS_FILE"}
+
     def s3_env(self) -> dict[str, str]:
         """`public_env` plus the keys themselves, for this process's own environment only
         (never a runtime_env, a block or a log)."""

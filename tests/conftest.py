@@ -2,6 +2,8 @@
 
 The stack is started on free ports and its own loopback addresses (127.0.0.12 / .13, so a
 running demo stack on .2/.3 is never touched) and stopped at the end: only what was started.
+Under pytest-xdist (`make test` runs two workers, a test file each at a time) every worker
+starts its own stack, worker k on 127.0.0.(12 + 2k) / (13 + 2k).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from flows.stack import start_stack, stop_stack
 
     state = tmp_path_factory.mktemp("stack")
-    started = start_stack(Path(state), head_ip="127.0.0.12", worker_ips=("127.0.0.13",))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    k = int(worker) if worker.isdigit() else 0
+    started = start_stack(Path(state), head_ip=f"127.0.0.{12 + 2 * k}",
+                          worker_ips=(f"127.0.0.{13 + 2 * k}",))
     saved = dict(os.environ)
     os.environ.update(started.settings().s3_env())
     try:
