@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tasks.types import Candidate, CompressionRequest, DatasetRequest, QuantizeConfig, TrainConfig
+from tests.stack_helpers import wait_flow_run as _wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -39,16 +40,6 @@ def api(stack, settings):
         pytest.fail(f"deployments never registered; see {log}")
     yield client
     client.close()
-
-
-def _wait(api: httpx.Client, run_id: str, timeout_s: float = 420) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        run = api.get(f"/flow_runs/{run_id}").json()
-        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            return run
-        time.sleep(2)
-    raise AssertionError(f"flow run {run_id} still {run['state']['type']} after {timeout_s}s")
 
 
 def test_rest_triggered_run_completes_and_promotes_a_version_plain_boto3_reads(api, settings):

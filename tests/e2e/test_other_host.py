@@ -28,6 +28,7 @@ from flows.stack import Stack, start_stack, stop_stack
 from infra.process import alive, stop
 from infra.s3server import credentials_path
 from infra.settings import CLIENT_ENV, QUIET_ENV
+from tests.stack_helpers import own_env as _own_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -51,10 +52,6 @@ REQUEST = {
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-def _own_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("RECSQUEEZE_")}
 
 
 @pytest.fixture(scope="module")

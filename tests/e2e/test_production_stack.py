@@ -23,6 +23,8 @@ import pytest
 from flows.stack import Stack, start_stack, stop_stack
 from infra.postgres import PostgresMissing, bin_dir, password
 from infra.process import alive
+from tests.stack_helpers import own_env as _own_env
+from tests.stack_helpers import wait_flow_run as _wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -37,12 +39,6 @@ REQUEST = {
     "candidates": [{"id": "int8-all", "plan": [
         {"kind": "quantize", "linear": "int8_weight_only", "embeddings": "rowwise_int8"}]}],
 }
-
-
-def _own_env() -> dict[str, str]:
-    """Without the session stack's RECSQUEEZE_* variables: they would take precedence over
-    this stack's state dir (and its keys) in every process started from here."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("RECSQUEEZE_")}
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +73,6 @@ def _sql(stack: Stack, query: str) -> str:
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
-
-
-def _wait(api: httpx.Client, run_id: str, timeout_s: float = 420) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        run = api.get(f"/flow_runs/{run_id}").json()
-        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            return run
-        time.sleep(2)
-    raise AssertionError(f"flow run {run_id} still {run['state']['type']} after {timeout_s}s")
 
 
 def test_the_tiny_flow_runs_on_prefect_over_postgresql(prod, tmp_path):

@@ -1,0 +1,26 @@
+"""Helpers of the tests that start a stack of their own beside the session's."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+
+
+def own_env() -> dict[str, str]:
+    """This process's environment without the session stack's RECSQUEEZE_* variables: they
+    would take precedence over another stack's state dir (and its keys) in every process
+    started with it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RECSQUEEZE_")}
+
+
+def wait_flow_run(api: httpx.Client, run_id: str, timeout_s: float = 420) -> dict:
+    """The flow run once it is final (its JSON from the REST API)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = api.get(f"/flow_runs/{run_id}").json()
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} still {run['state']['type']} after {timeout_s}s")
