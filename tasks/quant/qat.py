@@ -111,9 +111,13 @@ def _embedding_hook(choice: str, row_range: str, head: torch.Tensor | None = Non
             is_head = torch.zeros(module.weight.shape[0], dtype=torch.bool,
                                   device=out.device)
             is_head[head.to(out.device)] = True
-            mask = is_head[args[0]][..., None]
-            return torch.where(mask, fake_rows(out, head_bits, row_range),
-                               fake_rows(out, scheme.bits, row_range))
+            mask = is_head[args[0]].reshape(-1)
+            rows = out.reshape(-1, out.shape[-1])
+            # each row through its own tier only (the MSE range search is the cost)
+            fake = rows.clone()
+            fake[mask] = fake_rows(rows[mask], head_bits, row_range)
+            fake[~mask] = fake_rows(rows[~mask], scheme.bits, row_range)
+            return fake.reshape(out.shape)
         return tiered
 
     def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
