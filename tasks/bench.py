@@ -183,7 +183,7 @@ SEARCHES: dict[str, SearchSuite] = {
     # weight-only layers lose nothing measurable (docs/benchmarks.md): the space is the item
     # table's precision, tiered by lookups (the head at int4, the tail at int2), one-shot: an
     # epoch of QAT fake-quantizes the whole 50k-row catalogue at every step (SASRec scores it
-    # all), over 20 minutes a trial on 2 cores, and left int4 rows where one-shot put them
+    # all), over 20 minutes a trial on 2 cores
     "search_sasrec": SearchSuite(RecipeSearch(trials=8, space=SearchSpace(
         student_dims=(0,), table_precision=("rowwise_int4", "tiered_int4_int2"),
         head_shares=(0.2, 0.3, 0.4, 0.5), linear_precision=("none", "int8_weight_only"),
