@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.stack import Stack, start_stack, stop_stack
+from flows.stack import Stack, load_stack, start_stack, stop_stack
 from infra.postgres import PostgresMissing, bin_dir, password
 from infra.process import alive
 from tests.stack_helpers import own_env as _own_env
@@ -60,8 +60,10 @@ def prod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         yield stack
     finally:
-        stop_stack(stack)
-        assert not [p for p in stack.pids() if alive(p)]  # PostgreSQL and the worker too
+        current = load_stack(Path(stack.state_dir)) or stack  # the pids after a restart
+        stop_stack(current)
+        left = [p for s in (stack, current) for p in s.pids() if alive(p)]
+        assert not left, left  # PostgreSQL and the worker too
 
 
 def _sql(stack: Stack, query: str) -> str:
@@ -138,8 +140,6 @@ def test_a_killed_postgresql_is_restarted_on_its_port_and_prefect_reads_it_again
     up = subprocess.run([RECSQUEEZE, "up", "--state-dir", prod.state_dir], env=_own_env(),
                         capture_output=True, text=True, timeout=300)
     assert up.returncode == 0 and "restarted postgres on the same ports" in up.stderr, up.stderr
-    from flows.stack import load_stack
-
     healed = load_stack(Path(prod.state_dir))
     assert healed is not None and healed.postgres is not None
     assert healed.postgres.port == prod.postgres.port and alive(healed.postgres.pid)
