@@ -72,6 +72,7 @@ def test_a_model_trained_on_cuda_scores_the_same_on_cpu_and_gpu(trained):
     FactorizeConfig(target="linear", rank=8),
     QuantizeConfig(linear="int8_weight_only", embeddings="rowwise_int4"),
     QuantizeConfig(linear="dynamic_int8", embeddings="rowwise_int8"),
+    QuantizeConfig(linear="int8_weight_only", embeddings="tiered_int4_int2", finetune_epochs=1),
 ], ids=lambda c: c.label())
 def test_every_stage_runs_with_a_cuda_device(trained, cfg):
     model, _, test, ctx = trained
