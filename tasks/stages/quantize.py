@@ -133,7 +133,8 @@ def quantize(model: nn.Module, cfg: QuantizeConfig, ctx: StageContext) -> nn.Mod
     tiered = [p for p, c in choices.items()
               if EMBEDDING.get(c) and EMBEDDING[c].head_bits is not None
               and isinstance(out.get_submodule(p), nn.Embedding)]
-    heads = heads_of(out.to(ctx.device), tiered, cfg.head_share, ctx.need("train_data")) \
+    # counted on the CPU copy: the conversion below runs on it too
+    heads = heads_of(out, tiered, cfg.head_share, ctx.need("train_data")) \
         if tiered else {}  # type: ignore[arg-type]
     for path, ids in heads.items():
         ctx.log(f"{cfg.label()}: {path}: {ids.numel()} head rows at "
