@@ -8,6 +8,7 @@ One row per plan, the seeds side by side (s0 / s1; several files are read as one
 adds a column for the family's default relative budget next to the suite's own 0.1%. The plan
 the gate chose is in bold. Rows of a bench that timed serving exports get a column for the
 exported program: its p99, eager p99 / its p99, and the baseline's program p99 / its p99.
+An orchestration bench's file (`--suite orchestration`) renders as one row per executor.
 """
 
 from __future__ import annotations
@@ -67,6 +68,32 @@ def render(rows: list[dict], budget: float | None) -> str:
     return "\n".join(lines)
 
 
+def _s(stats: dict | None) -> str:
+    if not stats or stats.get("median") is None:
+        return "-"
+    return f"{stats['median']:.2f} / {stats['p95']:.2f}"
+
+
+def render_orchestration(rows: list[dict]) -> str:
+    """The bare run and the flow on 1..n nodes: wall time, ratios, per-task overhead (median /
+    p95 seconds) and where it went."""
+    lines = ["| executor | wall s | overhead ratio | efficiency | overhead / task | first task on "
+             "a node | later tasks | of it S3 | of it other | node s in no task |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["config"] == "bare":
+            lines.append(f"| bare process | {r['wall_s']:.1f} | 1 | - | - | - | - | - | - | - |")
+            continue
+        ratio = f"{r['overhead_ratio']:.2f}" if "overhead_ratio" in r else "-"
+        eff = f"{r['parallel_efficiency']:.0%}" if "parallel_efficiency" in r else "-"
+        lines.append(
+            f"| flow, {r['nodes']} node(s) | {r['wall_s']:.1f} | {ratio} | {eff} | "
+            f"{_s(r['overhead_per_task_s'])} | {_s(r.get('overhead_first_task_on_node_s'))} | "
+            f"{_s(r.get('overhead_later_tasks_s'))} | {_s(r['where']['s3_s'])} | "
+            f"{_s(r['where']['other_s'])} | {r['unused_node_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_file", type=Path, nargs="+")
@@ -74,6 +101,9 @@ def main() -> None:
                         help="also judge the relative loss bound against this budget")
     args = parser.parse_args()
     rows = [row for f in args.json_file for row in json.loads(f.read_text())]
+    if rows and rows[0].get("suite") == "orchestration":
+        print(render_orchestration(rows))
+        return
     print(render(rows, args.budget))
 
 
