@@ -44,6 +44,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cluster.local import _inherited as _env  # the environment without RECSQUEEZE_*
 from flows.stack import load_stack, start_stack, stop_stack
 from tasks import iostats
 from tasks.execute import LocalExecutor, run_plan
@@ -102,11 +103,6 @@ def bare_run(request: CompressionRequest) -> tuple[float, dict[str, float], Grap
     start = time.perf_counter()
     run_plan(graph, executor)
     return time.perf_counter() - start, executor.seconds, graph
-
-
-def _env() -> dict[str, str]:
-    """Without RECSQUEEZE_* of the calling shell: each stack is found by its state dir."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("RECSQUEEZE_")}
 
 
 def _t(value: str | None) -> float:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
+
+from cluster.local import _inherited
 
 
 def own_env() -> dict[str, str]:
     """This process's environment without the session stack's RECSQUEEZE_* variables: they
     would take precedence over another stack's state dir (and its keys) in every process
     started with it."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("RECSQUEEZE_")}
+    return _inherited()
 
 
 def wait_flow_run(api: httpx.Client, run_id: str, timeout_s: float = 420) -> dict:
