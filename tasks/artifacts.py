@@ -54,7 +54,9 @@ def s3_client(settings: Settings) -> Any:
         "s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
         aws_access_key_id=settings.s3_access_key.get_secret_value(),
         aws_secret_access_key=settings.s3_secret_key.get_secret_value(),
-        config=Config(retries={"max_attempts": 5, "mode": "standard"},
+        # ~1 min of jittered backoff (standard mode: up to 20 s a wait): an S3 server that is
+        # restarted (`recsqueeze up`) or fails over is waited for, not reported as lost work
+        config=Config(retries={"max_attempts": 10, "mode": "standard"},
                       s3={"addressing_style": "path"}),
     )
 

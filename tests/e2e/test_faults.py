@@ -216,7 +216,7 @@ def test_s3_paused_30s_then_killed_and_restarted_by_up_mid_run(state, reference,
     code, report, errs, wall = run.finish()
     (tmp_path / "rerun").mkdir()
     report, outcome = _rerun_if_failed(state, "fault-s3", tmp_path, code, report, errs)
-    assert _essence(report) == reference
+    assert _essence(report) == reference, (report["failures"], errs[-3000:])
     _registry_consistent(_store(state), "fault-s3")
     _outcome("SeaweedFS SIGSTOP 30 s, then kill -9 and `recsqueeze up` 3 s later, mid-run",
              f"{outcome}, identical leaderboard and promotion (pause ended at {paused:.0f} s)",
