@@ -24,14 +24,19 @@ def worker_nodes() -> list[str]:
     return [n["NodeID"] for n in sorted(alive, key=lambda n: n["NodeManagerAddress"])]
 
 
-def check_fits_cluster(cpus_per_stage: float, gpus_per_stage: float) -> None:
+def check_fits_cluster(cpus_per_stage: float, gpus_per_stage: float,
+                       serving_device: str = "auto") -> None:
     """Refuse, before any work, a stage size no alive node can hold: Ray would queue the task
-    for ever (the flow run would stay RUNNING with nothing to say why)."""
+    for ever (the flow run would stay RUNNING with nothing to say why); and timing on a GPU
+    the cluster does not have."""
     import ray
 
     if not ray.is_initialized():
         return
     alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if serving_device == "cuda" and not any(r.get("GPU", 0) >= 1 for r in alive):
+        raise ValueError("resources.serving_device is 'cuda' but no Ray node has a GPU: set "
+                         "it to 'auto' or 'cpu', or add a GPU worker group")
     cpus = max((r.get("CPU", 0.0) for r in alive), default=0.0)
     if cpus_per_stage > cpus:
         raise ValueError(f"resources.cpus_per_stage ({cpus_per_stage:g}) is more than any Ray "
@@ -44,16 +49,27 @@ def check_fits_cluster(cpus_per_stage: float, gpus_per_stage: float) -> None:
                          f"{gpus:g}")
 
 
-def exclusive_options(node_id: str | None) -> dict[str, Any]:
-    """`remote_options` that hold every CPU of `node_id` (soft affinity): no other task is
-    scheduled on that node while this one runs (latency timing)."""
+def gpu_node() -> str | None:
+    """Id of the first alive node (by address) with a GPU and a CPU, None when there is none."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) >= 1
+             and n["Resources"].get("CPU", 0) > 0]
+    return min(alive, key=lambda n: n["NodeManagerAddress"])["NodeID"] if alive else None
+
+
+def exclusive_options(node_id: str | None, gpus: float = 0.0) -> dict[str, Any]:
+    """`remote_options` that hold every CPU of `node_id` (soft affinity), and `gpus` of its
+    GPUs: no other task is scheduled on that node while this one runs (latency timing)."""
     import ray
 
     cpus = 1.0
     if node_id is not None and ray.is_initialized():
         cpus = next((n["Resources"].get("CPU", 1.0) for n in ray.nodes()
                      if n["NodeID"] == node_id), 1.0)
-    return stage_options(cpus, 0, 0, node_id)
+    return stage_options(cpus, gpus, gpus, node_id)
 
 
 def stage_options(cpus: float, gpus: float, available_gpus: float,

@@ -225,7 +225,7 @@ def _read_request(path: Path) -> dict[str, object]:
 
 
 def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
-    from tasks.report import baseline_line
+    from tasks.report import baseline_line, timed_on
 
     console = Console(width=None if sys.stdout.isatty() else 200)  # no wrapping into a log
     b = report.baseline
@@ -246,12 +246,15 @@ def print_report(report, ui: str) -> None:  # type: ignore[no-untyped-def]
         table.add_column(col)
     for r in report.leaderboard:
         table.add_row(r.candidate, r.plan, f"{r.size_ratio:.2f}x", f"{r.delta:+.5f}",
-                      f"{r.loss_ci_high:.5f}", f"{r.p99_ms_bs512:.3f}",
+                      f"{r.loss_ci_high:.5f}",
+                      f"{r.p99_ms_bs512:.3f}" if r.p99_ms_bs512 is not None else "-",
                       (f"{r.latency_ratio:.2f}x [{r.latency_ratio_low:.2f}, "
                        f"{r.latency_ratio_high:.2f}]" if r.latency_ratio_low is not None else
                        f"{r.latency_ratio:.2f}x") if r.latency_ratio else "-",
                       "yes" if r.passed else "no: " + "; ".join(r.reasons), r.node_ip)
     console.print(table)
+    for line in timed_on(report.leaderboard):
+        console.print(line)
     for cand, error in report.failures.items():
         console.print(f"[red]failed[/red] {cand}: {error}")
     for cand, why in report.skipped.items():

@@ -53,7 +53,8 @@ def compress(request: CompressionRequest) -> GateReport:
     run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
     store = ArtifactStore(Settings())
     store.put_json(f"runs/{run_id}/request.json", request.model_dump(mode="json"))
-    check_fits_cluster(request.resources.cpus_per_stage, request.resources.gpus_per_stage)
+    check_fits_cluster(request.resources.cpus_per_stage, request.resources.gpus_per_stage,
+                       request.resources.serving_device)
 
     # 1. plan and execute: data, baseline, its checks, every candidate, NAS, latency
     executor = PrefectExecutor(refresh=not request.reuse_results)

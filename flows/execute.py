@@ -16,7 +16,13 @@ from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect_ray.context import remote_options
 
-from cluster.resources import cluster_gpus, exclusive_options, stage_options, worker_nodes
+from cluster.resources import (
+    cluster_gpus,
+    exclusive_options,
+    gpu_node,
+    stage_options,
+    worker_nodes,
+)
 from infra.settings import Settings
 from tasks.cache import cached, result_storage
 from tasks.execute import node_call
@@ -95,6 +101,11 @@ class PrefectExecutor:
              dataset: DatasetRef) -> list[CandidateResult]:
         """In one task that holds every CPU of its node, started once every other task is done
         (nothing else on its cores); each ratio gets a 95% interval."""
-        with remote_options(**exclusive_options(self.workers[0])):
+        resources = graph.request.resources
+        # on a GPU node, holding one of its GPUs, when the candidates are served on GPUs
+        gpu = resources.serving_device != "cpu" and self.gpus > 0
+        node = gpu_node() if gpu else self.workers[0]
+        with remote_options(**exclusive_options(node, gpus=1.0 if gpu else 0.0)):
             return time_candidates.submit(  # type: ignore[no-any-return]
-                baseline, results, dataset, graph.request.resources.timing_seconds).result()
+                baseline, results, dataset, resources.timing_seconds,
+                resources.serving_device).result()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
 
@@ -16,6 +17,26 @@ from tasks.quality import main_metric, quality
 from tasks.types import DEFAULT_KS, Latency, LatencyRatio, Metrics
 
 LATENCY_BATCHES = (1, 512)
+
+
+def device_label(dev: torch.device) -> str:
+    """What a latency was measured on, as a report names it: `cuda: NVIDIA H200` or
+    `cpu: 1 thread of AMD EPYC 7B13` (timing on CPU uses one intra-op thread)."""
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    return f"cpu: 1 thread of {cpu_model()}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
 
 
 @torch.inference_mode()
@@ -91,7 +112,8 @@ def _timed(models: list[nn.Module], data: Arrays, batch_sizes: tuple[int, ...], 
                     times[i].append((time.perf_counter() - t0) * 1e3)
         for i, t in enumerate(times):
             out[i].append(Latency(batch_size=bs, p50_ms=float(np.percentile(t, 50)),
-                                  p99_ms=float(np.percentile(t, 99))))
+                                  p99_ms=float(np.percentile(t, 99)),
+                                  device=device_label(torch.device("cpu"))))
     return [tuple(lat) for lat in out]
 
 
@@ -100,10 +122,14 @@ def latency_ratios(reference: nn.Module, models: list[nn.Module], data: Arrays,
                    min_rounds: int = 10, max_rounds: int = 60, width: float = 0.10,
                    max_seconds: float = 90.0, warmup: int = 10, resamples: int = 200,
                    clock: Callable[[], float] = time.perf_counter,
+                   device: torch.device | None = None,
                    ) -> tuple[tuple[Latency, ...], list[tuple[Latency, ...]],
                               list[tuple[LatencyRatio, ...]]]:
-    """The reference's and every model's CPU latency, timed side by side on one intra-op
-    thread, and each model's latency ratio (reference p99 / model p99) with a 95% interval.
+    """The reference's and every model's latency, timed side by side on `device` (CPU, on one
+    intra-op thread, by default), and each model's latency ratio (reference p99 / model p99)
+    with a 95% interval. On a CUDA device the models and inputs are moved there and every
+    call is timed to its end (`torch.cuda.synchronize`): what the GPU kernels cost, 2:4
+    sparse tensor cores and half precision included, not their CPU fallbacks.
 
     Rounds interleave all models (each runs `iters` timed calls per round, and each round
     starts at the next model, so no model is always timed right after a switch), so a busy
@@ -115,27 +141,36 @@ def latency_ratios(reference: nn.Module, models: list[nn.Module], data: Arrays,
     the machine's cores: the flow times all candidates in one task that holds its node's CPUs
     after every other stage is done.
     """
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        models = [m.to(device) for m in models]
+        reference = reference.to(device)
     with fixed_threads(1):
         return _ratios([reference, *models], data, batch_sizes, iters, min_rounds, max_rounds,
-                       width, max_seconds, warmup, resamples, clock)
+                       width, max_seconds, warmup, resamples, clock, device)
 
 
 @torch.inference_mode()
 def _ratios(models: list[nn.Module], data: Arrays, batch_sizes: tuple[int, ...], iters: int,
             min_rounds: int, max_rounds: int, width: float, max_seconds: float, warmup: int,
-            resamples: int, clock: Callable[[], float],
+            resamples: int, clock: Callable[[], float], device: torch.device,
             ) -> tuple[tuple[Latency, ...], list[tuple[Latency, ...]], list[tuple[LatencyRatio, ...]]]:
     rng = np.random.default_rng(0)
     lat: list[list[Latency]] = [[] for _ in models]
     ratios: list[list[LatencyRatio]] = [[] for _ in models[1:]]
+    # a CUDA call returns once its kernels are queued: time each to its end
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    label = device_label(device)
     start = clock()
     for bs in batch_sizes:
         idx = rng.integers(0, len(data), bs)
-        dense, sparse = torch.from_numpy(data.dense[idx]), torch.from_numpy(data.sparse[idx])
+        dense = torch.from_numpy(data.dense[idx]).to(device)
+        sparse = torch.from_numpy(data.sparse[idx]).to(device)
         for m in models:
             m.eval()
             for _ in range(warmup):
                 m(dense, sparse)
+        sync()
         rounds: list[np.ndarray] = []  # [models, iters] per round
         while True:
             for _ in range(min_rounds):
@@ -148,6 +183,7 @@ def _ratios(models: list[nn.Module], data: Arrays, batch_sizes: tuple[int, ...],
                     for j in range(iters):
                         t0 = clock()
                         m(dense, sparse)
+                        sync()
                         block[i, j] = (clock() - t0) * 1e3
                 rounds.append(block)
             times = np.stack(rounds, 1)  # [models, rounds, iters]
@@ -158,11 +194,11 @@ def _ratios(models: list[nn.Module], data: Arrays, batch_sizes: tuple[int, ...],
         flat = times.reshape(len(models), -1)
         for i in range(len(models)):
             lat[i].append(Latency(batch_size=bs, p50_ms=float(np.percentile(flat[i], 50)),
-                                  p99_ms=float(np.percentile(flat[i], 99))))
+                                  p99_ms=float(np.percentile(flat[i], 99)), device=label))
         for i in range(len(models) - 1):
             ratios[i].append(LatencyRatio(batch_size=bs, value=float(value[i]),
                                           ci_low=float(low[i]), ci_high=float(high[i]),
-                                          rounds=len(rounds)))
+                                          rounds=len(rounds), device=label))
     return tuple(lat[0]), [tuple(x) for x in lat[1:]], [tuple(r) for r in ratios]
 
 

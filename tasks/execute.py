@@ -253,7 +253,8 @@ class LocalExecutor:
              dataset: DatasetRef) -> list[CandidateResult]:
         with using_store(self.store):
             return time_candidates.fn(baseline, results, dataset,
-                                      graph.request.resources.timing_seconds)
+                                      graph.request.resources.timing_seconds,
+                                      graph.request.resources.serving_device)
 
 
 def fingerprint(executed: Executed) -> dict[str, object]:

@@ -30,6 +30,7 @@ def leaderboard(baseline: Metrics, results: list[CandidateResult],
             else None,
             latency_ratio_low=ratio.ci_low if ratio else None,
             latency_ratio_high=ratio.ci_high if ratio else None,
+            latency_device=ratio.device if ratio else None,
             passed=decisions[r.candidate.id].passed, reasons=decisions[r.candidate.id].reasons,
             node_ip=r.node_ip,
         ))
@@ -65,9 +66,23 @@ def markdown(report: GateReport) -> str:
         f"Baseline: {baseline_line(b)}"
         + (f"; Bayes-optimal AUC of the generator {bayes:.5f}" if bayes and b.main == "auc"
            else "")
-        + f"\n\n{checks(report)}\n\n{_table(report.leaderboard, b.main)}\n\n{promoted}"
-        f"{failures}\n"
+        + f"\n\n{checks(report)}\n\n{_table(report.leaderboard, b.main)}\n\n"
+        + "".join(f"{line}\n\n" for line in timed_on(report.leaderboard))
+        + f"{promoted}{failures}\n"
     )
+
+
+def timed_on(rows: tuple[LeaderboardRow, ...]) -> list[str]:
+    """Where the latencies were measured: one line per device (the serving device; a
+    candidate that could not run there was timed on CPU, and its line names it)."""
+    devices: dict[str, list[str]] = {}
+    for r in rows:
+        if r.latency_device:
+            devices.setdefault(r.latency_device, []).append(r.candidate)
+    if len(devices) == 1:
+        return [f"Latency (p99, ratio) timed side by side with the baseline on {next(iter(devices))}"]
+    return [f"Latency of {', '.join(c)} timed side by side with the baseline on {d}"
+            for d, c in devices.items()]
 
 
 def checks(report: GateReport) -> str:

@@ -49,6 +49,7 @@ from tasks.runtime import (
 from tasks.stages import StageContext, apply_stage, calibrate
 from tasks.stages.calibrate import table_bytes
 from tasks.stages.context import StageSkipped
+from tasks.timing import serving_device, time_on_devices
 from tasks.train import train
 from tasks.types import (
     DEFAULT_KS,
@@ -96,7 +97,10 @@ def _transient(task: object, task_run: object, state: State) -> bool:
     return not isinstance(exc, (ValueError, TypeError, KeyError, AssertionError, StageSkipped))
 
 
-_TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2,
+# three retries, 2 s, 10 s and 30 s after a failure: a lost node or an S3 server being brought
+# back by `recsqueeze up` is outlasted; bad input is not retried (`_transient`)
+_TASK = dict(cache_policy=NO_CACHE, persist_result=False, retries=3,
+             retry_delay_seconds=[2, 10, 30],
              retry_condition_fn=_transient)
 
 
@@ -281,26 +285,33 @@ def validate_candidate(built: Built, dataset: DatasetRef, baseline: Built, rows:
 
 @task(name="time-candidates", **_TASK)
 def time_candidates(baseline: Built, results: list[CandidateResult], dataset: DatasetRef,
-                    max_seconds: float = 90.0) -> list[CandidateResult]:
+                    max_seconds: float = 90.0, serving: str = "auto") -> list[CandidateResult]:
     """Every candidate's latency and latency ratio with its 95% interval, timed side by side
     with the baseline in this one task - which the flow starts after every other task, holding
-    all CPUs of its node, so nothing else runs on its cores while it times."""
+    all CPUs of its node (and a GPU, to time on one), so nothing else runs on its cores.
+
+    Timed on the serving device (`serving_device`); a candidate whose modules have no kernel
+    there is timed on CPU instead, with the baseline beside it, and its rows say so."""
     store = current_store()
     reference, spec = store.get_model(baseline.model)
     models = [store.get_model(r.model)[0] for r in results]
     test = arrays(dataset, "test", spec)
     # a retrieval forward scores the whole catalogue (tens of ms): fewer calls per round
     iters = 25 if spec.problem_kind() == "ranking" else 10
-    base_lat, lats, ratios = latency_ratios(reference, models, test, iters=iters,
-                                            max_seconds=max_seconds)
-    for r, ratio in zip(results, ratios):
+    timed = time_on_devices(
+        reference, models, test, target=serving_device(serving), iters=iters,
+        max_seconds=max_seconds,
+        warn=lambda i, why: run_logger().warning("latency of %s: %s", results[i].candidate.id, why))
+    out = []
+    for i, r in enumerate(results):
+        base_lat, lat, ratio = timed[i]
         wide = [x for x in ratio if x.ci_high - x.ci_low > 0.1 * x.value]
         if wide:
             run_logger().warning("latency of %s: interval still wide after %d rounds: %s",
-                                     r.candidate.id, wide[0].rounds, wide)
-    return [r.model_copy(update={"metrics": r.metrics.model_copy(update={"latency": lat}),
-                                 "baseline_latency": base_lat, "latency_ratio": ratio})
-            for r, lat, ratio in zip(results, lats, ratios)]
+                                 r.candidate.id, wide[0].rounds, wide)
+        out.append(r.model_copy(update={"metrics": r.metrics.model_copy(update={"latency": lat}),
+                                        "baseline_latency": base_lat, "latency_ratio": ratio}))
+    return out
 
 
 @task(name="evaluate-champion", **_TASK)

@@ -66,7 +66,8 @@ def version_summary(reg: Registry, model: str, version: int) -> dict[str, Any]:
         serving = json.loads(_doc(reg, model, version, f"{EXPORT_DIR}/{SERVING}", info))
         export_error = serving.get("error")
     ratios = [{"batch_size": r.batch_size, "value": r.value, "ci_low": r.ci_low,
-               "ci_high": r.ci_high, "side_by_side": True} for r in metrics.latency_ratio]
+               "ci_high": r.ci_high, "device": r.device, "side_by_side": True}
+              for r in metrics.latency_ratio]
     if not ratios:  # a version promoted before the ratio was recorded: from the two runs' p99s
         ratios = [{"batch_size": lat.batch_size, "value": base_p99 / lat.p99_ms,
                    "side_by_side": False} for lat in m.latency

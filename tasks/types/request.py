@@ -21,6 +21,10 @@ class Resources(Frozen):
     gpus_per_stage: float = Field(
         1.0, ge=0, description="Ray num_gpus per stage, used only if the cluster has GPUs"
     )
+    serving_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where candidates are timed: the device they would be served on "
+        "(auto: a GPU when the Ray cluster has one, else one CPU thread); 2:4 sparsity and "
+        "fp16/bf16 are judged on the GPU kernels only with a GPU")
     timing_seconds: float = Field(
         90.0, gt=0, le=3600,
         description="Most seconds the side-by-side latency timing of all candidates may take "

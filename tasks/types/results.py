@@ -20,10 +20,16 @@ class Estimate(Measured):
     ci_high: float
 
 
+# what a latency recorded before the device was named was timed on
+_CPU = "cpu"
+
+
 class Latency(Measured):
     batch_size: int
     p50_ms: float
     p99_ms: float
+    device: str = Field(_CPU, description="what it was timed on, e.g. 'cuda: NVIDIA H200' or "
+                                          "'cpu: 1 thread of <CPU model>'")
 
 
 class LatencyRatio(Measured):
@@ -33,6 +39,7 @@ class LatencyRatio(Measured):
     value: float = Field(description="the ratio of the pooled p99s")
     ci_low: float = Field(description="lower end of its 95% interval (bootstrap over rounds)")
     ci_high: float = Field(description="upper end of its 95% interval")
+    device: str = Field(_CPU, description="what both were timed on (the serving device)")
     rounds: int = Field(description="interleaved timing rounds it took")
 
 
@@ -125,6 +132,8 @@ class LeaderboardRow(Measured):
     latency_ratio: float | None
     latency_ratio_low: float | None = Field(None, description="95% interval of latency_ratio")
     latency_ratio_high: float | None = Field(None, description="95% interval of latency_ratio")
+    latency_device: str | None = Field(None, description="what p99 and latency_ratio were "
+                                                         "timed on (the serving device)")
     passed: bool
     reasons: tuple[str, ...]
     node_ip: str

@@ -323,6 +323,8 @@ def _keys(store: ArtifactStore, prefix: str) -> dict[str, str]:
      "run refused: dataset.uri: no dataset at s3://artifacts/datasets/nope/"),
     ('{"dataset": {"builtin": "tiny"}, "resources": {"cpus_per_stage": 100}}',
      "run refused: resources.cpus_per_stage (100) is more than any Ray node has"),
+    ('{"dataset": {"builtin": "tiny"}, "resources": {"serving_device": "cuda"}}',
+     "run refused: resources.serving_device is 'cuda' but no Ray node has a GPU"),
 ])
 def test_cli_refuses_malformed_request_before_touching_anything(raw, needle, stack, tmp_path,
                                                                 settings):
@@ -419,6 +421,10 @@ def test_the_promoted_version_carries_an_export_that_plain_torch_loads(first_run
     assert summary["budget"]["metrics"]["main"]["max_drop"] == 0.001
     assert summary["ratios"]["latency_p99"] and summary["ratios"]["latency_p99"][0][
         "side_by_side"]
+    # timed on this CPU-only cluster's one thread, and every row and the summary say so
+    assert {r.latency_device for r in report.leaderboard} == {
+        summary["ratios"]["latency_p99"][0]["device"]}
+    assert summary["ratios"]["latency_p99"][0]["device"].startswith("cpu: 1 thread of ")
     assert summary["lineage"]["dataset_sha256"] == report.dataset.sha256
     assert summary["uris"]["export/model.pt2"].startswith("s3://")
     assert summary["export_error"] is None

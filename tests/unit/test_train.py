@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from tasks.data import Arrays, to_arrays
@@ -149,3 +150,18 @@ def test_real_models_are_timed_side_by_side_with_the_reference():
     for lat, ratio in zip(lats, ratios):
         assert [r.rounds for r in ratio] == [4, 4] and all(x.p99_ms > 0 for x in lat)
         assert all(r.ci_low <= r.value <= r.ci_high for r in ratio)
+    # every figure names what it was timed on: here one CPU thread of this machine's CPU
+    from tasks.evaluate import cpu_model
+
+    named = {x.device for x in (*base, *lats[0], *ratios[0])}
+    assert named == {f"cpu: 1 thread of {cpu_model()}"}, named
+
+
+def test_timing_on_a_gpu_that_is_not_there_is_refused_by_name():
+    from tasks.timing import serving_device
+
+    with pytest.raises(ValueError, match=r"resources.serving_device is 'cuda' but the timing "
+                                         r"task got no GPU"):
+        serving_device("cuda")
+    assert serving_device("cpu").type == "cpu"
+    assert serving_device("auto").type == "cpu"  # no Ray GPU here: CPU, never assumed CUDA
