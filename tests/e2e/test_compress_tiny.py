@@ -37,7 +37,7 @@ from tests.serving_check import score_without_recsqueeze, write_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 # these tests check what the flow does with latencies, not how narrow their intervals get
-QUICK_TIMING = Resources(timing_seconds=10)
+QUICK_TIMING = Resources(timing_seconds=5)
 
 
 STUDENT = DlrmSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64,))

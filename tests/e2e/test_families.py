@@ -39,7 +39,7 @@ from tests.serving_check import score_without_recsqueeze, write_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 # these tests check what the flow does with latencies, not how narrow their intervals get
-QUICK_TIMING = Resources(timing_seconds=10)
+QUICK_TIMING = Resources(timing_seconds=5)
 
 TINY = DatasetRequest(builtin="tiny")
 # the stages the default plans of the retrieval families leave out: calibration + mixed

@@ -26,6 +26,7 @@ from tasks.types import (
     CompressionRequest,
     DatasetRequest,
     QuantizeConfig,
+    Resources,
     TrainConfig,
 )
 
@@ -35,6 +36,7 @@ ONE = (Candidate(id="int8-emb", plan=(QuantizeConfig(linear="none"),)),)
 
 
 def _request(name: str, **kw) -> CompressionRequest:
+    kw.setdefault("resources", Resources(timing_seconds=5))  # the gate is tested, not latency
     return CompressionRequest(model_name=name, dataset=DatasetRequest(builtin="tiny"),
                               train=TrainConfig(epochs=1, batch_size=512), candidates=ONE, **kw)
 
