@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,18 @@ from tasks.types import CompressionRequest, DatasetRequest
 app = typer.Typer(help="Distributed compression of recommendation models.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(registry_app, name="registry")
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a `timeout`, a scheduler, `kill`) exits as Ctrl-C does: through the finally
+    blocks, so a bench or a demo killed mid-run stops the stacks it started instead of leaving
+    a Prefect server, S3 and Ray nodes running."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+@app.callback()
+def _main() -> None:
+    _exit_on_sigterm()
 
 
 @app.command()

@@ -63,3 +63,30 @@ def test_the_request_has_every_stage_kind_and_no_search_or_cache():
     assert kinds == {"quantize", "prune", "factorize", "distill"}
     graph = plan(request)
     assert any(n.op == "calibrate" for n in graph.nodes.values())  # mixed precision's
+
+
+def test_a_terminated_command_runs_its_finally_blocks():
+    """`timeout` or a scheduler stops a bench with SIGTERM: the CLI exits through its finally
+    blocks (where the bench stops the stacks it started), not at once."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import os, signal, time
+        from flows.cli import app
+
+        @app.command("hold")
+        def hold() -> None:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+            finally:
+                print("stopped what it started", flush=True)
+
+        app(["hold"])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "stopped what it started" in done.stdout
