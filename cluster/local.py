@@ -237,10 +237,24 @@ def start_local_cluster(
             nodes.append(RayNode(ip, _start_node(args, env, log), False, str(log), tuple(args)))
             cluster = LocalRayCluster(address, head_ip, str(token_path), temp_dir, tuple(nodes))
             _wait_nodes(address, {head_ip, *worker_ips[:k + 1]}, env, timeout_s)
-    except BaseException:
+    except BaseException as failure:
+        _keep_logs(temp_dir, state_dir / "ray-logs")
         stop_local_cluster(cluster)
+        if isinstance(failure, TimeoutError):
+            raise TimeoutError(f"{failure}; read {state_dir}/ray-*.log and Ray's own logs in "
+                               f"{state_dir / 'ray-logs'}") from failure
         raise
     return cluster
+
+
+def _keep_logs(temp_dir: str, into: Path) -> None:
+    """Copy the Ray session's own logs (GCS, raylets, agents) out of its temp dir, which
+    stopping removes, so that a start that failed can be read afterwards."""
+    logs = Path(temp_dir) / "session_latest" / "logs"
+    if logs.is_dir():
+        shutil.rmtree(into, ignore_errors=True)
+        shutil.copytree(logs, into, ignore=shutil.ignore_patterns("*.sock", "events"),
+                        dirs_exist_ok=True)
 
 
 def _inherited() -> dict[str, str]:

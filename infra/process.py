@@ -22,17 +22,11 @@ class PortTaken(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1", also_free_offset: int = 0) -> int:
-    """A free TCP port on `host`; with `also_free_offset`, port+offset must be free too
-    (SeaweedFS puts each gRPC port at http port + 10000)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if also_free_offset == 0:
-            return port
-        if port + also_free_offset < 65536 and port_free(host, port + also_free_offset):
-            return port
-    raise RuntimeError(f"no free port pair on {host}")
+    """A free TCP port on `host`, below the kernel's ephemeral range (`free_port_block`: a
+    server keeps its port across restarts, and no outgoing connection takes it meanwhile);
+    with `also_free_offset`, port+offset must be free too (SeaweedFS puts each gRPC port at
+    http port + 10000)."""
+    return free_port_block(host, 1 + also_free_offset, set(), only=(0, also_free_offset))
 
 
 def port_free(host: str, port: int) -> bool:
@@ -47,13 +41,30 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def free_port_block(host: str, count: int, taken: set[int]) -> int:
-    """First port of `count` consecutive free ports on `host` (random start, 20000-59999),
-    none of them in `taken`; the block is added to `taken`."""
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections (Linux's
+    ip_local_port_range; 32768 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port_block(host: str, count: int, taken: set[int],
+                    only: tuple[int, ...] | None = None) -> int:
+    """First port of `count` consecutive free ports on `host`, none of them in `taken`; the
+    block is added to `taken` (with `only`: just those offsets of the block need be free,
+    and are added). The block lies below the kernel's ephemeral range (random
+    start from 10000): a port there is free when checked but may be any outgoing
+    connection's source port a minute later, and a Ray node binds its worker ports for as
+    long as it runs (a raylet that cannot bind never registers; `ray start` then waits)."""
+    low, high = 10000, _ephemeral_low() - count
+    if high <= low:  # a range configured down to the low ports: take what is above it
+        low, high = 20000, 65536 - count
     rng = secrets.SystemRandom()
     for _ in range(200):
-        base = rng.randrange(20000, 60000 - count)
-        ports = range(base, base + count)
+        base = rng.randrange(low, high)
+        ports = [base + k for k in only] if only is not None else range(base, base + count)
         if not taken.intersection(ports) and all(port_free(host, p) for p in ports):
             taken.update(ports)
             return base
