@@ -122,8 +122,10 @@ def flow_run(request: CompressionRequest, state: Path, workers: int, base_ip: in
     os.environ.clear()
     os.environ.update(_env())
     try:
+        # head_cpus=0: the head runs no task, so n worker nodes are n CPUs (with a CPU of its
+        # own the head was one more node, and "1 node" ran two tasks at a time)
         stack = start_stack(state, head_ip=head, worker_ips=nodes, cpus_per_node=1,
-                            serve_deployments=False)
+                            serve_deployments=False, head_cpus=0)
     finally:
         os.environ.clear()
         os.environ.update(saved)

@@ -90,3 +90,25 @@ def test_a_terminated_command_runs_its_finally_blocks():
                           timeout=120)
     assert done.returncode == 143, done.stderr[-2000:]
     assert "stopped what it started" in done.stdout
+
+
+def test_the_flow_runs_on_its_worker_nodes_only(tmp_path, monkeypatch):
+    """n nodes in the bench are n one-CPU worker nodes: the head holds no CPU (with one it
+    was a node more, and the 1-node run ran two tasks at a time beside a one-thread bare
+    run)."""
+    import flows.orchestration as orchestration
+
+    asked = {}
+
+    class Asked(Exception):
+        pass
+
+    def start_stack(state, **kwargs):
+        asked.update(kwargs)
+        raise Asked
+
+    monkeypatch.setattr(orchestration, "start_stack", start_stack)
+    with pytest.raises(Asked):
+        orchestration.flow_run(orchestration_request("tiny"), tmp_path, 2, 50, print)
+    assert asked["head_cpus"] == 0 and asked["cpus_per_node"] == 1
+    assert len(asked["worker_ips"]) == 2
