@@ -26,8 +26,15 @@ all task runs: node time spent in no task (the driver's own work: planning, the 
 report; task submission and Ray scheduling; and the idle time the plan's dependencies leave,
 e.g. every node but one while the baseline trains).
 
+`outside_tasks` splits the wall time no task ran through: the driver's start (to the first
+task), its end (from the last task: the gate, the report), and the time in between when no
+node ran any task (results travelling back and the next submission, on the critical path).
+
 Ratios (DESIGN §3: side by side, one run of the command): overhead = (b) / (a); parallel
-efficiency at n nodes = (b) / (n x wall(n)).
+efficiency at n nodes = (b) / (n x wall(n)). Beside it, `plan_bound_efficiency`: the same
+ratio for the bare node times scheduled on n nodes with no orchestration cost
+(`plan_bound`): what the plan's dependencies allow at best (the baseline trains alone, and
+the candidates are timed alone on one node).
 """
 
 from __future__ import annotations
@@ -176,7 +183,8 @@ def flow_run(request: CompressionRequest, state: Path, workers: int, base_ip: in
                     if len(page) < 200:
                         break
         return {"wall_s": _t(run["end_time"]) - _t(run["start_time"]), "tasks": tasks,
-                "io": io, "node_of": node_of}
+                "io": io, "node_of": node_of, "start": _t(run["start_time"]),
+                "end": _t(run["end_time"])}
     finally:
         current = load_stack(state) or stack
         stop_stack(current)
@@ -215,6 +223,51 @@ def _split(flow: dict[str, Any], bare_s: dict[str, float]) -> dict[str, Any]:
                   "logged": len(flow["io"])}
 
 
+def _timeline(flow: dict[str, Any]) -> dict[str, Any]:
+    """Where the flow's wall time went outside its tasks: the driver's start (flow run start to
+    the first task's start: connecting to Ray, planning, submitting), its end (the last task's
+    end to the flow run's end: the gate, the report, the artifacts), the time between when no
+    task ran on any node (results travelling back, the driver's next submission: on the
+    critical path), and on each node the gap between one task's end and its next one's start."""
+    spans = sorted((_t(t["start_time"]), _t(t["end_time"]), flow["node_of"].get(t["id"]))
+                   for t in flow["tasks"] if t.get("start_time") and t.get("end_time"))
+    if not spans:
+        return {"driver_start_s": None, "driver_end_s": None, "no_task_running_s": None,
+                "node_gaps_s": _stats([])}
+    idle, reach = 0.0, spans[0][0]
+    for start, end, _ in spans:  # the union of the task runs' intervals
+        idle += max(0.0, start - reach)
+        reach = max(reach, end)
+    gaps: list[float] = []
+    last_end: dict[str, float] = {}
+    for start, end, node in spans:
+        if node is None:
+            continue
+        if node in last_end:
+            gaps.append(max(0.0, start - last_end[node]))
+        last_end[node] = max(end, last_end.get(node, end))
+    return {"driver_start_s": spans[0][0] - flow["start"],
+            "driver_end_s": flow["end"] - reach,
+            "no_task_running_s": idle, "node_gaps_s": _stats(gaps)}
+
+
+def plan_bound(graph: Graph, bare_s: dict[str, float], serial_s: float, n: int) -> float:
+    """The wall time the plan allows on `n` one-CPU nodes with no orchestration cost at all:
+    each node's bare seconds, in plan order, on the first node free once its parents are done
+    (a greedy list schedule, as a FIFO scheduler places them), plus what the bare run did
+    outside the nodes (`serial_s`: timing the candidates, the gate, the report). Its ratio to
+    the one-node bound is the parallel efficiency the plan's dependencies leave possible."""
+    free = [0.0] * n
+    done: dict[str, float] = {}
+    for key, node in graph.nodes.items():
+        if key not in bare_s:
+            continue
+        ready = max((done[p] for p in node.parents if p in done), default=0.0)
+        i = min(range(n), key=free.__getitem__)
+        done[key] = free[i] = max(free[i], ready) + bare_s[key]
+    return max(done.values(), default=0.0) + serial_s
+
+
 def _stats(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"median": None, "p95": None, "sum": 0.0}
@@ -233,9 +286,11 @@ def run_orchestration(size: str = "tiny", node_counts: tuple[int, ...] = (1, 2, 
     per_op: dict[str, float] = {}
     for key, seconds in bare_s.items():
         per_op[graph.nodes[key].op] = per_op.get(graph.nodes[key].op, 0.0) + seconds
+    serial_s = bare_wall - sum(bare_s.values())
     rows: list[dict[str, Any]] = [{
         "suite": "orchestration", "size": size, "config": "bare", "nodes": 0,
-        "wall_s": bare_wall, "tasks": len(bare_s), "seconds_by_op": per_op}]
+        "wall_s": bare_wall, "tasks": len(bare_s), "seconds_by_op": per_op,
+        "outside_nodes_s": serial_s}]
     one = None
     with tempfile.TemporaryDirectory(prefix="recsqueeze-orch-") as tmp:
         for i, n in enumerate(node_counts):
@@ -255,7 +310,9 @@ def run_orchestration(size: str = "tiny", node_counts: tuple[int, ...] = (1, 2, 
                 "s3_bytes": split["s3_bytes"], "tasks_with_io_line": split["logged"],
                 "task_running_s": split["task_s"],
                 "unused_node_s": n * wall - split["task_s"],
+                "outside_tasks": _timeline(flow),
                 "bare_wall_s": bare_wall,
+                "plan_bound_wall_s": plan_bound(graph, bare_s, serial_s, n),
             }
             if one is None:
                 one = wall
@@ -264,6 +321,8 @@ def run_orchestration(size: str = "tiny", node_counts: tuple[int, ...] = (1, 2, 
             else:
                 row["speedup_vs_1_node"] = one / wall
                 row["parallel_efficiency"] = one / (n * wall)
+                # what the plan's dependencies allow at best (no orchestration cost at all)
+                row["plan_bound_efficiency"] = bare_wall / (n * row["plan_bound_wall_s"])
             rows.append(row)
             log(f"orchestration: {n} node(s): {wall:.1f}s"
                 f" (bare {bare_wall:.1f}s)")

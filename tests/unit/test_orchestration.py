@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.orchestration import _split, _stats, orchestration_request
+from flows.orchestration import _split, _stats, _timeline, orchestration_request, plan_bound
 from tasks import iostats
 from tasks.artifacts import deserialize_model, serialize_model
 from tasks.models import build
@@ -54,6 +54,38 @@ def test_each_task_is_matched_to_its_node_and_its_overhead_split():
     stats = _stats([1.0, 2.0, 3.0, 10.0])
     assert stats["median"] == 2.5 and stats["p95"] == 10.0 and stats["sum"] == 16.0
     assert _stats([])["median"] is None
+
+
+def test_the_time_outside_tasks_is_split_into_driver_start_end_and_idle_gaps():
+    flow = {"start": _task("x", 0, 0, "")["start_time"], "end": None,
+            "tasks": [_task("dataset-1", 1.0, 2.0, "t1"), _task("baseline-2", 2.5, 4.0, "t2"),
+                      _task("stage-3", 4.0, 6.0, "t3"), _task("stage-4", 4.2, 5.0, "t4"),
+                      _task("time-5", 7.0, 8.0, "t5")],
+            "node_of": {"t1": "n1", "t2": "n1", "t3": "n1", "t4": "n2", "t5": "n2"}}
+    from flows.orchestration import _t
+    flow["start"], flow["end"] = _t(flow["start"]), _t(_task("x", 0, 9.5, "")["end_time"])
+    out = _timeline(flow)
+    assert out["driver_start_s"] == pytest.approx(1.0)
+    assert out["driver_end_s"] == pytest.approx(1.5)
+    assert out["no_task_running_s"] == pytest.approx(0.5 + 1.0)  # 2.0-2.5 and 6.0-7.0
+    # n1: 0.5 then 0.0; n2: 5.0 -> 7.0 is 2.0
+    assert out["node_gaps_s"]["sum"] == pytest.approx(2.5)
+    assert _timeline({"tasks": [], "node_of": {}})["driver_start_s"] is None
+
+
+def test_the_plan_bound_follows_the_dependencies():
+    request = orchestration_request("tiny")
+    graph = plan(request)
+    bare = {key: 1.0 for key in graph.nodes}
+    # one node: every node after the other, plus what ran outside them
+    assert plan_bound(graph, bare, 2.0, 1) == pytest.approx(len(graph.nodes) + 2.0)
+    # many nodes: no faster than the longest chain of parents
+    depth: dict[str, int] = {}
+    for key, node in graph.nodes.items():
+        depth[key] = 1 + max((depth[p] for p in node.parents), default=0)
+    assert plan_bound(graph, bare, 0.0, 50) == pytest.approx(max(depth.values()))
+    two = plan_bound(graph, bare, 0.0, 2)
+    assert max(depth.values()) <= two < len(graph.nodes)
 
 
 def test_the_request_has_every_stage_kind_and_no_search_or_cache():
