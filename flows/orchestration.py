@@ -229,26 +229,28 @@ def _timeline(flow: dict[str, Any]) -> dict[str, Any]:
     end to the flow run's end: the gate, the report, the artifacts), the time between when no
     task ran on any node (results travelling back, the driver's next submission: on the
     critical path), and on each node the gap between one task's end and its next one's start."""
-    spans = sorted((_t(t["start_time"]), _t(t["end_time"]), flow["node_of"].get(t["id"]))
-                   for t in flow["tasks"] if t.get("start_time") and t.get("end_time"))
+    spans = sorted((_t(t["start_time"]), _t(t["end_time"]), flow["node_of"].get(t["id"]),
+                    t["name"]) for t in flow["tasks"] if t.get("start_time") and t.get("end_time"))
     if not spans:
         return {"driver_start_s": None, "driver_end_s": None, "no_task_running_s": None,
                 "node_gaps_s": _stats([])}
     idle, reach = 0.0, spans[0][0]
-    for start, end, _ in spans:  # the union of the task runs' intervals
+    for start, end, _, _ in spans:  # the union of the task runs' intervals
         idle += max(0.0, start - reach)
         reach = max(reach, end)
-    gaps: list[float] = []
+    gaps: list[tuple[float, str]] = []
     last_end: dict[str, float] = {}
-    for start, end, node in spans:
+    for start, end, node, name in spans:
         if node is None:
             continue
         if node in last_end:
-            gaps.append(max(0.0, start - last_end[node]))
+            gaps.append((max(0.0, start - last_end[node]), name))
         last_end[node] = max(end, last_end.get(node, end))
     return {"driver_start_s": spans[0][0] - flow["start"],
             "driver_end_s": flow["end"] - reach,
-            "no_task_running_s": idle, "node_gaps_s": _stats(gaps)}
+            "no_task_running_s": idle, "node_gaps_s": _stats([g for g, _ in gaps]),
+            # the longest waits on a node, named by the task that ended them
+            "longest_gaps_before": [[name, round(g, 3)] for g, name in sorted(gaps)[::-1][:5]]}
 
 
 def plan_bound(graph: Graph, bare_s: dict[str, float], serial_s: float, n: int) -> float:

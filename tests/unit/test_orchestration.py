@@ -70,6 +70,7 @@ def test_the_time_outside_tasks_is_split_into_driver_start_end_and_idle_gaps():
     assert out["no_task_running_s"] == pytest.approx(0.5 + 1.0)  # 2.0-2.5 and 6.0-7.0
     # n1: 0.5 then 0.0; n2: 5.0 -> 7.0 is 2.0
     assert out["node_gaps_s"]["sum"] == pytest.approx(2.5)
+    assert out["longest_gaps_before"][0] == ["time-5", 2.0]
     assert _timeline({"tasks": [], "node_of": {}})["driver_start_s"] is None
 
 
