@@ -75,22 +75,39 @@ def _s(stats: dict | None) -> str:
 
 
 def render_orchestration(rows: list[dict]) -> str:
-    """The bare run and the flow on 1..n nodes: wall time, ratios, per-task overhead (median /
-    p95 seconds) and where it went."""
-    lines = ["| executor | wall s | overhead ratio | efficiency | overhead / task | first task on "
-             "a node | later tasks | of it S3 | of it other | node s in no task |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """The bare run and the flow on 1..n nodes: wall time, ratios (with the efficiency the
+    plan's dependencies allow), per-task overhead (median / p95 seconds) and where it went;
+    then the time outside tasks."""
+    lines = ["| executor | wall s | overhead ratio | efficiency (the plan allows) | overhead / "
+             "task | first task on a node | later tasks | of it S3 | of it other |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["config"] == "bare":
-            lines.append(f"| bare process | {r['wall_s']:.1f} | 1 | - | - | - | - | - | - | - |")
+            lines.append(f"| bare process | {r['wall_s']:.1f} | 1 | - | - | - | - | - | - |")
             continue
         ratio = f"{r['overhead_ratio']:.2f}" if "overhead_ratio" in r else "-"
-        eff = f"{r['parallel_efficiency']:.0%}" if "parallel_efficiency" in r else "-"
+        eff = "-"
+        if "parallel_efficiency" in r:
+            eff = f"{r['parallel_efficiency']:.0%}"
+            if "plan_bound_efficiency" in r:
+                eff += f" ({r['plan_bound_efficiency']:.0%})"
         lines.append(
             f"| flow, {r['nodes']} node(s) | {r['wall_s']:.1f} | {ratio} | {eff} | "
             f"{_s(r['overhead_per_task_s'])} | {_s(r.get('overhead_first_task_on_node_s'))} | "
             f"{_s(r.get('overhead_later_tasks_s'))} | {_s(r['where']['s3_s'])} | "
-            f"{_s(r['where']['other_s'])} | {r['unused_node_s']:.1f} |")
+            f"{_s(r['where']['other_s'])} |")
+    flows = [r for r in rows if r["config"] != "bare" and "outside_tasks" in r]
+    if flows:
+        lines += ["", "| executor | driver start s | driver end s | no task running s | gap "
+                  "between tasks on a node | node s in no task | S3 MB moved |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in flows:
+            out = r["outside_tasks"]
+            lines.append(
+                f"| flow, {r['nodes']} node(s) | {out['driver_start_s']:.1f} | "
+                f"{out['driver_end_s']:.1f} | {out['no_task_running_s']:.1f} | "
+                f"{_s(out['node_gaps_s'])} | {r['unused_node_s']:.1f} | "
+                f"{r['s3_bytes'] / 1e6:,.0f} |")
     return "\n".join(lines)
 
 

@@ -145,3 +145,25 @@ def test_the_flow_runs_on_its_worker_nodes_only(tmp_path, monkeypatch):
         orchestration.flow_run(orchestration_request("tiny"), tmp_path, 2, 50, print)
     assert asked["head_cpus"] == 0 and asked["cpus_per_node"] == 1
     assert len(asked["worker_ips"]) == 2
+
+
+def test_the_docs_table_renders_an_orchestration_file(tmp_path):
+    """docs/bench_table.py renders the rows the bench writes (what docs/benchmarks.md shows)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "docs" / "bench_table.py"
+    module_spec = importlib.util.spec_from_file_location("bench_table", path)
+    assert module_spec is not None and module_spec.loader is not None
+    table = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(table)
+    stats = _stats([0.1, 0.2])
+    flow = {"config": "flow-2-nodes", "nodes": 2, "wall_s": 12.0, "overhead_per_task_s": stats,
+            "overhead_first_task_on_node_s": stats, "overhead_later_tasks_s": stats,
+            "where": {"s3_s": stats, "other_s": stats}, "unused_node_s": 5.0,
+            "parallel_efficiency": 0.4, "plan_bound_efficiency": 0.55, "s3_bytes": 3_000_000,
+            "outside_tasks": {"driver_start_s": 3.2, "driver_end_s": 0.6,
+                              "no_task_running_s": 1.5, "node_gaps_s": stats}}
+    text = table.render_orchestration([{"config": "bare", "wall_s": 10.0}, flow])
+    assert "| flow, 2 node(s) | 12.0 | - | 40% (55%) |" in text
+    assert "| flow, 2 node(s) | 3.2 | 0.6 | 1.5 | 0.15 / 0.20 | 5.0 | 3 |" in text
