@@ -32,16 +32,14 @@ app.add_typer(dataset_app, name="dataset")
 app.add_typer(registry_app, name="registry")
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM (a `timeout`, a scheduler, `kill`) exits as Ctrl-C does: through the finally
-    blocks, so a bench or a demo killed mid-run stops the stacks it started instead of leaving
-    a Prefect server, S3 and Ray nodes running."""
+def main() -> None:
+    """The `recsqueeze` program. SIGTERM (a `timeout`, a scheduler, `kill`) exits as Ctrl-C
+    does: through the finally blocks, so a bench or a demo killed mid-run stops the stacks it
+    started instead of leaving a Prefect server, S3 and Ray nodes running. Installed here, in
+    the program, and not in `app`: a process that calls `app` in-process (a test runner, a
+    notebook) keeps its own SIGTERM handling."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
-@app.callback()
-def _main() -> None:
-    _exit_on_sigterm()
+    app()
 
 
 @app.command()
@@ -354,4 +352,4 @@ def _user_errors_without_traceback() -> Iterator[None]:
 
 
 if __name__ == "__main__":
-    app()
+    main()

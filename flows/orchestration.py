@@ -40,7 +40,6 @@ the candidates are timed alone on one node).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -125,17 +124,10 @@ def flow_run(request: CompressionRequest, state: Path, workers: int, base_ip: in
 
     head = f"127.0.0.{base_ip}"
     nodes = tuple(f"127.0.0.{base_ip + 1 + i}" for i in range(workers))
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(_env())
-    try:
-        # head_cpus=0: the head runs no task, so n worker nodes are n CPUs (with a CPU of its
-        # own the head was one more node, and "1 node" ran two tasks at a time)
-        stack = start_stack(state, head_ip=head, worker_ips=nodes, cpus_per_node=1,
-                            serve_deployments=False, head_cpus=0)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    # head_cpus=0: the head runs no task, so n worker nodes are n CPUs (with a CPU of its
+    # own the head was one more node, and "1 node" ran two tasks at a time)
+    stack = start_stack(state, head_ip=head, worker_ips=nodes, cpus_per_node=1,
+                        serve_deployments=False, head_cpus=0, env=_env())
     try:
         path = state / "request.json"
         path.write_text(request.model_dump_json())

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
                 worker_ips: tuple[str, ...] = ("127.0.0.3",), cpus_per_node: int = 1,
                 well_known_ports: bool = False, serve_deployments: bool = True,
                 work_pool: str | None = None, db: str = "sqlite",
-                service_ip: str = "127.0.0.1", head_cpus: int | None = None) -> Stack:
+                service_ip: str = "127.0.0.1", head_cpus: int | None = None,
+                env: Mapping[str, str] | None = None) -> Stack:
     """Start S3, Prefect and Ray (head + workers); stop what was started if any part fails.
 
     With `well_known_ports`, S3 and Prefect take 8333 and 4200 when those are free (the demo's
@@ -71,13 +73,18 @@ def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
     polling it runs their flow runs. `db="postgres"` puts the Prefect server on a local
     PostgreSQL under the state dir (infra/postgres.py) instead of SQLite. `service_ip` is
     where S3 and Prefect listen (a test's veth address: nodes on other hosts reach them
-    there); `head_cpus=0` keeps every task off the Ray head.
+    there); `head_cpus=0` keeps every task off the Ray head. `env` is what the deployments'
+    process inherits (default: this process's environment, where `RECSQUEEZE_NIGHTLY_CRON`
+    and the like come from): a second stack beside a configured process passes it without
+    the RECSQUEEZE_* variables, so that its runs find the stack by its state dir alone.
+    This process's own environment is never rewritten wholesale (another thread may be
+    reading it: glibc's setenv/unsetenv under a concurrent getenv can crash the process).
     """
     if db not in ("sqlite", "postgres"):
         raise ValueError(f"db must be 'sqlite' or 'postgres' (got {db!r})")
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.update(QUIET_ENV)
+    _quiet_environ()
     s3 = start_s3(state_dir, port=8333 if well_known_ports else None, host=service_ip)
     started: list[int] = [s3.pid]
     postgres = None
@@ -100,8 +107,8 @@ def start_stack(state_dir: Path, head_ip: str = "127.0.0.2",
     if serve_deployments:
         try:
             if work_pool:
-                _register(stack)
-            stack = dataclasses.replace(stack, deployments_pid=_serve(stack))
+                _register(stack, env)
+            stack = dataclasses.replace(stack, deployments_pid=_serve(stack, env))
         except BaseException:
             stop_stack(stack)
             raise
@@ -116,10 +123,22 @@ def node_env(state_dir: Path, s3: S3Server) -> dict[str, str]:
                         "RECSQUEEZE_CREDENTIALS_FILE": str(credentials_path(state_dir))}
 
 
-def _serve(stack: Stack) -> int:
+def _quiet_environ() -> None:
+    """QUIET_ENV in this process's environment, setting only what differs."""
+    for name, value in QUIET_ENV.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+
+
+def _child_env(stack: Stack, env: Mapping[str, str] | None) -> dict[str, str]:
+    base = os.environ if env is None else env
+    return dict(base) | QUIET_ENV | {"PREFECT_API_URL": stack.prefect.api_url}
+
+
+def _serve(stack: Stack, env: Mapping[str, str] | None = None) -> int:
     """Start the process that runs the deployments' flow runs (it serves them, or it is the
-    work pool's worker); its pid."""
-    env = os.environ | QUIET_ENV | {"PREFECT_API_URL": stack.prefect.api_url}
+    work pool's worker), with `env` (default: this process's) under it; its pid."""
+    env = _child_env(stack, env)
     log = Path(stack.state_dir) / "deployments.log"
     if stack.work_pool:
         worker = Path(sys.executable).with_name("prefect")
@@ -130,7 +149,7 @@ def _serve(stack: Stack) -> int:
                  env, log, cwd=REPO)
 
 
-def _register(stack: Stack) -> None:
+def _register(stack: Stack, env: Mapping[str, str] | None = None) -> None:
     """Register the deployments in the stack's work pool (`flows.deployments --pool`)."""
     import subprocess
 
@@ -141,7 +160,7 @@ def _register(stack: Stack) -> None:
             [sys.executable, "-m", "flows.deployments", "--state-dir", stack.state_dir,
              "--pool", stack.work_pool], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, timeout=300,
-            env=os.environ | QUIET_ENV | {"PREFECT_API_URL": stack.prefect.api_url})
+            env=_child_env(stack, env))
     if done.returncode:
         tail = log.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"registering the deployments in work pool {stack.work_pool!r} "
@@ -153,7 +172,7 @@ def heal_stack(stack: Stack) -> tuple[Stack, list[str]]:
     clients (a run in flight, the UI, the Ray workers) find it where it was. Returns the
     healed stack (saved) and the names of what was restarted."""
     state_dir = Path(stack.state_dir)
-    os.environ.update(QUIET_ENV)
+    _quiet_environ()
     up = stack_alive(stack)
     restarted: list[str] = []
     if not up["s3"]:

@@ -28,13 +28,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     k = int(worker) if worker.isdigit() else 0
     started = start_stack(Path(state), head_ip=f"127.0.0.{12 + 2 * k}",
                           worker_ips=(f"127.0.0.{13 + 2 * k}",))
-    saved = dict(os.environ)
-    os.environ.update(started.settings().s3_env())
+    added = started.settings().s3_env()
+    saved = {name: os.environ.get(name) for name in added}
+    os.environ.update(added)
     try:
         yield started
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        # only what was set is put back: a wholesale rewrite of the environment can crash a
+        # thread (Ray's, Prefect's) reading it at the same time
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         stop_stack(started)
 
 

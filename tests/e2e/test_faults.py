@@ -25,6 +25,7 @@ from flows.stack import load_stack, start_stack, stop_stack
 from infra.s3server import credentials_path
 from tasks.artifacts import ArtifactStore
 from tasks.registry import Registry
+from tests.stack_helpers import own_env as _env
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.integration]
 
@@ -53,12 +54,6 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         current = load_stack(state_dir)  # the pids after the restarts
         if current is not None:
             stop_stack(current)
-
-
-def _env() -> dict[str, str]:
-    """This suite's stack alone: without the session stack's RECSQUEEZE_* variables (they
-    would take precedence over the state dir)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("RECSQUEEZE_")}
 
 
 def _cli(state: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

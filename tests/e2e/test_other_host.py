@@ -124,15 +124,8 @@ def _start_far_node(stack: Stack, net: dict[str, str], log: Path) -> int:
 @pytest.fixture(scope="module")
 def far(link, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, int]]:
     state = Path(tmp_path_factory.mktemp("far"))
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(_own_env())
-    try:
-        stack = start_stack(state, head_ip=link["host_ip"], worker_ips=(), head_cpus=0,
-                            service_ip=link["host_ip"], serve_deployments=False)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    stack = start_stack(state, head_ip=link["host_ip"], worker_ips=(), head_cpus=0,
+                        service_ip=link["host_ip"], serve_deployments=False, env=_own_env())
     node = None
     try:
         node = _start_far_node(stack, link, state / "ray-far-node.log")

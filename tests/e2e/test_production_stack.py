@@ -48,15 +48,9 @@ def prod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     except PostgresMissing as exc:
         pytest.skip(str(exc))
     state = Path(tmp_path_factory.mktemp("prod"))
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(_own_env())  # what the worker (and its flow runs) inherit
-    try:
-        stack = start_stack(state, head_ip="127.0.0.32", worker_ips=("127.0.0.33",),
-                            db="postgres", work_pool=POOL)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    # env: what the worker (and its flow runs) inherit
+    stack = start_stack(state, head_ip="127.0.0.32", worker_ips=("127.0.0.33",),
+                        db="postgres", work_pool=POOL, env=_own_env())
     try:
         yield stack
     finally:

@@ -100,14 +100,15 @@ def test_the_request_has_every_stage_kind_and_no_search_or_cache():
 
 def test_a_terminated_command_runs_its_finally_blocks():
     """`timeout` or a scheduler stops a bench with SIGTERM: the CLI exits through its finally
-    blocks (where the bench stops the stacks it started), not at once."""
+    blocks (where the bench stops the stacks it started), not at once; `app` called
+    in-process leaves the caller's SIGTERM handler alone."""
     import subprocess
     import sys
     import textwrap
 
     script = textwrap.dedent("""
-        import os, signal, time
-        from flows.cli import app
+        import os, signal, sys, time
+        from flows.cli import app, main
 
         @app.command("hold")
         def hold() -> None:
@@ -117,12 +118,28 @@ def test_a_terminated_command_runs_its_finally_blocks():
             finally:
                 print("stopped what it started", flush=True)
 
-        app(["hold"])
+        sys.argv = ["recsqueeze", "hold"]
+        main()
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 143, done.stderr[-2000:]
     assert "stopped what it started" in done.stdout
+
+
+def test_the_cli_in_process_leaves_the_callers_sigterm_handler_alone():
+    """A test runner or a notebook that calls `app` in-process keeps its SIGTERM handling (the
+    program's handler raised SystemExit wherever a pytest worker was when SIGTERM came)."""
+    import signal
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_the_flow_runs_on_its_worker_nodes_only(tmp_path, monkeypatch):
