@@ -75,24 +75,27 @@ def _s(stats: dict | None) -> str:
 
 
 def render_orchestration(rows: list[dict]) -> str:
-    """The bare run and the flow on 1..n nodes: wall time, ratios (with the efficiency the
-    plan's dependencies allow), per-task overhead (median / p95 seconds) and where it went;
-    then the time outside tasks."""
-    lines = ["| executor | wall s | overhead ratio | efficiency (the plan allows) | overhead / "
-             "task | first task on a node | later tasks | of it S3 | of it other |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The bare run and the flow on 1..n nodes: wall time, ratios (the efficiency against the
+    one-node flow; against the bare run, with the most the plan's dependencies allow),
+    per-task overhead (median / p95 seconds) and where it went; then the time outside tasks,
+    and the overhead per kind of task."""
+    lines = ["| executor | wall s | overhead ratio | efficiency | of the bare run (plan allows "
+             "at most) | overhead / task | first task on a node | later tasks | of it S3 | "
+             "of it other |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["config"] == "bare":
-            lines.append(f"| bare process | {r['wall_s']:.1f} | 1 | - | - | - | - | - | - |")
+            lines.append(f"| bare process | {r['wall_s']:.1f} | 1 | - | - | - | - | - | - | - |")
             continue
         ratio = f"{r['overhead_ratio']:.2f}" if "overhead_ratio" in r else "-"
-        eff = "-"
-        if "parallel_efficiency" in r:
-            eff = f"{r['parallel_efficiency']:.0%}"
+        eff = f"{r['parallel_efficiency']:.0%}" if "parallel_efficiency" in r else "-"
+        bare = "-"
+        if "bare_efficiency" in r:
+            bare = f"{r['bare_efficiency']:.0%}"
             if "plan_bound_efficiency" in r:
-                eff += f" ({r['plan_bound_efficiency']:.0%})"
+                bare += f" ({r['plan_bound_efficiency']:.0%})"
         lines.append(
-            f"| flow, {r['nodes']} node(s) | {r['wall_s']:.1f} | {ratio} | {eff} | "
+            f"| flow, {r['nodes']} node(s) | {r['wall_s']:.1f} | {ratio} | {eff} | {bare} | "
             f"{_s(r['overhead_per_task_s'])} | {_s(r.get('overhead_first_task_on_node_s'))} | "
             f"{_s(r.get('overhead_later_tasks_s'))} | {_s(r['where']['s3_s'])} | "
             f"{_s(r['where']['other_s'])} |")
@@ -108,6 +111,19 @@ def render_orchestration(rows: list[dict]) -> str:
                 f"{out['driver_end_s']:.1f} | {out['no_task_running_s']:.1f} | "
                 f"{_s(out['node_gaps_s'])} | {r['unused_node_s']:.1f} | "
                 f"{r['s3_bytes'] / 1e6:,.0f} |")
+    by_op = [r for r in flows if "overhead_by_op_s" in r]
+    if by_op:
+        ops = sorted({op for r in by_op for op in r["overhead_by_op_s"]})
+        lines += ["", "| overhead s per kind of task: tasks x median (sum) | "
+                  + " | ".join(f"flow, {r['nodes']} node(s)" for r in by_op) + " |",
+                  "|---" * (len(by_op) + 1) + "|"]
+        for op in ops:
+            cells = []
+            for r in by_op:
+                st = r["overhead_by_op_s"].get(op)
+                cells.append("-" if not st or st["median"] is None else
+                             f"{st.get('n', '?')} x {st['median']:.2f} ({st['sum']:.1f})")
+            lines.append(f"| {op} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

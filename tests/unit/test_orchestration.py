@@ -44,15 +44,18 @@ def test_each_task_is_matched_to_its_node_and_its_overhead_split():
                       _task("evaluate-candidate-bbbbbbbb", 3.0, 5.5, "t2"),
                       _task("time-candidates-cccccccc", 5.5, 6.0, "t3")],
             "io": io, "node_of": {"t1": "127.0.0.3", "t2": "127.0.0.3"}}
-    split = _split(flow, bare)
+    split = _split(flow, bare, {"a" * 64: "stage", "b" * 64: "evaluate"})
     assert split["extra"] == pytest.approx([2.0, 0.5])  # running time beyond the bare node's
     assert split["s3"] == pytest.approx([0.3, 0.0]) and split["s3_bytes"] == 15
     assert split["other"] == pytest.approx([1.7, 0.5])
     assert split["first_on_node"] == pytest.approx([2.0]) and split["later"] == [0.5]
     assert split["unmatched"] == ["time-candidates-cccccccc"]
     assert split["task_s"] == pytest.approx(6.0)
+    assert split["by_op"] == {"stage": pytest.approx([2.0]), "evaluate": pytest.approx([0.5])}
+    assert list(_split(flow, bare)["by_op"]) == ["?"]  # no ops given: one unnamed kind
     stats = _stats([1.0, 2.0, 3.0, 10.0])
     assert stats["median"] == 2.5 and stats["p95"] == 10.0 and stats["sum"] == 16.0
+    assert stats["n"] == 4
     assert _stats([])["median"] is None
 
 
@@ -87,6 +90,30 @@ def test_the_plan_bound_follows_the_dependencies():
     assert plan_bound(graph, bare, 0.0, 50) == pytest.approx(max(depth.values()))
     two = plan_bound(graph, bare, 0.0, 2)
     assert max(depth.values()) <= two < len(graph.nodes)
+    assert two >= len(graph.nodes) / 2
+
+
+def test_the_plan_bound_is_a_lower_bound_no_schedule_beats():
+    """A lower bound, not a heuristic schedule: a chain a -> b, and c beside it, on 2 nodes.
+    The bound is the longest chain; a greedy schedule in plan order that put c first on the
+    node a needs would be slower, and a real scheduler may do better than such a schedule."""
+    from types import SimpleNamespace as NS  # plan_bound reads nodes and their parents
+
+    graph = NS(nodes={key: NS(parents=parents) for key, parents in
+                      (("a", ()), ("c", ()), ("b", ("a",)))})
+    bare = {"a": 4.0, "b": 4.0, "c": 1.0}
+    assert plan_bound(graph, bare, 0.5, 2) == pytest.approx(8.5)  # a, b one after the other
+    assert plan_bound(graph, bare, 0.0, 1) == pytest.approx(9.0)  # all of it on one node
+    # the work after t=1 (b: 9 s) on 3 nodes ends at 4: the chain's 10 s is the bound
+    bare = {"a": 1.0, "b": 9.0, "c": 1.0}
+    assert plan_bound(graph, bare, 0.0, 3) == pytest.approx(10.0)
+    # 3 equal chains behind one root on 2 nodes: 1 + max(chain 3, 9 s of work / 2)
+    graph = NS(nodes={"r": NS(parents=())})
+    for i in range(3):
+        graph.nodes[f"x{i}"] = NS(parents=("r",))
+        graph.nodes[f"y{i}"] = NS(parents=(f"x{i}",))
+    bare = {k: (1.0 if k == "r" else 1.5) for k in graph.nodes}
+    assert plan_bound(graph, bare, 0.0, 2) == pytest.approx(1.0 + 9.0 / 2)
 
 
 def test_the_request_has_every_stage_kind_and_no_search_or_cache():
@@ -179,8 +206,11 @@ def test_the_docs_table_renders_an_orchestration_file(tmp_path):
             "overhead_first_task_on_node_s": stats, "overhead_later_tasks_s": stats,
             "where": {"s3_s": stats, "other_s": stats}, "unused_node_s": 5.0,
             "parallel_efficiency": 0.4, "plan_bound_efficiency": 0.55, "s3_bytes": 3_000_000,
+            "bare_efficiency": 0.35,
+            "overhead_by_op_s": {"stage": stats, "evaluate": _stats([])},
             "outside_tasks": {"driver_start_s": 3.2, "driver_end_s": 0.6,
                               "no_task_running_s": 1.5, "node_gaps_s": stats}}
     text = table.render_orchestration([{"config": "bare", "wall_s": 10.0}, flow])
-    assert "| flow, 2 node(s) | 12.0 | - | 40% (55%) |" in text
+    assert "| flow, 2 node(s) | 12.0 | - | 40% | 35% (55%) |" in text
+    assert "| evaluate | - |" in text and "| stage | 2 x 0.15 (0.3) |" in text
     assert "| flow, 2 node(s) | 3.2 | 0.6 | 1.5 | 0.15 / 0.20 | 5.0 | 3 |" in text
