@@ -33,8 +33,9 @@ node ran any task (results travelling back and the next submission, on the criti
 Ratios (DESIGN §3: side by side, one run of the command): overhead = (b) / (a); parallel
 efficiency at n nodes = (b) / (n x wall(n)). Beside it, `plan_bound_efficiency`: the same
 ratio for the bare node times scheduled on n nodes with no orchestration cost
-(`plan_bound`, a lower bound on that wall time): the most the plan's dependencies allow (the
-baseline trains alone, and the candidates are timed alone on one node). (b) carries the
+(`plan_bound`, a lower bound on that wall time): the most the plan allows (the dataset, the
+baseline's training and its evaluation run one after the other before any candidate, and the
+candidates are timed side by side on one node). (b) carries the
 flow's own overhead, so `bare_efficiency`, bare / (n x wall(n)), is the ratio to hold
 against that bound.
 """
@@ -47,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -253,24 +254,46 @@ def _timeline(flow: dict[str, Any]) -> dict[str, Any]:
             "longest_gaps_before": [[name, round(g, 3)] for g, name in sorted(gaps)[::-1][:5]]}
 
 
-def plan_bound(graph: Graph, bare_s: dict[str, float], serial_s: float, n: int) -> float:
+def plan_bound(graph: Graph, bare_s: dict[str, float], serial_s: float, n: int,
+               barriers: Sequence[str] | None = None) -> float:
     """A lower bound on the wall time of the plan on `n` one-CPU nodes with no orchestration
-    cost at all, from each node's bare seconds: no schedule finishes before its longest chain
-    of parents, nor before the work that cannot start until time t (every node whose chain of
-    parents takes t or more) is done by n nodes from t on; plus what the bare run did outside
-    the nodes (`serial_s`: timing the candidates, the gate, the report). Bare wall / (n x this)
-    is thus the most parallel efficiency the plan's dependencies allow."""
-    earliest: dict[str, float] = {}  # a node's start: its slowest chain of parents
+    cost at all, from each node's bare seconds. `run_plan` waits for the dataset, then the
+    baseline, then its evaluation (the preflight: is the baseline worth compressing?) before
+    it submits the rest (`barriers`, default those three): each phase adds its own bound,
+    and within a phase no schedule finishes before its longest chain of parents, nor before
+    the work that cannot start until time t (every node whose chain of parents takes t or
+    more) is done by n nodes from t on. Plus what the bare run did outside the nodes
+    (`serial_s`: timing the candidates, the gate, the report). Bare wall / (n x this) is thus
+    the most parallel efficiency the plan allows."""
+    if barriers is None:
+        barriers = (graph.dataset, graph.baseline, graph.baseline_evaluation)
+    done: set[str] = set()
+    wall = serial_s
+    for barrier in [*barriers, None]:
+        wanted: set[str] = set()
+        stack = [barrier] if barrier is not None else [k for k in graph.nodes if k not in done]
+        while stack:  # the barrier and what it needs, that an earlier phase did not run
+            key = stack.pop()
+            if key not in wanted and key not in done:
+                wanted.add(key)
+                stack.extend(graph.nodes[key].parents)
+        wall += _phase_bound(graph, {k: t for k, t in bare_s.items() if k in wanted}, n)
+        done |= wanted
+    return wall
+
+
+def _phase_bound(graph: Graph, bare_s: dict[str, float], n: int) -> float:
+    earliest: dict[str, float] = {}  # a node's start: its slowest chain of parents in the phase
     for key, node in graph.nodes.items():  # plan order: parents first
         earliest[key] = max((earliest[p] + bare_s.get(p, 0.0) for p in node.parents
                              if p in earliest), default=0.0)
     timed = {k: t for k, t in earliest.items() if k in bare_s}
     if not timed:
-        return serial_s
+        return 0.0
     chain = max(t + bare_s[k] for k, t in timed.items())
     after = max(t + sum(bare_s[k] for k, u in timed.items() if u >= t) / n
                 for t in set(timed.values()))
-    return max(chain, after) + serial_s
+    return max(chain, after)
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:

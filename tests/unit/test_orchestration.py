@@ -87,10 +87,14 @@ def test_the_plan_bound_follows_the_dependencies():
     depth: dict[str, int] = {}
     for key, node in graph.nodes.items():
         depth[key] = 1 + max((depth[p] for p in node.parents), default=0)
-    assert plan_bound(graph, bare, 0.0, 50) == pytest.approx(max(depth.values()))
+    assert plan_bound(graph, bare, 0.0, 50, barriers=()) == pytest.approx(max(depth.values()))
     two = plan_bound(graph, bare, 0.0, 2)
     assert max(depth.values()) <= two < len(graph.nodes)
     assert two >= len(graph.nodes) / 2
+    # run_plan's barriers: dataset, baseline, its evaluation, each alone, then the rest
+    firsts = (graph.dataset, graph.baseline, graph.baseline_evaluation)
+    rest = {k: d - 2 for k, d in depth.items() if k not in firsts}  # below the baseline
+    assert plan_bound(graph, bare, 0.0, 50) == pytest.approx(3 + max(rest.values()))
 
 
 def test_the_plan_bound_is_a_lower_bound_no_schedule_beats():
@@ -102,18 +106,22 @@ def test_the_plan_bound_is_a_lower_bound_no_schedule_beats():
     graph = NS(nodes={key: NS(parents=parents) for key, parents in
                       (("a", ()), ("c", ()), ("b", ("a",)))})
     bare = {"a": 4.0, "b": 4.0, "c": 1.0}
-    assert plan_bound(graph, bare, 0.5, 2) == pytest.approx(8.5)  # a, b one after the other
-    assert plan_bound(graph, bare, 0.0, 1) == pytest.approx(9.0)  # all of it on one node
+    assert plan_bound(graph, bare, 0.5, 2, ()) == pytest.approx(8.5)  # a, b one after the other
+    assert plan_bound(graph, bare, 0.0, 1, ()) == pytest.approx(9.0)  # all of it on one node
     # the work after t=1 (b: 9 s) on 3 nodes ends at 4: the chain's 10 s is the bound
     bare = {"a": 1.0, "b": 9.0, "c": 1.0}
-    assert plan_bound(graph, bare, 0.0, 3) == pytest.approx(10.0)
+    assert plan_bound(graph, bare, 0.0, 3, ()) == pytest.approx(10.0)
     # 3 equal chains behind one root on 2 nodes: 1 + max(chain 3, 9 s of work / 2)
     graph = NS(nodes={"r": NS(parents=())})
     for i in range(3):
         graph.nodes[f"x{i}"] = NS(parents=("r",))
         graph.nodes[f"y{i}"] = NS(parents=(f"x{i}",))
     bare = {k: (1.0 if k == "r" else 1.5) for k in graph.nodes}
-    assert plan_bound(graph, bare, 0.0, 2) == pytest.approx(1.0 + 9.0 / 2)
+    assert plan_bound(graph, bare, 0.0, 2, ()) == pytest.approx(1.0 + 9.0 / 2)
+    # r as a barrier: r alone, then the chains: the same here (nothing else runs beside r)
+    assert plan_bound(graph, bare, 0.0, 2, ("r",)) == pytest.approx(1.0 + 9.0 / 2)
+    # x0 as a barrier too: r, x0, then 5 nodes of 1.5 s on 2 nodes (the chain y0 is 1.5)
+    assert plan_bound(graph, bare, 0.0, 2, ("r", "x0")) == pytest.approx(1.0 + 1.5 + 7.5 / 2)
 
 
 def test_the_request_has_every_stage_kind_and_no_search_or_cache():
