@@ -56,6 +56,7 @@ from typing import Any
 from cluster.local import _inherited as _env  # the environment without RECSQUEEZE_*
 from flows.stack import load_stack, start_stack, stop_stack
 from tasks import iostats
+from tasks.determinism import fixed_threads
 from tasks.execute import LocalExecutor, run_plan
 from tasks.plan import Graph, plan
 from tasks.run import STARTED
@@ -107,10 +108,15 @@ class TimedExecutor(LocalExecutor):
 
 
 def bare_run(request: CompressionRequest) -> tuple[float, dict[str, float], Graph]:
+    """The plan in this process, on one intra-op thread: what a one-CPU Ray node gives a task
+    (Ray sets OMP_NUM_THREADS=1 there), so that a node's time is compared with a CPU's. The
+    stages that fix their thread count fix it either way; the others (the calibration's
+    per-layer quantization, for one) would otherwise use every core here."""
     graph = plan(request)
     executor = TimedExecutor()
     start = time.perf_counter()
-    run_plan(graph, executor)
+    with fixed_threads(1):
+        run_plan(graph, executor)
     return time.perf_counter() - start, executor.seconds, graph
 
 

@@ -222,3 +222,22 @@ def test_the_docs_table_renders_an_orchestration_file(tmp_path):
     assert "| flow, 2 node(s) | 12.0 | - | 40% | 35% (55%) |" in text
     assert "| evaluate | - |" in text and "| stage | 2 x 0.15 (0.3) |" in text
     assert "| flow, 2 node(s) | 3.2 | 0.6 | 1.5 | 0.15 / 0.20 | 5.0 | 3 |" in text
+
+
+def test_the_bare_run_has_one_thread_like_a_one_cpu_node(monkeypatch):
+    """The bare process is held to a node's one CPU (torch's intra-op threads), and gets its
+    threads back afterwards."""
+    import torch
+
+    import flows.orchestration as orchestration
+
+    seen = []
+    monkeypatch.setattr(orchestration, "run_plan",
+                        lambda graph, executor: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        orchestration.bare_run(orchestration_request("tiny"))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
