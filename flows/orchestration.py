@@ -35,9 +35,8 @@ efficiency at n nodes = (b) / (n x wall(n)). Beside it, `plan_bound_efficiency`:
 ratio for the bare node times scheduled on n nodes with no orchestration cost
 (`plan_bound`, a lower bound on that wall time): the most the plan allows (the dataset, the
 baseline's training and its evaluation run one after the other before any candidate, and the
-candidates are timed side by side on one node). (b) carries the
-flow's own overhead, so `bare_efficiency`, bare / (n x wall(n)), is the ratio to hold
-against that bound.
+candidates are timed side by side on one node). (b) carries the flow's own overhead, so
+`bare_efficiency`, bare / (n x wall(n)), is the ratio to hold against that bound.
 """
 
 from __future__ import annotations
