@@ -27,7 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--family", default="dlrm", choices=["dlrm", "two_tower", "sasrec"])
-    parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="most epochs (default: TrainConfig's, scaled to the rows)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     tables, data = generate(args.size, args.seed)

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli_common import STATE, err
-from flows.cli_store import dataset_app, registry_app
+from flows.cli_store import dataset_app, model_app, registry_app
 from flows.stack import (
     heal_stack,
     load_stack,
@@ -26,10 +26,12 @@ from flows.stack import (
     stop_stack,
 )
 from tasks.types import CompressionRequest, DatasetRequest
+from tasks.types.record import ImportRecord
 
 app = typer.Typer(help="Distributed compression of recommendation models.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(registry_app, name="registry")
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:
@@ -151,11 +153,22 @@ def run(
     except RuntimeError as exc:  # no stack at --state-dir: say so, not a traceback
         err.print(f"[red]no stack:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
+    imported = None
+    if request.baseline is not None:  # the import it names, found before the run starts
+        from tasks.artifacts import ArtifactStore
+        from tasks.modelimport import resolve_baseline
+
+        try:
+            request, imported = resolve_baseline(ArtifactStore(settings), request)
+        except ValueError as exc:
+            err.print(f"[red]invalid request:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(2) from None
     # progress: on stdout before the table, on stderr when stdout is the JSON result
     console = Console(file=sys.stderr if as_json else sys.stdout, soft_wrap=True)
     try:
         with contextlib.redirect_stdout(sys.stderr), _user_errors_without_traceback(), \
-                _progress(request, settings.prefect_api_url, console, quiet) as run_name:
+                _progress(request, imported, settings.prefect_api_url, console,
+                          quiet) as run_name:
             report = run_compress(request, settings, run_name)  # stdout is kept for the result
     except ValueError as exc:  # bad input found once the run could look (data, cluster)
         err.print(f"[red]run refused:[/red] {escape(str(exc))}", soft_wrap=True)
@@ -179,8 +192,8 @@ def run(
 
 
 @contextlib.contextmanager
-def _progress(request: CompressionRequest, api_url: str, console: Console,
-              quiet: bool) -> Iterator[str | None]:
+def _progress(request: CompressionRequest, imported: ImportRecord | None, api_url: str,
+              console: Console, quiet: bool) -> Iterator[str | None]:
     """Live progress (flows.progress) of the run started inside, found by the flow run name it
     yields (None: quiet, Prefect names the run)."""
     if quiet:
@@ -193,7 +206,7 @@ def _progress(request: CompressionRequest, api_url: str, console: Console,
     from tasks.plan import plan
 
     name = f"cli-{uuid.uuid4().hex[:12]}"
-    graph = plan(request)
+    graph = plan(request, imported=imported)
     rule = request.budget.metrics.get("main")
     progress = Progress(list(graph.candidates), planned=len(graph.nodes),
                         budget=rule.max_drop if rule else None,

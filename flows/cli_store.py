@@ -17,9 +17,12 @@ from flows.stack import settings_for
 
 if TYPE_CHECKING:
     from tasks.registry import Registry
+    from tasks.types import ModelSpec
 
 dataset_app = typer.Typer(help="Datasets in the artifact store.", no_args_is_help=True)
 registry_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+model_app = typer.Typer(help="Models you trained, brought in to be compressed.",
+                        no_args_is_help=True)
 
 
 @dataset_app.command("generate")
@@ -60,6 +63,75 @@ def dataset_import(
         raise typer.Exit(1) from None
     print(ref.uri)
     err.print(f"rows {ref.rows}")
+
+
+@model_app.command("import")
+def model_import(
+    weights: Path = typer.Argument(..., metavar="WEIGHTS", help="a .safetensors file, or a torch "
+                                   "state_dict file (read with weights_only=True)"),
+    spec: str = typer.Option(..., "--spec", help="the model's spec: a JSON file, or the JSON "
+                             "itself, as a request's \"model\" (e.g. '{\"family\": \"dlrm\"}')"),
+    dataset: str = typer.Option(..., "--dataset", help="URI of the dataset it was trained for "
+                                "(`recsqueeze dataset import` prints it)"),
+    name: str = typer.Option(..., "--name", help="name to import it under (NAME@latest)"),
+    state_dir: Path = STATE,
+) -> None:
+    """Check a trained model against its spec and dataset, store it; print its URI (a
+    request's "baseline"). Importing the same weights again prints the same URI."""
+    from pydantic import ValidationError
+
+    from tasks.artifacts import ArtifactStore
+    from tasks.modelimport import ImportRefused, import_model, imported_event
+
+    settings = settings_for(state_dir)
+    try:
+        model_spec = _model_spec(spec)
+        try:
+            data = weights.read_bytes()
+        except OSError as exc:
+            raise ImportRefused(f"weights: cannot read {weights} ({exc.strerror})") from None
+        store = ArtifactStore(settings)
+        with err.status("checking the model ..."):
+            record, written = import_model(store, data, model_spec,
+                                           store.dataset_ref(dataset), name)
+    except ValidationError as exc:
+        from tasks.errors import explain
+
+        lines = "; ".join(explain(exc).splitlines())
+        raise _fail(f"import refused: --spec {lines}", 2) from None
+    except ValueError as exc:  # ImportRefused, a bad dataset URI
+        raise _fail(f"import refused: {exc}", 2) from None
+    except OSError as exc:
+        raise _fail(f"import failed: {exc}; is the stack up (`recsqueeze up`)?", 1) from None
+    print(record.model.uri)
+    if not written:
+        err.print(f"already imported as {record.model_name} at {record.imported_at}: "
+                  "nothing written")
+        return
+    err.print(f"imported {record.model_name}: {record.spec.family} model, "
+              f"{record.model.size_bytes} bytes, checked on {record.dataset['uri']}")
+    imported_event(record, settings.prefect_api_url)
+
+
+def _model_spec(text: str) -> ModelSpec:
+    """A spec given as JSON text or as the path of a JSON file."""
+    from tasks.types import parse_model_spec
+
+    if not text.lstrip().startswith("{"):
+        try:
+            text = Path(text).read_text()
+        except OSError as exc:
+            raise ValueError(f"--spec {text}: cannot read it ({exc.strerror}); give a JSON "
+                             "file or the JSON itself") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--spec: invalid JSON at line {exc.lineno} column {exc.colno}: "
+                         f"{exc.msg}") from None
+    if not isinstance(raw, dict):
+        raise ValueError('--spec: a JSON object, as a request\'s "model" (e.g. {"family": '
+                         '"dlrm", "embedding_dim": 64})')
+    return parse_model_spec(raw)
 
 
 def _registry(state_dir: Path) -> Registry:

@@ -29,6 +29,7 @@ from infra.settings import Settings
 from tasks.artifacts import ArtifactStore
 from tasks.execute import Executed, run_plan, searches
 from tasks.gate import Champion, decide
+from tasks.modelimport import resolve_baseline
 from tasks.models import resolve
 from tasks.plan import plan
 from tasks.records import gate_report, version_record, write_report
@@ -53,12 +54,13 @@ def compress(request: CompressionRequest) -> GateReport:
     run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
     store = ArtifactStore(Settings())
     store.put_json(f"runs/{run_id}/request.json", request.model_dump(mode="json"))
+    request, imported = resolve_baseline(store, request)  # an imported model, if it names one
     check_fits_cluster(request.resources.cpus_per_stage, request.resources.gpus_per_stage,
                        request.resources.serving_device)
 
     # 1. plan and execute: data, baseline, its checks, every candidate, NAS, latency
     executor = PrefectExecutor(refresh=not request.reuse_results)
-    graph = plan(request, workers=len(executor.workers))
+    graph = plan(request, workers=len(executor.workers), imported=imported)
     executed = run_plan(graph, executor, searches(request, nas_subflow, recipe_subflow))
     if executed.stop is not None:
         return publish(store, gate_report(run_id, executed, None))

@@ -87,6 +87,10 @@ class BlobStore:
     def _size(self, key: str) -> int | None:
         raise NotImplementedError
 
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix`, sorted."""
+        raise NotImplementedError
+
     # --- blobs -------------------------------------------------------------------------
     def put_blob(self, data: bytes, kind: str) -> ArtifactRef:
         """Store `data` under objects/SHA (idempotent: same bytes, same key). An object already
@@ -259,6 +263,11 @@ class ArtifactStore(BlobStore):
                 return None
             raise
 
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                  Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
 
 class MemoryStore(BlobStore):
     """A store in this process's memory (bench, notebooks, unit tests): no server, the same
@@ -281,6 +290,9 @@ class MemoryStore(BlobStore):
     def _size(self, key: str) -> int | None:
         body = self.objects.get(key)
         return None if body is None else len(body)
+
+    def keys(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.objects if k.startswith(prefix))
 
 
 def seal(signing_key: bytes, key: str, content: bytes) -> str:
@@ -321,7 +333,12 @@ def serialize_model(model: nn.Module, spec: ModelSpec) -> bytes:
     from tasks.modules import manifest_of
 
     with iostats.timed("serialize") as moved:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state, seen = {}, set()
+        for k, v in model.state_dict().items():  # a table shared by two features: one copy
+            tensor = v.detach().cpu().contiguous()  # each (safetensors stores no aliases)
+            ptr = v.untyped_storage().data_ptr()
+            state[k] = tensor.clone() if ptr in seen and v.numel() else tensor
+            seen.add(ptr)
         meta = {"format": "recsqueeze-model/1", "spec": spec.model_dump_json(),
                 "manifest": json.dumps(manifest_of(model), sort_keys=True)}
         data = canonical_safetensors(st_save(state, metadata=meta))

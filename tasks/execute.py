@@ -58,7 +58,8 @@ def node_call(graph: Graph, node: Node, get: Callable[[str], Any]) -> tuple[Any,
     inputs = {name: get(key) for name, key in node.inputs.items()}
     args: dict[str, Any] = {
         "dataset": lambda: {"request": r.dataset},
-        "baseline": lambda: {"spec": r.model, "dataset": inputs["dataset"], "cfg": r.train},
+        "baseline": lambda: {"spec": r.model, "dataset": inputs["dataset"], "cfg": r.train,
+                             "imported": graph.imported},
         "evaluate_baseline": lambda: {**inputs, "ks": graph.ks, "budget": r.budget},
         "calibrate": lambda: {**inputs, "cfg": r.calibrate},
         "teacher": lambda: inputs,

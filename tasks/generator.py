@@ -59,7 +59,8 @@ def _zipf(rng: np.random.Generator, n: int, size: int, a: float) -> np.ndarray:
     return perm[rng.choice(n, size=size, p=weights / weights.sum())]
 
 
-def generate(size: str, seed: int = 0) -> tuple[dict[str, pa.Table], DatasetSpec]:
+def generate(size: str | GeneratorSize, seed: int = 0,
+             ) -> tuple[dict[str, pa.Table], DatasetSpec]:
     """Generate the built-in click log: three time-ordered splits and their spec.
 
     Impressions come in search sessions (one user, one query, _SESSION results at positions
@@ -68,9 +69,12 @@ def generate(size: str, seed: int = 0) -> tuple[dict[str, pa.Table], DatasetSpec
     items they clicked before and to their last click's successor, and the personal share of
     what a session shows comes from the same history, so the history is informative.
     """
-    if size not in SIZES:
+    if isinstance(size, GeneratorSize):  # a size of one's own (docs/training_defaults.py)
+        g, size = size, f"{size.rows // 1000}k"
+    elif size not in SIZES:
         raise ValueError(f"dataset.builtin must be one of {sorted(SIZES)} (got {size!r})")
-    g = SIZES[size]
+    else:
+        g = SIZES[size]
     rng = np.random.default_rng(seed)
     k = 8
     # hidden world

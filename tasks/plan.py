@@ -33,6 +33,7 @@ from tasks.types import (
     StageConfig,
     budget_ks,
 )
+from tasks.types.record import ImportRecord
 
 Op = Literal["dataset", "baseline", "evaluate_baseline", "calibrate", "teacher", "stage",
              "evaluate", "validate"]
@@ -95,6 +96,7 @@ class Graph:
     nodes: dict[str, Node] = field(default_factory=dict)  # insertion order is a topological one
     candidates: dict[str, CandidatePlan] = field(default_factory=dict)
     ks: tuple[int, ...] = DEFAULT_KS
+    imported: ImportRecord | None = None  # the baseline, when the run compresses an import
 
     def add(self, op: Op, inputs: dict[str, str], value: BaseModel | None,
             extra: dict[str, object], label: str, gpus: float = 0.0,
@@ -114,6 +116,9 @@ class Graph:
     @property
     def baseline(self) -> str:
         r = self.request
+        if self.imported is not None:  # loaded and checked against the dataset, not trained
+            return self.add("baseline", {"dataset": self.dataset}, self.imported, {},
+                            "baseline (imported)")
         return self.add("baseline", {"dataset": self.dataset}, r.train,
                         {"model": canonical(r.model)}, "baseline",
                         gpus=r.resources.gpus_per_stage)
@@ -186,12 +191,17 @@ class Graph:
                         {"rows": rows, "latency_seconds": latency_seconds}, "validate")
 
 
-def plan(request: CompressionRequest, workers: int = 1) -> Graph:
+def plan(request: CompressionRequest, workers: int = 1,
+         imported: ImportRecord | None = None) -> Graph:
     """The request's graph: data, baseline and its evaluation, calibration where a plan needs
     it, every candidate's stages and evaluation. `workers` is how many nodes placement hints
-    spread candidates over."""
+    spread candidates over; `imported` is the baseline when the request names one
+    (`tasks.modelimport.baseline_source`)."""
+    if (request.baseline is None) != (imported is None):
+        raise ValueError("plan: a request that names a baseline is planned with its import "
+                         "record (tasks.modelimport.baseline_source), and only then")
     ks = tuple(sorted({*DEFAULT_KS, *budget_ks(request.budget.metrics)}))
-    graph = Graph(request, workers, ks=ks)
+    graph = Graph(request, workers, ks=ks, imported=imported)
     graph.baseline_evaluation  # noqa: B018 (adds the node and its ancestors)
     for cand in request.candidates:
         graph.add_candidate(cand)

@@ -50,7 +50,7 @@ def version_record(report: GateReport, executed: Executed, candidate: str) -> Ve
             seeds={"train": r.train.seed, "data": r.dataset.seed},
             parent=executed.baseline.model, ray_node=chosen.node_ip, wall_s=chosen.wall_s,
             chain=tuple(b.lineage() for b in chain), metrics=chosen.metrics,
-            deltas=chosen.deltas),
+            deltas=chosen.deltas, baseline_source=executed.graph.imported),
         card=model_card(report, row), plot=pareto_png(report))
 
 

@@ -30,6 +30,7 @@ from tasks.evaluate import evaluate, latency_ratios
 from tasks.export import export_files
 from tasks.gate import Champion
 from tasks.generator import generate
+from tasks.modelimport import load_imported
 from tasks.models import build, resolve
 from tasks.protocol import spec_of
 from tasks.quality import paired_deltas
@@ -68,7 +69,7 @@ from tasks.types import (
     TrainConfig,
     Validated,
 )
-from tasks.types.record import VersionRecord
+from tasks.types.record import ImportRecord, VersionRecord
 
 EVALUATED = "evaluated"  # the prefix of an evaluation's result line (read by flows.progress)
 STARTED = "started on node"  # the line a task's first log says where it runs
@@ -119,8 +120,17 @@ def prepare_dataset(request: DatasetRequest) -> DatasetRef:
 
 
 @task(name="train-baseline", **_TASK)
-def train_baseline(spec: ModelSpec, dataset: DatasetRef, cfg: TrainConfig) -> Built:
+def train_baseline(spec: ModelSpec, dataset: DatasetRef, cfg: TrainConfig,
+                   imported: ImportRecord | None = None) -> Built:
+    """The baseline: trained from `spec` on the train split, or - `imported` - the user's
+    model, loaded and checked to fit this dataset."""
     start, cpu = time.perf_counter(), time.process_time()
+    if imported is not None:
+        ref = load_imported(current_store(), imported, dataset)
+        run_logger().info("baseline imported as %s (%s, %s)", imported.model_name, ref.uri,
+                          imported.imported_at)
+        return Built(model=ref, node_ip=node_ip(), wall_s=time.perf_counter() - start,
+                     chain=("imported",), cpu_s=time.process_time() - cpu)
     resolved = resolve(spec, dataset.spec)
     model = train(build(resolved, cfg.seed), arrays(dataset, "train", resolved), cfg, device(),
                   valid=arrays(dataset, "valid", resolved))

@@ -71,16 +71,17 @@ def _fit(model: nn.Module, kind: ProblemKind, data: Arrays, cfg: TrainConfig,
         best_score = objectives.valid_loss(model, kind, valid, device)
         best_state = copy.deepcopy(model.state_dict())
     done, best_epoch = 0, -1
-    for epoch in range(cfg.epochs):
+    batch_size = cfg.rows_per_step(len(data))
+    for epoch in range(cfg.passes(len(data))):
         if max_steps is not None and done >= max_steps:
             break
         order = torch.randperm(len(data), generator=gen)
         total, steps = 0.0, 0
-        for i in range(0, len(order), cfg.batch_size):
+        for i in range(0, len(order), batch_size):
             if max_steps is not None and done >= max_steps:
                 break
             done += 1
-            idx = order[i:i + cfg.batch_size]
+            idx = order[i:i + batch_size]
             scores, targets = objectives.train_scores(
                 model, kind, dense[idx].to(device), sparse[idx].to(device), label[idx].to(device))
             loss = objective(scores, targets, idx) if objective is not None else \

@@ -12,6 +12,8 @@ from tasks.stages.context import StageContext
 from tasks.train import train
 from tasks.types import TrainConfig
 
+FINETUNE_BATCH = 2048  # rows per step of every fine-tuning pass (prune, factorize, QAT)
+
 
 def finetune(model: nn.Module, teacher: nn.Module, epochs: int, lr: float, ctx: StageContext,
              target: str = "teacher", scope: str = "all") -> nn.Module:
@@ -52,8 +54,9 @@ def finetune(model: nn.Module, teacher: nn.Module, epochs: int, lr: float, ctx: 
     for p in frozen:
         p.requires_grad_(False)
     try:
-        return train(model, data, TrainConfig(epochs=epochs, lr=lr, seed=ctx.seed), ctx.device,
-                     valid=valid, normalize=False, objective=objective)
+        cfg = TrainConfig(epochs=epochs, lr=lr, seed=ctx.seed, batch_size=FINETUNE_BATCH)
+        return train(model, data, cfg, ctx.device, valid=valid, normalize=False,
+                     objective=objective)
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -272,14 +272,47 @@ def parse_model_spec(obj: str | bytes | dict[str, Any] | ModelSpecBase) -> Model
     return _ADAPTER.validate_python(raw)
 
 
+DEFAULT_EPOCHS = 3
+"""Passes over the train split when a TrainConfig leaves `epochs` out (and min_steps allows)."""
+
+
 class TrainConfig(Frozen):
-    epochs: int = Field(
-        3, ge=1, le=100, description="most passes over the train split (early stopping on "
-        "valid: stops after `patience` epochs without improvement, keeps the best epoch)")
+    """How a model is trained. The defaults scale with the train split, so a few thousand rows
+    and a million rows both get a useful model without tuning: `batch_size` left out is about
+    rows/200 (a power of two in [64, 2048]), and `epochs` left out is 3, or more when a small
+    split needs them for `min_steps` optimizer steps. Early stopping on the valid split ends
+    training once it stops helping and keeps the best epoch.
+
+    Example: ``TrainConfig(epochs=5, batch_size=512)`` (at most 5 passes of 512 rows a step).
+    """
+
+    epochs: int | None = Field(
+        None, ge=1, le=100, description="passes over the train split, at most (left out: 3, "
+        "or as many as `min_steps` needs, up to 100); early stopping on valid stops after "
+        "`patience` epochs without improvement and keeps the best epoch")
+    min_steps: int = Field(
+        600, ge=0, le=1_000_000, description="when epochs is left out: the fewest optimizer "
+        "steps training plans (a small train split gets more epochs; early stopping still "
+        "applies)")
     patience: int = Field(
         2, ge=1, le=100, description="epochs without a better validation loss before training "
         "stops (the best epoch's weights are kept)")
-    batch_size: int = Field(2048, ge=8, description="rows per step")
+    batch_size: int | None = Field(
+        None, ge=8, description="rows per step; left out: about rows/200, a power of two in "
+        "[64, 2048] (about 200 steps an epoch on small data, 2048 from 400k train rows)")
     lr: float = Field(2e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="L2 on dense layers")
     seed: int = Field(0, ge=0, description="torch seed (init and shuffling)")
+
+    def rows_per_step(self, rows: int) -> int:
+        """`batch_size`, or the default for a train split of `rows` rows."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return max(64, min(2048, 1 << max(int(rows // 200).bit_length() - 1, 0)))
+
+    def passes(self, rows: int) -> int:
+        """Epochs at most: `epochs`, or 3 and as many more as `min_steps` steps need (<= 100)."""
+        if self.epochs is not None:
+            return self.epochs
+        steps = -(-rows // self.rows_per_step(rows))
+        return max(DEFAULT_EPOCHS, min(100, -(-self.min_steps // max(steps, 1))))

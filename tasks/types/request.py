@@ -81,6 +81,13 @@ class CompressionRequest(Frozen):
     model: ModelSpec = Field(
         default_factory=DlrmSpec, description="baseline architecture: pick its family, then "
         "set that family's hyperparameters", json_schema_extra=_family_picker)
+    baseline: str | None = Field(
+        None, pattern=r"^(\S+/objects/[0-9a-f]{64}|[a-z0-9][a-z0-9\-]{0,62}@(latest|production|"
+        r"previous|v[1-9][0-9]*))$",
+        description="compress a model you trained and imported (`recsqueeze model import`) "
+        "instead of training one: the URI the import printed, NAME@latest (the newest import "
+        "under NAME), or NAME@production / NAME@vN (the baseline that registry version was "
+        "compressed from). `model` then comes from the import and `train` is not used for it")
     dataset: DatasetRequest = Field(default_factory=DatasetRequest, description="data source")
     train: TrainConfig = Field(default_factory=TrainConfig, description="baseline training")
     candidates: tuple[Candidate, ...] = Field(
@@ -134,6 +141,23 @@ class CompressionRequest(Frozen):
             raise ValueError(f"nas: the search space is the DLRM ranker's; model.family is "
                              f"{self.model.family!r} (remove nas or use family 'dlrm')")
         return self
+
+    def with_baseline(self, spec: ModelSpec) -> CompressionRequest:
+        """This request compressing an imported model of `spec` (resolved or not): `model`
+        becomes its spec, and the family's defaults (candidates, budget, search) follow it
+        where the request did not set them."""
+        from tasks.types.model import parse_model_spec
+
+        member = type(spec)
+        mine = spec.model_dump(mode="json", exclude=set(member.FROM_DATASET))
+        if "model" in self.model_fields_set and self.model.model_dump(mode="json") != mine:
+            raise ValueError(
+                f"model: the request sets model (family {self.model.family!r}) and its baseline "
+                f"{self.baseline} is an imported {spec.family!r} model with its own spec; "
+                "remove model from the request (an imported baseline brings its spec)")
+        data = {k: v for k, v in self.model_dump(mode="json").items()
+                if k in self.model_fields_set}
+        return CompressionRequest.model_validate({**data, "model": parse_model_spec(mine)})
 
     @field_validator("candidates")
     @classmethod

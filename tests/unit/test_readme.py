@@ -42,7 +42,7 @@ def test_readme_request_block_validates_and_its_values_are_the_defaults():
 
 def test_the_check_catches_a_stale_number():
     block = _block()
-    block["train"]["epochs"] = 2
+    block["train"]["min_steps"] = 2
     defaults = CompressionRequest().model_dump(mode="json")
     assert _same_leaves(block["train"], defaults["train"], "train") == [
-        "train.epochs: README 2 != code 3"]
+        "train.min_steps: README 2 != code 600"]
