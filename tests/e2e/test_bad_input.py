@@ -222,12 +222,12 @@ REQUESTS = [
              argv=("run", "--size", "huge")),
     # fields
     _request('{"modle_name": "x"}', "invalid request: modle_name: unknown field; remove it or "
-             "fix its name (allowed here: budget, calibrate, candidates, dataset, model, "
+             "fix its name (allowed here: baseline, budget, calibrate, candidates, dataset, model, "
              "model_name, nas, promote, require_useful_baseline, resources, reuse_results, "
              "search, train)",
              "unknown-field"),
     _request('{"train": {"epoch": 3}}', "train.epoch: unknown field; remove it or fix its name "
-             "(allowed here: batch_size, epochs, lr, patience, seed, weight_decay)",
+             "(allowed here: batch_size, epochs, lr, min_steps, patience, seed, weight_decay)",
              "unknown-nested-field"),
     _request('{"model_name": "../etc"}', "model_name: String should match pattern "
              "'^[a-z0-9][a-z0-9\\-]{0,62}$' (got '../etc')", "model-name-path"),

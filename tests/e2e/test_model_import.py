@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -63,6 +64,7 @@ def test_an_imported_model_is_compressed_by_the_default_request_and_promoted(
                  "--dataset", ref.uri, "--name", "dict-ranker")
     assert again.returncode == 0 and again.stdout.strip() == uri, again.stderr
     assert "nothing written" in again.stderr
+    assert [e["uri"] for e in _imported_events(settings)].count(uri) == 1  # new imports only
 
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"model_name": "dict-ranker", "baseline": "dict-ranker@latest",
@@ -84,6 +86,22 @@ def test_an_imported_model_is_compressed_by_the_default_request_and_promoted(
     # the nightly run's source: the baseline production was compressed from is this import
     assert Registry(store).alias("dict-ranker") == version
     assert baseline_source(store, "dict-ranker@production").model.uri == uri
+
+
+def _imported_events(settings) -> list[dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+        with get_client(sync_client=True) as client:
+            for _ in range(60):  # events reach the server asynchronously
+                wanted = EventFilter(event=EventNameFilter(name=["recsqueeze.model.imported"]))
+                events = [e.payload for e in client.read_events(filter=wanted, limit=50).events]
+                if events:
+                    return events
+                time.sleep(0.5)
+    return []
 
 
 def _keys(store: ArtifactStore) -> set[str]:
