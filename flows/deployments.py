@@ -1,5 +1,7 @@
 """The deployments users trigger: `compress/on-demand` (the Prefect UI's run form, the REST API,
-`run_deployment`) and `compress/nightly` (a cron schedule with a time zone).
+`run_deployment`), `compress/nightly` (a cron schedule with a time zone) and
+`compress/on-import` (a deployment trigger: every new `recsqueeze model import` starts a run
+that compresses the imported model on its dataset with its family's defaults).
 
 Two ways to run them, both started by `recsqueeze up`:
 
@@ -8,7 +10,7 @@ Two ways to run them, both started by `recsqueeze up`:
   store and the Ray cluster, so its tasks run on the cluster (see `flows.compress.cluster_runner`).
   The laptop's default.
 - `python -m flows.deployments --state-dir DIR --pool NAME` creates the `process` work pool NAME
-  (where missing), registers both deployments into it and exits; a `prefect worker start --pool
+  (where missing), registers the three deployments into it and exits; a `prefect worker start --pool
   NAME` process (what production runs, `recsqueeze up --work-pool NAME`) then runs each flow
   run. The deployments' job variables carry the working directory (this checkout, so the
   module entrypoint imports) and the same environment as a served run, without any secret.
@@ -26,6 +28,7 @@ from pathlib import Path
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.schedules import Cron
 
 from flows.driver import driver_env, require_prefect_server
@@ -34,6 +37,18 @@ from infra.settings import Settings
 NIGHTLY_CRON = os.environ.get("RECSQUEEZE_NIGHTLY_CRON", "0 2 * * *")
 NIGHTLY_TIMEZONE = os.environ.get("RECSQUEEZE_NIGHTLY_TIMEZONE", "UTC")
 NIGHTLY_PARAMETERS = {"request": {"dataset": {"builtin": "small"}}}
+
+
+def on_import() -> DeploymentEventTrigger:
+    """A run for each new import (event `recsqueeze.model.imported`, tasks.modelimport): the
+    request names the import as its baseline, under the import's name, on its dataset; every
+    other field is the default (the family's candidates and budget)."""
+    return DeploymentEventTrigger(
+        name="compress a new import", expect={"recsqueeze.model.imported"},
+        match={"prefect.resource.id": "recsqueeze.import.*"},
+        parameters={"request": {"model_name": "{{ event.payload.model }}",
+                                "baseline": "{{ event.payload.uri }}",
+                                "dataset": {"uri": "{{ event.payload.dataset }}"}}})
 
 
 def one_at_a_time() -> ConcurrencyLimitConfig:
@@ -57,7 +72,13 @@ def deployments(job_variables: dict[str, object] | None = None) -> list:  # type
         entrypoint_type=EntrypointType.MODULE_PATH, job_variables=job_variables,
         description=f"The default candidates on the built-in `small` click log, "
                     f"{NIGHTLY_CRON} ({NIGHTLY_TIMEZONE}).")
-    return [on_demand, nightly]
+    imported = compress.to_deployment(
+        name="on-import", triggers=[on_import()], concurrency_limit=one_at_a_time(),
+        tags=["recsqueeze"], entrypoint_type=EntrypointType.MODULE_PATH,
+        job_variables=job_variables,
+        description="Started by each new `recsqueeze model import`: compresses the imported "
+                    "model on its dataset with its family's default candidates and budget.")
+    return [on_demand, nightly, imported]
 
 
 def cluster_env(settings: Settings) -> dict[str, str]:

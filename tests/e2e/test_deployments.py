@@ -85,7 +85,7 @@ def test_deployments_carry_the_form_schedule_and_concurrency_limit(api, settings
 
     with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
         with get_client(sync_client=True) as client:
-            for name in ("compress/on-demand", "compress/nightly"):
+            for name in ("compress/on-demand", "compress/nightly", "compress/on-import"):
                 d = client.read_deployment_by_name(name)
                 assert d.global_concurrency_limit is not None, name
                 assert d.global_concurrency_limit.limit == 1

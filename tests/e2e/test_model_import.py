@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -22,6 +23,7 @@ from tasks.modelimport import baseline_source
 from tasks.models import build, resolve
 from tasks.registry import Registry
 from tasks.types import parse_model_spec
+from tests.stack_helpers import wait_flow_run
 from tests.user_models.dict_ranker import fit
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -52,40 +54,68 @@ def trained(stack, settings, tmp_path_factory):
     return ref, folder, model, to_arrays(tables["test"], data)
 
 
-def test_an_imported_model_is_compressed_by_the_default_request_and_promoted(
-        stack, settings, trained, tmp_path):
+def _triggered_run(api: httpx.Client, uri: str, timeout_s: float = 180) -> dict:
+    """The `compress/on-import` flow run whose request names `uri` as its baseline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = api.post("/flow_runs/filter", json={
+            "deployments": {"name": {"any_": ["on-import"]}}, "limit": 50}).json()
+        mine = [r for r in runs if r["parameters"]["request"].get("baseline") == uri]
+        if mine:
+            assert len(mine) == 1, mine
+            return mine[0]
+        time.sleep(1)
+    raise AssertionError(f"no on-import flow run for {uri} after {timeout_s}s")
+
+
+def test_an_import_starts_a_run_that_compresses_it_with_the_defaults_and_promotes(
+        stack, settings, trained):
     ref, folder, model, test = trained
     first = _cli(stack, "model", "import", str(folder / "ranker.safetensors"), "--spec",
                  json.dumps(SPEC), "--dataset", ref.uri, "--name", "dict-ranker")
     assert first.returncode == 0, first.stderr
     uri = first.stdout.strip()
     assert uri.startswith("s3://") and "/objects/" in uri
-    again = _cli(stack, "model", "import", str(folder / "ranker.pt"), "--spec", json.dumps(SPEC),
-                 "--dataset", ref.uri, "--name", "dict-ranker")
-    assert again.returncode == 0 and again.stdout.strip() == uri, again.stderr
-    assert "nothing written" in again.stderr
-    assert [e["uri"] for e in _imported_events(settings)].count(uri) == 1  # new imports only
-
-    request = tmp_path / "request.json"
-    request.write_text(json.dumps({"model_name": "dict-ranker", "baseline": "dict-ranker@latest",
-                                   "dataset": {"uri": ref.uri}}))
-    out = _cli(stack, "run", "--request", str(request), "--json")
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout)
-    assert result["status"] == "promoted", result["reason"]
-    # the baseline is the imported model itself (not retrained): its test AUC is the model's
-    assert result["baseline"]["quality"]["auc"]["value"] == pytest.approx(
-        auc(test.label, predict(model, test)), abs=1e-9)
-    assert {r["candidate"] for r in result["leaderboard"]} == {"int8-all", "int8-emb",
-                                                                 "int4-emb"}
+    # the import's event starts `compress/on-import`: the default request on this model
+    with httpx.Client(base_url=settings.prefect_api_url, timeout=30) as api:
+        run = wait_flow_run(api, _triggered_run(api, uri)["id"], timeout_s=600)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["parameters"]["request"] == {"model_name": "dict-ranker", "baseline": uri,
+                                            "dataset": {"uri": ref.uri}}
     store = ArtifactStore(settings)
-    version = result["promoted"]["version"]
+    report = store.get_json(f"runs/{run['id']}/report.json")
+    assert report["status"] == "promoted", report["reason"]
+    # the baseline is the imported model itself (not retrained): its test AUC is the model's
+    assert report["baseline"]["quality"]["auc"]["value"] == pytest.approx(
+        auc(test.label, predict(model, test)), abs=1e-9)
+    assert {r["candidate"] for r in report["leaderboard"]} == {"int8-all", "int8-emb",
+                                                                 "int4-emb"}
+    version = report["promoted"]["version"]
     lineage = store.get_json(f"registry/dict-ranker/versions/{version}/lineage.json")
     assert lineage["baseline_source"]["model"]["uri"] == uri
     assert lineage["chain"][0]["stage"] == "imported"
     # the nightly run's source: the baseline production was compressed from is this import
     assert Registry(store).alias("dict-ranker") == version
     assert baseline_source(store, "dict-ranker@production").model.uri == uri
+
+    # the same weights as a state_dict: the same model, nothing written, no second event
+    again = _cli(stack, "model", "import", str(folder / "ranker.pt"), "--spec", json.dumps(SPEC),
+                 "--dataset", ref.uri, "--name", "dict-ranker")
+    assert again.returncode == 0 and again.stdout.strip() == uri, again.stderr
+    assert "nothing written" in again.stderr
+    assert [e["uri"] for e in _imported_events(settings)].count(uri) == 1
+
+    # a request naming production's source, run through the CLI (what a nightly run sends)
+    request = folder / "nightly.json"
+    request.write_text(json.dumps({"model_name": "dict-ranker",
+                                   "baseline": "dict-ranker@production",
+                                   "dataset": {"uri": ref.uri}, "promote": False,
+                                   "resources": {"timing_seconds": 5}}))
+    out = _cli(stack, "run", "--request", str(request), "--json", "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    nightly = json.loads(out.stdout)
+    assert nightly["baseline"]["quality"]["auc"] == report["baseline"]["quality"]["auc"]
+    assert nightly["status"] == "not_promoted" and "disabled" in nightly["reason"]
 
 
 def _imported_events(settings) -> list[dict]:
