@@ -333,14 +333,19 @@ def serialize_model(model: nn.Module, spec: ModelSpec) -> bytes:
     from tasks.modules import manifest_of
 
     with iostats.timed("serialize") as moved:
-        state, seen = {}, set()
-        for k, v in model.state_dict().items():  # a table shared by two features: one copy
-            tensor = v.detach().cpu().contiguous()  # each (safetensors stores no aliases)
-            ptr = v.untyped_storage().data_ptr()
-            state[k] = tensor.clone() if ptr in seen and v.numel() else tensor
-            seen.add(ptr)
+        state, first, aliases = {}, {}, {}
+        for k, v in model.state_dict().items():
+            # a table shared by two features is stored once: its other names are aliases
+            where = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            if v.numel() and where in first:
+                aliases[k] = first[where]
+                continue
+            first.setdefault(where, k)
+            state[k] = v.detach().cpu().contiguous()
         meta = {"format": "recsqueeze-model/1", "spec": spec.model_dump_json(),
                 "manifest": json.dumps(manifest_of(model), sort_keys=True)}
+        if aliases:
+            meta["aliases"] = json.dumps(aliases, sort_keys=True)
         data = canonical_safetensors(st_save(state, metadata=meta))
         moved.append(len(data))
     return data
@@ -372,7 +377,13 @@ def deserialize_model(data: bytes) -> tuple[nn.Module, ModelSpec]:
                                       "(format)")
         spec = parse_model_spec(meta["spec"])
         model = apply_manifest(build(spec), json.loads(meta["manifest"]))
-        model.load_state_dict(st_load(data), strict=True)
+        state = st_load(data)
+        aliases = json.loads(meta.get("aliases", "{}"))
+        if not isinstance(aliases, dict) or not all(
+                isinstance(v, str) and v in state for v in aliases.values()):
+            raise UnsafeArtifactError("model metadata: aliases name no stored tensor")
+        state.update({alias: state[name] for alias, name in aliases.items()})
+        model.load_state_dict(state, strict=True)
         moved.append(len(data))
     return model.eval(), spec
 

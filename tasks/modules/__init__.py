@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from tasks.modules.bag import PooledTable, bags_as_tables, with_pooled_tables
 from tasks.modules.embedding import HalfEmbedding, RowWiseQuantEmbedding, TieredQuantEmbedding
 from tasks.modules.linear import (
     DynamicInt8Linear,
@@ -36,7 +37,7 @@ COMPRESSED_MODULES: dict[str, type[nn.Module]] = {
     m.kind: m for m in (RowWiseQuantEmbedding, TieredQuantEmbedding, HalfEmbedding, DynamicInt8Linear,  # type: ignore[attr-defined]
                         StaticInt8Linear, WeightOnlyLinear, HalfLinear, FusedAway, PrunedLinear,
                         SparseLinear, PrunedEmbedding, LowRankLinear, LowRankEmbedding,
-                        TTEmbedding, QuantTTEmbedding, SemiSparseLinear)
+                        TTEmbedding, QuantTTEmbedding, SemiSparseLinear, PooledTable)
 }
 
 
@@ -47,9 +48,14 @@ def manifest_of(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, leaf, module)
+    """Put `module` at `path`, and at every other path that reaches the module there (a table
+    shared by two features is replaced once, for both)."""
+    old = model.get_submodule(path)
+    paths = [p for p, m in model.named_modules(remove_duplicate=False) if m is old] or [path]
+    for where in paths:
+        parent_path, _, leaf = where.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, leaf, module)
 
 
 def apply_manifest(model: nn.Module, manifest: dict[str, dict[str, Any]]) -> nn.Module:
@@ -62,7 +68,7 @@ def apply_manifest(model: nn.Module, manifest: dict[str, dict[str, Any]]) -> nn.
     return model
 
 
-__all__ = ["COMPRESSED_MODULES", "DynamicInt8Linear", "FusedAway", "HalfEmbedding", "HalfLinear",
+__all__ = ["COMPRESSED_MODULES", "PooledTable", "bags_as_tables", "with_pooled_tables", "DynamicInt8Linear", "FusedAway", "HalfEmbedding", "HalfLinear",
            "RowWiseQuantEmbedding", "TieredQuantEmbedding", "StaticInt8Linear", "WeightOnlyLinear",
            "apply_manifest",
            "LowRankEmbedding", "LowRankLinear", "PrunedEmbedding", "PrunedLinear", "SparseLinear",

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from tasks.modules import with_pooled_tables
+
 from tasks.stages.calibrate import Calibration, calibrate
 from tasks.stages.context import StageContext
 from tasks.stages.distill import distill, nas_trial
@@ -28,12 +30,16 @@ STAGES: dict[type, Callable[..., nn.Module]] = {
 
 
 def apply_stage(model: nn.Module, cfg: StageConfig, ctx: StageContext) -> nn.Module:
+    """`cfg`'s stage applied to `model` (left as it is). `nn.EmbeddingBag` tables are first
+    seen as lookup tables plus pooling (`tasks.modules.bag`), so every stage that compresses
+    tables compresses bags the same way."""
     try:
         fn = STAGES[type(cfg)]
     except KeyError:
         raise ValueError(f"no stage registered for config {type(cfg).__name__}") from None
-    return fn(model, cfg, ctx)
+    return fn(with_pooled_tables(model), cfg, ctx)
 
 
-__all__ = ["STAGES", "Calibration", "StageContext", "apply_stage", "calibrate", "distill", "factorize",
+
+__all__ = ["STAGES", "with_pooled_tables", "Calibration", "StageContext", "apply_stage", "calibrate", "distill", "factorize",
            "nas_trial", "prune", "quantize"]

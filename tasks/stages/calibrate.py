@@ -23,7 +23,7 @@ from torch import nn
 
 from tasks.data import Arrays
 from tasks.evaluate import predict
-from tasks.modules import set_submodule
+from tasks.modules import set_submodule, with_pooled_tables
 from tasks.protocol import problem_kind
 from tasks.quality import main_metric, scalar_quality
 from tasks.quant.observers import entropy_range, histogram, mse_range, percentile_range
@@ -114,7 +114,7 @@ def calibrate(model: nn.Module, cfg: CalibrateConfig, ctx: StageContext) -> Cali
     """Measure activation ranges and per-layer sensitivity on the calibration rows."""
     data = ctx.need("calibration")
     assert isinstance(data, Arrays)
-    model = model.cpu().eval()
+    model = with_pooled_tables(model.cpu().eval())  # a bag's table is a table (modules.bag)
     acts = activation_table(model, _subset(data, cfg.rows), cfg.bins)
     sens = sensitivity_table(model, _subset(data, cfg.sensitivity_rows))
     ctx.log(f"calibrate: {acts.num_rows} activations, {sens.num_rows} sensitivity rows")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from tasks.data import Arrays
 from tasks.modules import (
     PrunedEmbedding,
     PrunedLinear,
@@ -19,6 +19,7 @@ from tasks.modules import (
     set_submodule,
 )
 from tasks.protocol import attention_projections, problem_kind
+from tasks.quant.tiers import lookup_counts
 from tasks.stages.context import NotApplicable, StageContext, StageSkipped
 from tasks.stages.finetune import finetune
 from tasks.types import PruneConfig
@@ -162,14 +163,16 @@ def schedule(sparsity: float, steps: int) -> list[float]:
 
 
 def prune_rows(model: nn.Module, sparsity: float, criterion: str,
-               counts: list[np.ndarray] | None) -> None:
+               counts: dict[str, torch.Tensor] | None) -> None:
+    """Keep the `1 - sparsity` share of each table's rows: the most looked-up ones
+    (`counts`: path -> lookups per row) or those of the largest norm."""
     tables = [(p, m) for p, m in model.named_modules() if type(m) is nn.Embedding]
-    for k, (path, table) in enumerate(tables):
+    for path, table in tables:
         rows = table.weight.shape[0]
         keep_n = max(1, round(rows * (1 - sparsity)))
         if criterion == "frequency":
             assert counts is not None
-            score = torch.from_numpy(counts[k].astype(np.float64))
+            score = counts[path].double()
         else:
             score = table.weight.detach().norm(dim=1).double()
         keep = torch.sort(torch.topk(score, keep_n).indices).values
@@ -200,10 +203,11 @@ def prune(model: nn.Module, cfg: PruneConfig, ctx: StageContext) -> nn.Module:
             raise ValueError("prune(embedding_rows): criterion 'frequency' counts the ranking "
                              "inputs' ids; for a retrieval or sequential model use "
                              "criterion 'norm'")
-        if cfg.criterion == "frequency":
+        if cfg.criterion == "frequency":  # each table's lookups, as the model makes them
             data = ctx.need("train_data")
-            counts = [np.bincount(data.sparse[:, k], minlength=t.weight.shape[0])  # type: ignore[union-attr]
-                      for k, t in enumerate(m for m in out.modules() if type(m) is nn.Embedding)]
+            assert isinstance(data, Arrays)
+            counts = lookup_counts(out, [p for p, m in out.named_modules()
+                                         if type(m) is nn.Embedding], data, max_rows=len(data))
         prune_rows(out, cfg.sparsity, cfg.criterion, counts)
     else:  # structured / magnitude, one shot or in cycles
         done = 0.0
