@@ -6,18 +6,19 @@ The built-in click log is made by `tasks.generator.generate`, a user's own by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 
-from tasks.types import DatasetSpec
+from tasks.types import CategoricalColumn, DatasetSpec
 
 SPLITS = ("train", "valid", "test")
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # shares of rows by time: train on the past, test on the future
 
 
-PAD = -1  # history padding before the model maps it to its padding row
+PAD = -1  # history and multi-hot padding before the model maps it to its padding row
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Arrays:
     click (float32, ranking) or the clicked item id (int64, retrieval / next_item). groups are
     the query/session ids of the rows (ranking lists), segments the segment columns' values,
     catalogue the item-feature ids of every item [n_items, F] (retrieval).
+
+    sparse (ranking, retrieval) holds the categorical columns in spec order, each in its
+    `column_slots` slice: a single-id column one slot (its id), a multi-hot column
+    `multi_hot` = K slots (the row's last K ids, most recent last, left-padded with PAD).
+    next_item: the history, [N, history_width], laid out like a multi-hot column.
     """
 
     dense: np.ndarray
@@ -60,36 +66,72 @@ def _cardinality(spec: DatasetSpec, column: str | None) -> int:
     return next(c.cardinality for c in spec.categorical if c.name == column)
 
 
+def column_slots(categorical: Sequence[CategoricalColumn]) -> list[slice]:
+    """Each column's slice of the sparse columns, in order: 1 slot per single-id column,
+    `multi_hot` slots per multi-hot one.
+
+    Example: user_id, recent_categories (multi_hot=3), device -> [0:1], [1:4], [4:5].
+    """
+    slots: list[slice] = []
+    start = 0
+    for column in categorical:
+        width = column.multi_hot or 1
+        slots.append(slice(start, start + width))
+        start += width
+    return slots
+
+
 def history_matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
-    """list<int64> -> [N, width] int64, most recent last, left-padded with PAD."""
+    """list<int64> -> [N, width] int64: each row's last `width` ids, most recent last,
+    right-aligned, left-padded with PAD.
+
+    Example: [[1, 2, 3], [], [7]], width 2 -> [[2, 3], [PAD, PAD], [PAD, 7]].
+    """
     col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = col.offsets.to_numpy().astype(np.int64)
-    values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
     out = np.full((len(col), width), PAD, np.int64)
-    lengths = np.minimum(np.diff(offsets), width)
-    for r in np.flatnonzero(lengths):
-        end = offsets[r + 1]
-        out[r, width - lengths[r]:] = values[end - lengths[r]:end]
+    if len(col) == 0:
+        return out
+    offsets = col.offsets.to_numpy().astype(np.int64)  # into values, which a slice keeps whole
+    values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = np.diff(offsets)
+    rows = np.repeat(np.arange(len(col)), lengths)  # one entry per id of every row
+    at = np.arange(offsets[0], offsets[-1])
+    back = np.repeat(offsets[1:], lengths) - at  # 1 for a row's last id, 2 the one before...
+    keep = back <= width
+    out[rows[keep], width - back[keep]] = values[at[keep]]
     return out
+
+
+def id_matrix(table: pa.Table, columns: Sequence[CategoricalColumn]) -> np.ndarray:
+    """The columns' ids as [N, T] int64, each column in its `column_slots` slice."""
+    parts = [table[c.name].to_numpy().astype(np.int64)[:, None] if c.multi_hot is None
+             else history_matrix(table[c.name], c.multi_hot) for c in columns]
+    return np.concatenate(parts, 1) if parts else np.zeros((table.num_rows, 0), np.int64)
 
 
 def to_arrays(table: pa.Table, spec: DatasetSpec, task: str = "ranking",
               history_width: int = 50) -> Arrays:
     """One split as inputs for `task`:
 
-    - ranking: dense features, every categorical id, label = the click;
-    - retrieval: the clicked rows; sparse = the query-side ids (`query_side`), label = the
-      clicked item, catalogue = each item's feature ids (last seen in this split; 0 unseen);
+    - ranking: dense features, every categorical column's ids (`id_matrix`), label = the click;
+    - retrieval: the clicked rows; sparse = the query-side columns' ids (`query_side`, laid out
+      as in ranking), label = the clicked item, catalogue = each item's feature ids (last seen
+      in this split; 0 unseen);
     - next_item: the clicked rows; sparse = the history [N, history_width] (PAD-padded),
       label = the clicked item.
+
+    sparse is the concatenation, in spec.categorical order, of one slot per single-id column
+    (its id) and multi_hot = K slots per multi-hot column: the row's last K ids right-aligned,
+    left-padded with PAD (`history_matrix(column, K)`); `column_slots` gives each column's
+    slice. A row of user_id=5, recent_categories=[3, 9] (multi_hot=3), device=1 is
+    [5, PAD, 3, 9, 1]. Without multi-hot columns, sparse is [N, len(categorical)], one id each.
     """
     segments = {c: table[c].to_numpy(zero_copy_only=False) for c in spec.segments}
     groups = table[spec.query_id].to_numpy().astype(np.int64) if spec.query_id else None
     if task == "ranking":
         dense = np.stack([table[c].to_numpy().astype(np.float32) for c in spec.dense], axis=1) \
             if spec.dense else np.zeros((table.num_rows, 0), np.float32)
-        sparse = np.stack([table[c.name].to_numpy().astype(np.int64) for c in spec.categorical],
-                          1)
+        sparse = id_matrix(table, spec.categorical)
         label = table[spec.label].to_numpy().astype(np.float32)
         return Arrays(dense, sparse, label, groups, segments)
     if spec.item_id is None:
@@ -97,9 +139,12 @@ def to_arrays(table: pa.Table, spec: DatasetSpec, task: str = "ranking",
     clicked = np.flatnonzero(table[spec.label].to_numpy().astype(np.int64) == 1)
     item = table[spec.item_id].to_numpy().astype(np.int64)
     if task == "retrieval":
-        cols = query_side(spec)
-        sparse = np.stack([table[c].to_numpy().astype(np.int64) for c in cols], 1) if cols \
-            else np.zeros((table.num_rows, 0), np.int64)
+        bags = [c.name for c in spec.categorical if c.multi_hot and c.name in spec.item_features]
+        if bags:
+            raise ValueError(f"dataset spec {spec.name}: item_features {bags} are multi-hot; the "
+                             "catalogue holds one id per item feature")
+        query = set(query_side(spec))
+        sparse = id_matrix(table, [c for c in spec.categorical if c.name in query])
         catalogue = np.zeros((_cardinality(spec, spec.item_id), len(spec.item_features)),
                              np.int64)
         for j, c in enumerate(spec.item_features):

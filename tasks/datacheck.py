@@ -30,13 +30,14 @@ class DatasetError(ValueError):
 def check_spec(spec: DatasetSpec, where: str = "spec") -> None:
     """Column roles that contradict each other, whatever the data holds."""
     cats = [c.name for c in spec.categorical]
+    bags = {c.name for c in spec.categorical if c.multi_hot is not None}
     for role, names in (("categorical", cats), ("dense", spec.dense),
                         ("item_features", spec.item_features), ("segments", spec.segments)):
         twice = first_repeat(names)
         if twice is not None:
             raise DatasetError(f"{where}: {role}: {twice!r} is listed twice; list each column once")
     others = {**{c: "segments" for c in spec.segments}, **{c: "dense" for c in spec.dense},
-              **{c: "categorical" for c in cats}}
+              **{c: "multi-hot categorical" if c in bags else "categorical" for c in cats}}
     for role in ("history", "timestamp", "query_id"):
         if getattr(spec, role) is not None:
             others[getattr(spec, role)] = role
@@ -53,6 +54,9 @@ def check_spec(spec: DatasetSpec, where: str = "spec") -> None:
         if col is not None and col not in cats:
             raise DatasetError(f"{where}: {role}: {col!r} is not a categorical column; add "
                                f'{{"name": "{col}", "cardinality": N}} to categorical')
+        if col in bags:
+            raise DatasetError(f"{where}: {role}: {col!r} is multi-hot; {role} is one id per row: "
+                               f"name a single-id column, or remove multi_hot from {col!r}")
     for col in spec.item_features:
         if col == spec.item_id:
             raise DatasetError(f"{where}: item_features: {col!r} is item_id; list only the "
@@ -61,7 +65,18 @@ def check_spec(spec: DatasetSpec, where: str = "spec") -> None:
             raise DatasetError(f"{where}: item_features: {col!r} is not a categorical column "
                                f"(categorical: {', '.join(cats)}); item features must be "
                                "categorical ids: add it to categorical or drop it from item_features")
+        if col in bags:
+            raise DatasetError(f"{where}: item_features: {col!r} is multi-hot; the item catalogue "
+                               "holds one id per item feature: drop it from item_features (the "
+                               "query/user tower then reads it), or give each item one id for it")
+    if spec.query_id in bags:
+        raise DatasetError(f"{where}: query_id: {spec.query_id!r} is multi-hot; a query/session is "
+                           "one integer id per row: name a single-id column")
     if spec.history is not None:
+        if spec.history in bags:
+            raise DatasetError(f"{where}: column {spec.history!r} is the history and a multi-hot "
+                               "categorical column too; give it one role, or copy it into a "
+                               "column of its own for the other")
         if spec.history in cats or spec.history in spec.dense or spec.history in spec.segments:
             raise DatasetError(f"{where}: column {spec.history!r} is the history and a feature "
                                "too; a list column has the history role only")
@@ -114,8 +129,8 @@ def validate(tables: Mapping[str, pa.Table], spec: DatasetSpec,
 
 
 def check_table(table: pa.Table, spec: DatasetSpec, where: str) -> None:
-    """Checks of one table, in spec order: columns present, label, categorical, dense, query_id,
-    timestamp, history, segments."""
+    """Checks of one table, in spec order: columns present, label, categorical (one id or, if
+    multi-hot, a list of ids per row), dense, query_id, timestamp, history, segments."""
     missing = [(c, r) for c, r in spec_columns(spec) if c not in table.column_names]
     if missing:
         listed = ", ".join(f"{c!r} ({r})" for c, r in missing)
@@ -128,7 +143,10 @@ def check_table(table: pa.Table, spec: DatasetSpec, where: str) -> None:
                                f"{table.num_rows} rows empty); fill it, or drop it from spec.json")
     _check_label(table[spec.label], spec.label, where)
     for cat in spec.categorical:
-        _check_ids(table[cat.name], f"categorical column {cat.name!r}", cat.cardinality, where)
+        if cat.multi_hot is None:
+            _check_ids(table[cat.name], f"categorical column {cat.name!r}", cat.cardinality, where)
+        else:
+            _check_multi_hot(table[cat.name], cat.name, cat.cardinality, where)
     for name in spec.dense:
         _check_dense(table[name], name, where)
     if spec.query_id is not None:
@@ -171,6 +189,10 @@ def _check_label(col: pa.ChunkedArray, name: str, where: str) -> None:
 
 
 def _check_ids(col: pa.ChunkedArray, what: str, cardinality: int, where: str) -> None:
+    if _is_list(col.type):
+        raise DatasetError(f"{where}: {what} holds lists (dtype {col.type}) but has no multi_hot; "
+                           'set "multi_hot": N in its categorical entry of spec.json for the model '
+                           "to pool the last N ids of each row, or write one id per row")
     if not pa.types.is_integer(col.type):
         raise DatasetError(f"{where}: {what} has wrong dtype {col.type}; ids must be integers in "
                            f"[0, {cardinality}): map raw values to ids 0..{cardinality - 1} first "
@@ -182,16 +204,19 @@ def _check_ids(col: pa.ChunkedArray, what: str, cardinality: int, where: str) ->
 
 
 def _check_range(values: pa.Array | pa.ChunkedArray, what: str, cardinality: int, where: str,
-                 bad: tuple[int, int], unit: str = "row", fix: str = "") -> None:
+                 bad: tuple[int, int], unit: str = "row", fix: str = "", negative_fix: str = "",
+                 first_id: int | None = None) -> None:
     count, first = bad
     if not count:
         return
     low, high = (v.as_py() for v in pc.min_max(values).values())
     if not fix:
-        fix = (f"negative ids are not allowed: map them to ids in 0..{cardinality - 1}" if low < 0
+        fix = ((negative_fix or f"negative ids are not allowed: map them to ids in "
+                f"0..{cardinality - 1}") if low < 0
                else f"remap them, or raise cardinality to at least {high + 1} in spec.json")
+    at = f"row {first}" if first_id is None else f"row {first}: {first_id}"
     raise DatasetError(f"{where}: {what} has ids out of range [0, {cardinality}): found min {low}, "
-                       f"max {high} ({plural(count, unit)}, first at row {first}); {fix}")
+                       f"max {high} ({plural(count, unit)}, first at {at}); {fix}")
 
 
 def _check_dense(col: pa.ChunkedArray, name: str, where: str) -> None:
@@ -219,21 +244,52 @@ def _check_dense(col: pa.ChunkedArray, name: str, where: str) -> None:
 def _check_history(col: pa.ChunkedArray, name: str, item_id: str, items: int, where: str) -> None:
     what = f"history column {name!r}"
     t = col.type
-    if not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)):
+    if not (_is_list(t) and pa.types.is_integer(t.value_type)):
         raise DatasetError(f"{where}: {what} has dtype {t}; it must be a list of integer item ids "
                            '(list<int64>; in a CSV: ids separated by spaces, e.g. "12 7 301")')
     _check_nulls(col, what, where, "write an empty list for a row without history")
-    lists = col.combine_chunks()
-    ids, rows = pc.list_flatten(lists), pc.list_parent_indices(lists)
-    count, first = marked_rows(pc.is_null(ids))
-    if count:
-        raise DatasetError(f"{where}: {what} has {plural(count, 'null item id')} (first at row "
-                           f"{rows[first]}); drop them from the lists")
+    ids, rows = _list_ids(col, what, "null item id", where)
     count, first = marked_rows(pc.or_(pc.less(ids, 0), pc.greater_equal(ids, items)))
     _check_range(ids, f"{what} (item_id column {item_id!r})", items, where,
                  (count, rows[first].as_py() if count else -1), unit="id",
                  fix="history ids must be in item_id's id space: map them with the same mapping "
                      "as item_id")
+
+
+def _check_multi_hot(col: pa.ChunkedArray, name: str, cardinality: int, where: str) -> None:
+    """A list of ids per row (any number, none included). A null list is refused, not read as
+    empty: it is often a failed join upstream, and an empty list says "no ids" plainly."""
+    what = f"multi-hot column {name!r}"
+    t = col.type
+    if not (_is_list(t) and pa.types.is_integer(t.value_type)):
+        raise DatasetError(f"{where}: {what} has dtype {t}; it must be a list of integer ids per "
+                           'row (list<int64>; in a CSV: ids separated by spaces, e.g. "12 7 301"): '
+                           "write lists, or remove multi_hot from its spec.json entry for one id "
+                           "per row")
+    _check_nulls(col, what, where, "write an empty list for a row without ids (in a CSV: an "
+                 "empty cell)")
+    ids, rows = _list_ids(col, what, "null id", where)
+    count, first = marked_rows(pc.or_(pc.less(ids, 0), pc.greater_equal(ids, cardinality)))
+    _check_range(ids, what, cardinality, where, (count, rows[first].as_py() if count else -1),
+                 unit="id", first_id=ids[first].as_py() if count else None,
+                 negative_fix="negative ids are not allowed, padding included: write only the "
+                 "row's own ids (a row may hold fewer than multi_hot, or none), each in "
+                 f"0..{cardinality - 1}")
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _list_ids(col: pa.ChunkedArray, what: str, null_id: str, where: str) -> tuple[pa.Array, pa.Array]:
+    """A list column's ids, flat, and the row of each; refused if an id is null."""
+    lists = col.combine_chunks()
+    ids, rows = pc.list_flatten(lists), pc.list_parent_indices(lists)
+    count, first = marked_rows(pc.is_null(ids))
+    if count:
+        raise DatasetError(f"{where}: {what} has {plural(count, null_id)} (first at row "
+                           f"{rows[first]}); drop them from the lists")
+    return ids, rows
 
 
 def _check_segment(col: pa.ChunkedArray, name: str, where: str) -> None:

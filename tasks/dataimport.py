@@ -8,8 +8,8 @@ Checks (`tasks.datacheck`) run before anything is uploaded, in a fixed order, an
 first problem with a `DatasetError` that names the file (or split), the column, what was found
 and the fix: a bad dataset fails here in seconds, not an hour later inside a training task on a
 Ray worker. Rows in messages are counted from 0 within the file (a CSV's header is not a row).
-This module reads the files (CSV history text becomes list<int64>), splits one file by time,
-and keeps only the spec's columns in canonical dtypes.
+This module reads the files (a CSV's history and multi-hot text, "12 7 301", becomes
+list<int64>), splits one file by time, and keeps only the spec's columns in canonical dtypes.
 
 Example::
 
@@ -46,7 +46,7 @@ from tasks.datacheck import (
     spec_columns,
     validate,
 )
-from tasks.types import CategoricalColumn, DatasetRef, DatasetSpec
+from tasks.types import MAX_MULTI_HOT, CategoricalColumn, DatasetRef, DatasetSpec
 
 SUFFIXES = (".parquet", ".csv")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # spec.name is an S3 path segment
@@ -87,12 +87,16 @@ def load_spec(path: Path) -> DatasetSpec:
 
 def _field_error(error: ErrorDetails) -> str:
     loc = ".".join(str(part) for part in error["loc"])
-    msg = error["msg"]
+    msg = error["msg"].removeprefix("Value error, ")  # our validators' own sentences
     if error["type"] == "extra_forbidden":  # a typo: say which names exist
         model = DatasetSpec if len(error["loc"]) == 1 else CategoricalColumn
         msg += f" (known fields: {', '.join(model.model_fields)})"
     if error["type"] == "less_than_equal" and error["loc"][-1:] == ("cardinality",):
         msg += "; hash or bucket the ids into fewer first"
+    if error["loc"][-1:] == ("multi_hot",) and error["type"] == "greater_than_equal":
+        msg += "; remove multi_hot (or set it to null) for one id per row"
+    if error["loc"][-1:] == ("multi_hot",) and error["type"] == "less_than_equal":
+        msg += f"; the model pools at most a row's last {MAX_MULTI_HOT} ids"
     return f"{loc}: {msg}" if loc else msg
 
 
@@ -176,23 +180,33 @@ def _check_suffix(path: Path) -> None:
 def _read_file(path: Path, spec: DatasetSpec) -> pa.Table:
     _check_suffix(path)
     kind = path.suffix.removeprefix(".")
+    lists = _list_columns(spec)
     try:
         if kind == "parquet":
             _check_unique(pq.read_schema(path).names, path.name)  # else read_table fails on them
             return pq.read_table(path)
-        # history stays text here ("12 7 301"), whatever pyarrow would infer from its first rows
-        types = {spec.history: pa.string()} if spec.history else {}
+        # list columns stay text here ("12 7 301"), whatever pyarrow would infer from their
+        # first rows (one id each: int64), and an empty cell stays "" (an empty list)
+        types = {name: pa.string() for name in lists}
         table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types=types))
     except (pa.ArrowException, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatasetError(f"{path.name}: cannot read it as {kind} ({first}); check that it is "
                            f"a complete {kind} file, or export it again") from None
     _check_unique(table.column_names, path.name)
-    if spec.history and spec.history in table.column_names:
-        index = table.schema.get_field_index(spec.history)
-        table = table.set_column(index, spec.history, parse_history(table[spec.history], spec.history,
-                                                                    path.name))
+    for name, what in lists.items():
+        if name in table.column_names:
+            index = table.schema.get_field_index(name)
+            table = table.set_column(index, name, parse_id_lists(table[name], what, path.name))
     return table
+
+
+def _list_columns(spec: DatasetSpec) -> dict[str, str]:
+    """The columns a CSV holds as space-separated ids, with what messages call each."""
+    lists = {c.name: f"multi-hot column {c.name!r}" for c in spec.categorical if c.multi_hot}
+    if spec.history:
+        lists[spec.history] = f"history column {spec.history!r}"
+    return lists
 
 
 def _check_unique(names: list[str], where: str) -> None:
@@ -202,8 +216,9 @@ def _check_unique(names: list[str], where: str) -> None:
                            "rename or drop the copies so every column name is unique")
 
 
-def parse_history(column: pa.ChunkedArray, name: str, where: str) -> pa.ListArray:
-    """CSV history text -> list<int64>: "12 7 301" -> [12, 7, 301], "" -> []."""
+def parse_id_lists(column: pa.ChunkedArray, what: str, where: str) -> pa.ListArray:
+    """CSV text of a list column (history, multi-hot) -> list<int64>: "12 7 301" -> [12, 7, 301],
+    "" -> []. `what` names the column in messages (e.g. "history column 'history'")."""
     text = column.combine_chunks()
     parts = pc.utf8_split_whitespace(text)
     tokens, rows = pc.list_flatten(parts), pc.list_parent_indices(parts)
@@ -211,9 +226,9 @@ def parse_history(column: pa.ChunkedArray, name: str, where: str) -> pa.ListArra
     tokens, rows = tokens.filter(keep), rows.filter(keep)
     count, first = marked_rows(pc.invert(pc.match_substring_regex(tokens, _INT_TOKEN)))
     if count:
-        raise DatasetError(f"{where}: history column {name!r} has {plural(count, 'value')} that "
+        raise DatasetError(f"{where}: {what} has {plural(count, 'value')} that "
                            f"{'is' if count == 1 else 'are'} not an integer id (first at row "
-                           f"{rows[first]}: {tokens[first].as_py()!r}); write item ids as integers "
+                           f"{rows[first]}: {tokens[first].as_py()!r}); write its ids as integers "
                            'separated by spaces, e.g. "12 7 301"')
     ids = pc.cast(tokens, pa.int64())
     offsets = np.concatenate([[0], np.cumsum(np.bincount(rows.to_numpy(), minlength=len(text)))])
@@ -223,9 +238,11 @@ def parse_history(column: pa.ChunkedArray, name: str, where: str) -> pa.ListArra
 # --- upload --------------------------------------------------------------------------------
 def select_columns(tables: Mapping[str, pa.Table], spec: DatasetSpec) -> dict[str, pa.Table]:
     """Only the spec's columns (stray ones, e.g. free text, are not stored), in canonical dtypes:
-    label int8, ids and query_id int64, dense float32, history list<int64>, as the generator."""
-    types: dict[str, pa.DataType] = {spec.label: pa.int8(), **{d: pa.float32() for d in spec.dense},
-                                     **{c.name: pa.int64() for c in spec.categorical}}
+    label int8, ids and query_id int64, dense float32, history and multi-hot list<int64>, as the
+    generator."""
+    types: dict[str, pa.DataType] = {
+        spec.label: pa.int8(), **{d: pa.float32() for d in spec.dense},
+        **{c.name: pa.list_(pa.int64()) if c.multi_hot else pa.int64() for c in spec.categorical}}
     if spec.query_id is not None:
         types[spec.query_id] = pa.int64()
     if spec.history is not None:

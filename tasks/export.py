@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tasks.data import query_side
+from tasks.data import column_slots, query_side
 from tasks.modules.embedding import RowWiseQuantEmbedding
 from tasks.modules.linear import INPUT_QMAX, DynamicInt8Linear, StaticInt8Linear
 from tasks.modules.tt import QuantTTEmbedding, TTEmbedding
@@ -201,6 +201,7 @@ class Inputs:
     cardinalities: list[int]
     output: str
     pad: int | None = None
+    bags: list[slice] = field(default_factory=list)  # multi-hot slots (ranking), PAD-padded
 
 
 def describe_inputs(spec: ModelSpec, data: DatasetSpec) -> Inputs:
@@ -209,10 +210,17 @@ def describe_inputs(spec: ModelSpec, data: DatasetSpec) -> Inputs:
     kind = spec.problem_kind()
     cards = {c.name: c.cardinality for c in data.categorical}
     if kind == "ranking":
-        cols = [c.name for c in data.categorical]
-        return Inputs(list(data.dense), cols, "one id per categorical column",
-                      [cards[c] for c in cols],
-                      "logit of the click probability, shape [batch] (sigmoid gives p)")
+        cols, ranges, bags = [], [], []
+        for column, slots in zip(data.categorical, column_slots(data.categorical)):
+            width, bag = slots.stop - slots.start, column.multi_hot is not None
+            cols += [f"{column.name}[{i}]" for i in range(width)] if bag else [column.name]
+            ranges, bags = ranges + [column.cardinality] * width, bags + [slots] * bag
+        meaning = "one id per categorical column" + (
+            "; a multi-hot column's last ids in its slots, oldest first, left-padded with -1"
+            if bags else "")
+        return Inputs(list(data.dense), cols, meaning, ranges,
+                      "logit of the click probability, shape [batch] (sigmoid gives p)",
+                      pad=-1 if bags else None, bags=bags)
     if kind == "retrieval":
         cols = query_side(data)
         return Inputs([], cols, "the query/user side's ids", [cards[c] for c in cols],
@@ -234,10 +242,13 @@ def example_inputs(inputs: Inputs, rows: int, seed: int = 0) -> tuple[torch.Tens
     dense = rng.standard_normal((rows, len(inputs.dense_columns))).astype(np.float32)
     sparse = np.stack([rng.integers(0, max(c, 1), rows) for c in inputs.cardinalities], 1) \
         if inputs.cardinalities else np.zeros((rows, 0), np.int64)
-    if inputs.pad is not None and sparse.shape[1] > 1:
-        lengths = rng.integers(1, sparse.shape[1] + 1, rows)
-        sparse[np.arange(sparse.shape[1])[None, :] < (sparse.shape[1] - lengths)[:, None]] = \
-            inputs.pad
+    if inputs.pad is not None:  # a padded prefix of each history or multi-hot column
+        for slots in inputs.bags or [slice(0, sparse.shape[1])]:
+            width = slots.stop - slots.start
+            if width > 1 or inputs.bags:
+                lengths = rng.integers(0 if inputs.bags else 1, width + 1, rows)
+                part = sparse[:, slots]
+                part[np.arange(width)[None, :] < (width - lengths)[:, None]] = inputs.pad
     return torch.from_numpy(dense), torch.from_numpy(sparse.astype(np.int64))
 
 

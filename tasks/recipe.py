@@ -79,10 +79,10 @@ def student_spec(spec: ModelSpec, dim: int, width: float) -> ModelSpec | None:
 def large_tables(spec: ModelSpec, rows: int) -> list[str]:
     """Module paths of the tables with at least `rows` rows (each chooses its own dtype)."""
     if isinstance(spec, SasrecSpec):
-        item = next((t for t in spec.tables if t.name == spec.item_table), None)
-        return ["embeddings.0"] if item is not None and item.rows >= rows else []
+        return ["embeddings.0" for t in spec.tables if t.name == spec.item_table and t.rows >= rows]
     if isinstance(spec, (DlrmSpec, TwoTowerSpec)):
-        return [f"embeddings.{i}" for i, t in enumerate(spec.tables) if t.rows >= rows]
+        return [f"embeddings.{i}" + (".table" if t.multi_hot else "")  # a bag: tasks.modules.bag
+                for i, t in enumerate(spec.tables) if t.rows >= rows]
     return []
 
 

@@ -1,6 +1,7 @@
 """DLRM-style CTR ranker (Naumov et al., 2019).
 
-One embedding table per categorical feature, a bottom MLP mapping dense features to the
+One embedding table per categorical feature (an `nn.EmbeddingBag` pooling the ids of a multi-hot
+column, their mean), a bottom MLP mapping dense features to the
 embedding width, pairwise dot-product interactions among all those vectors, and a top MLP over
 [bottom output, interactions] to one logit. Dense inputs are standardized inside the model
 (buffers set from the train split) so the model is usable on raw data.
@@ -36,7 +37,15 @@ class DLRM(nn.Module):
         if unknown and spec.tables:
             raise ValueError(f"model.table_dims names tables the data does not have: "
                              f"{sorted(unknown)} (tables: {[t.name for t in spec.tables]})")
-        self.embeddings = nn.ModuleList(nn.Embedding(t.rows, w) for t, w in zip(spec.tables, dims))
+        # a multi-hot column's table pools its ids (their mean; padding slots weigh 0)
+        self.embeddings = nn.ModuleList(
+            nn.EmbeddingBag(t.rows, w, mode="sum") if t.multi_hot else nn.Embedding(t.rows, w)
+            for t, w in zip(spec.tables, dims))
+        self._starts, start = [], 0  # each table's first column of `sparse` (tasks.data)
+        for t in spec.tables:
+            self._starts.append(start)
+            start += t.multi_hot or 1
+        self._bags = {i: t.multi_hot for i, t in enumerate(spec.tables) if t.multi_hot}
         for table in self.embeddings:
             nn.init.uniform_(table.weight, -0.05, 0.05)
         # mixed-width tables (e.g. from NAS) are projected to the common width d
@@ -63,9 +72,21 @@ class DLRM(nn.Module):
         self.dense_mean.copy_(mean)
         self.dense_std.copy_(std)
 
+    def _pooled(self, sparse: torch.Tensor, i: int) -> torch.Tensor:
+        """The mean of table i's vectors over the row's ids in its multi-hot slots (PAD = -1
+        slots weigh 0; a row without ids gets zeros)."""
+        width = self._bags[i]
+        ids = sparse[:, self._starts[i]:self._starts[i] + width]
+        present = (ids >= 0).to(torch.float32)
+        weights = present / present.sum(1, keepdim=True).clamp_min(1.0)
+        flat = ids.clamp_min(0).reshape(-1)
+        offsets = torch.arange(0, flat.numel(), width, device=flat.device)
+        return self.embeddings[i](flat, offsets, per_sample_weights=weights.reshape(-1))
+
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         columns = sparse.t().contiguous()  # one copy; each table's ids are then contiguous
-        vectors = [table(columns[i]) for i, table in enumerate(self.embeddings)]
+        vectors = [self._pooled(sparse, i) if i in self._bags else table(columns[self._starts[i]])
+                   for i, table in enumerate(self.embeddings)]
         for key, projection in self.projections.items():
             vectors[int(key)] = projection(vectors[int(key)])
         features = []

@@ -68,7 +68,8 @@ def apply_manifest(model: nn.Module, manifest: dict[str, dict[str, Any]]) -> nn.
     return model
 
 
-__all__ = ["COMPRESSED_MODULES", "PooledTable", "bags_as_tables", "with_pooled_tables", "DynamicInt8Linear", "FusedAway", "HalfEmbedding", "HalfLinear",
+__all__ = ["COMPRESSED_MODULES", "PooledTable", "bags_as_tables", "with_pooled_tables",
+           "DynamicInt8Linear", "FusedAway", "HalfEmbedding", "HalfLinear",
            "RowWiseQuantEmbedding", "TieredQuantEmbedding", "StaticInt8Linear", "WeightOnlyLinear",
            "apply_manifest",
            "LowRankEmbedding", "LowRankLinear", "PrunedEmbedding", "PrunedLinear", "SparseLinear",

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from torch import nn
 
 from tasks.modules import with_pooled_tables
-
 from tasks.stages.calibrate import Calibration, calibrate
 from tasks.stages.context import StageContext
 from tasks.stages.distill import distill, nas_trial
@@ -41,5 +40,5 @@ def apply_stage(model: nn.Module, cfg: StageConfig, ctx: StageContext) -> nn.Mod
 
 
 
-__all__ = ["STAGES", "with_pooled_tables", "Calibration", "StageContext", "apply_stage", "calibrate", "distill", "factorize",
-           "nas_trial", "prune", "quantize"]
+__all__ = ["STAGES", "Calibration", "StageContext", "apply_stage", "calibrate", "distill",
+           "factorize", "nas_trial", "prune", "quantize"]

@@ -27,6 +27,7 @@ from tasks.types.base import ArtifactRef, Frozen, Measured
 from tasks.types.budget import DEFAULT_KS, METRIC_NAME, Budget, MetricBudget, budget_ks, budget_target
 from tasks.types.data import (
     MAX_CARDINALITY,
+    MAX_MULTI_HOT,
     CategoricalColumn,
     DatasetRef,
     DatasetRequest,
@@ -93,7 +94,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "MAIN_METRIC", "MAX_CARDINALITY", "METRIC_NAME", "DEFAULT_HISTORY", "FAMILY_SPECS",
+    "MAIN_METRIC", "MAX_CARDINALITY", "MAX_MULTI_HOT", "METRIC_NAME", "DEFAULT_HISTORY", "FAMILY_SPECS",
     "MODEL_SPECS", "ArtifactRef", "Budget", "CalibrateConfig", "CalibrationRefs", "Candidate",
     "CandidateResult", "CategoricalColumn", "CompressionRequest", "CustomSpec", "DatasetRef",
     "DatasetRequest", "DatasetSpec", "DistillConfig", "DlrmSpec", "EmbeddingQuant", "Estimate",

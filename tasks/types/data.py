@@ -3,9 +3,15 @@ from (DESIGN §7)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from tasks.types.base import Frozen
 
@@ -14,11 +20,46 @@ MAX_CARDINALITY = 50_000_000
 worker of the local stack holds; a larger id space must be hashed or bucketed first."""
 
 
+MAX_MULTI_HOT = 1024
+"""Ids a multi-hot column gives the model per row: 1024 int64 slots are 8 KiB a row, 16 MiB in a
+batch of 2048 rows, before the pooled lookup reads them."""
+
+
 class CategoricalColumn(Frozen):
-    name: str = Field(description="column name; int64 ids in [0, cardinality)")
+    """One id column: an embedding table of `cardinality` rows.
+
+    Example: ``CategoricalColumn(name="recent_categories", cardinality=60, multi_hot=8)``: a
+    list<int64> column; the model pools (nn.EmbeddingBag) the last 8 ids of each row.
+    """
+
+    name: str = Field(description="column name; int64 ids in [0, cardinality) (a list of them "
+                      "per row if multi_hot is set)")
     cardinality: int = Field(
         gt=0, le=MAX_CARDINALITY,
         description=f"number of distinct ids (embedding table rows), at most {MAX_CARDINALITY:,}")
+    multi_hot: int | None = Field(
+        None, ge=1, le=MAX_MULTI_HOT,
+        description="unset: one int64 id per row. N: a list<int64> column (a user's recent "
+        "categories, a query's terms; in a CSV: ids separated by spaces) whose rows hold any "
+        "number of ids, possibly none; the model pools the last N of each row (most recent "
+        "last, as in history)")
+
+    @field_validator("multi_hot", mode="before")
+    @classmethod
+    def _a_count_not_a_flag(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would read true as 1
+            raise ValueError(f"multi_hot is how many ids of a row the model reads, e.g. 8, not a "
+                             f"flag (got {str(value).lower()})")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _single_id_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a single-id column is written without multi_hot, so a spec's JSON, and the dataset
+        # sha256 taken over it, are what they were before the field existed
+        data = handler(self)
+        if self.multi_hot is None:
+            data.pop("multi_hot", None)
+        return data  # type: ignore[no-any-return]
 
 
 class DatasetSpec(Frozen):

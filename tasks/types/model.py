@@ -34,6 +34,18 @@ from tasks.userclass import user_class
 class TableSpec(Frozen):
     name: str = Field(description="categorical column the table embeds")
     rows: int = Field(gt=0, description="number of embedding rows")
+    multi_hot: int | None = Field(
+        None, ge=1, description="the column's ids per row when it is multi-hot (the model pools "
+        "them); unset: one id")
+
+    @model_serializer(mode="wrap")
+    def _single_id_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a one-id table is written as before the field existed: the spec a stored model
+        # carries, and so its bytes and sha256, do not change
+        data = handler(self)
+        if self.multi_hot is None:
+            data.pop("multi_hot", None)
+        return data  # type: ignore[no-any-return]
 
 
 Family = Literal["dlrm", "two_tower", "sasrec", "custom"]

@@ -20,9 +20,9 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.data import SPLITS
+from tasks.data import PAD, SPLITS, to_arrays
 from tasks.datacheck import DatasetError, validate
-from tasks.dataimport import load_dataset, load_spec, load_splits, parse_history, select_columns
+from tasks.dataimport import load_dataset, load_spec, load_splits, parse_id_lists, select_columns
 from tasks.generator import generate
 from tasks.types import DatasetSpec
 
@@ -61,6 +61,15 @@ def _clicklog(seed: int = 0) -> pa.Table:
     })
 
 
+def _tags() -> pa.Array:
+    """A multi-hot column of N rows: row i holds i % 5 ids counting up from i % 10, so rows are
+    empty, shorter and longer than multi_hot=3; rows 0 and 1 of every split hold [0] and [9]."""
+    tags = [[(i + j) % 10 for j in range(i % 5)] for i in range(N)]
+    for lo, _ in BOUNDS.values():
+        tags[lo], tags[lo + 1] = [0], [9]
+    return pa.array(tags, pa.list_(pa.int64()))
+
+
 def _splits(table: pa.Table) -> dict[str, pa.Table]:
     return {s: table.slice(lo, hi - lo) for s, (lo, hi) in BOUNDS.items()}
 
@@ -69,9 +78,10 @@ def _write(table: pa.Table, path: Path) -> None:
     if path.suffix == ".parquet":
         pq.write_table(table, path)
         return
-    if "history" in table.column_names and pa.types.is_list(table["history"].type):
-        text = [" ".join(map(str, h)) for h in table["history"].to_pylist()]  # "12 7 301"
-        table = table.set_column(table.schema.get_field_index("history"), "history", pa.array(text))
+    for name in table.column_names:  # history, multi-hot: "12 7 301"
+        if pa.types.is_list(table[name].type):
+            text = [" ".join(map(str, ids)) for ids in table[name].to_pylist()]
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(text))
     pcsv.write_csv(table, path)
 
 
@@ -150,7 +160,45 @@ def test_select_columns_drops_extra_columns_and_casts_to_canonical_dtypes():
 
 def test_csv_history_text_becomes_lists_of_ids():
     text = pa.chunked_array([["12 7 301", "", "  5 ", "4"]])
-    assert parse_history(text, "history", "x.csv").to_pylist() == [[12, 7, 301], [], [5], [4]]
+    lists = parse_id_lists(text, "history column 'history'", "x.csv")
+    assert lists.type == pa.list_(pa.int64())
+    assert lists.to_pylist() == [[12, 7, 301], [], [5], [4]]
+
+
+@pytest.mark.parametrize("layout", ["parquet-dir", "csv-dir", "parquet-file", "csv-file"])
+def test_multi_hot_column_loads_in_every_layout(tmp_path, layout):
+    spec, tables = copy.deepcopy(SPEC), _splits(_clicklog())
+    with_tags()(spec, tables)
+    original = pa.concat_tables(tables[s] for s in SPLITS)
+    spec_path, data = _write_dataset(tmp_path, spec, tables, layout)
+    loaded, data_spec = load_dataset(spec_path, data)
+    assert data_spec.categorical[3].model_dump() == {"name": "tags", "cardinality": 10,
+                                                      "multi_hot": 3}
+    train = loaded["train"]
+    assert train.column_names == [*KEPT[:4], "tags", *KEPT[4:]]
+    assert train.schema.field("tags").type == pa.list_(pa.int64())
+    both = pa.concat_tables(loaded[s] for s in SPLITS)
+    assert both["tags"].to_pylist() == original["tags"].to_pylist()  # "" in a CSV: []
+    assert train["tags"].to_pylist()[:7] == [[0], [9], [2, 3], [3, 4, 5], [4, 5, 6, 7], [], [6]]
+    sparse = to_arrays(train, data_spec).sparse  # user_id, item_id, category_id, tags x3
+    assert sparse.shape == (280, 6)
+    np.testing.assert_array_equal(sparse[:7, 3:], [[PAD, PAD, 0], [PAD, PAD, 9], [PAD, 2, 3],
+                                                   [3, 4, 5], [5, 6, 7], [PAD, PAD, PAD],
+                                                   [PAD, PAD, 6]])
+    np.testing.assert_array_equal(sparse[:, 1], original["item_id"].to_numpy()[:280])
+
+
+@pytest.mark.parametrize("dtype", [pa.list_(pa.int16()), pa.large_list(pa.int32()),
+                                   pa.list_(pa.uint8())])
+def test_multi_hot_parquet_of_any_integer_list_type_becomes_list_int64(tmp_path, dtype):
+    spec, tables = copy.deepcopy(SPEC), _splits(_clicklog())
+    with_tags()(spec, tables)
+    for split, table in tables.items():
+        tables[split] = _set_column(table, "tags", pc.cast(table["tags"], dtype))
+    spec_path, data = _write_dataset(tmp_path, spec, tables, "parquet-dir")
+    loaded, _ = load_dataset(spec_path, data)
+    assert loaded["valid"].schema.field("tags").type == pa.list_(pa.int64())
+    assert loaded["valid"]["tags"].to_pylist() == _tags()[280:320].to_pylist()
 
 
 # --- malformed data: one problem each, refused with its exact message ----------------------
@@ -178,6 +226,24 @@ def change(split: str, fn: Callable[[pa.Table], pa.Table]) -> Mutation:
 def spec_with(**fields: Any) -> Mutation:
     def mutate(spec: dict[str, Any], tables: dict[str, pa.Table]) -> None:
         spec.update(fields)
+    return mutate
+
+
+def with_tags(multi_hot: int | None = 3) -> Mutation:
+    """A multi-hot column 'tags' (10 ids; `_tags`) in the spec and in every split."""
+    def mutate(spec: dict[str, Any], tables: dict[str, pa.Table]) -> None:
+        entry = {"name": "tags", "cardinality": 10}
+        spec["categorical"] = [*spec["categorical"], entry if multi_hot is None
+                               else {**entry, "multi_hot": multi_hot}]
+        for split, (lo, hi) in BOUNDS.items():
+            tables[split] = tables[split].append_column("tags", _tags().slice(lo, hi - lo))
+    return mutate
+
+
+def steps(*mutations: Mutation) -> Mutation:
+    def mutate(spec: dict[str, Any], tables: dict[str, pa.Table]) -> None:
+        for step in mutations:
+            step(spec, tables)
     return mutate
 
 
@@ -269,6 +335,36 @@ MALFORMED = [
         "train.parquet: history column 'history' has 1 null item id (first at row 2); drop them "
         "from the lists", id="history-null-id"),
     pytest.param(
+        steps(with_tags(), change("train", lambda t: _set_column(t, "tags", t["category_id"]))),
+        "train.parquet: multi-hot column 'tags' has dtype int64; it must be a list of integer ids "
+        'per row (list<int64>; in a CSV: ids separated by spaces, e.g. "12 7 301"): write lists, '
+        "or remove multi_hot from its spec.json entry for one id per row",
+        id="multi-hot-not-a-list"),
+    pytest.param(
+        with_tags(multi_hot=None),
+        "train.parquet: categorical column 'tags' holds lists (dtype list<element: int64>) but has "
+        'no multi_hot; set "multi_hot": N in its categorical entry of spec.json for the model to '
+        "pool the last N ids of each row, or write one id per row", id="lists-without-multi-hot"),
+    pytest.param(
+        steps(with_tags(), put("valid", "tags", {3: None})),
+        "valid.parquet: multi-hot column 'tags' has 1 null value (first at row 3); write an empty "
+        "list for a row without ids (in a CSV: an empty cell)", id="multi-hot-null-list"),
+    pytest.param(
+        steps(with_tags(), put("train", "tags", {2: [None, 3]})),
+        "train.parquet: multi-hot column 'tags' has 1 null id (first at row 2); drop them from "
+        "the lists", id="multi-hot-null-id"),
+    pytest.param(
+        steps(with_tags(), put("test", "tags", {4: [3, 10], 9: [12]})),
+        "test.parquet: multi-hot column 'tags' has ids out of range [0, 10): found min 0, max 12 "
+        "(2 ids, first at row 4: 10); remap them, or raise cardinality to at least 13 in "
+        "spec.json", id="multi-hot-id-out-of-range"),
+    pytest.param(
+        steps(with_tags(), put("train", "tags", {6: [-1, -1, 3]})),
+        "train.parquet: multi-hot column 'tags' has ids out of range [0, 10): found min -1, max 9 "
+        "(2 ids, first at row 6: -1); negative ids are not allowed, padding included: write only "
+        "the row's own ids (a row may hold fewer than multi_hot, or none), each in 0..9",
+        id="multi-hot-negative-id"),
+    pytest.param(
         change("test", lambda t: _set_column(t, "popularity", pa.array([f"s{i}" for i in range(80)]))),
         "test.parquet: segment column 'popularity' has 80 distinct values (at most 50); a segment "
         "groups rows into a few slices (e.g. head/tail): bucket it, or make it a categorical "
@@ -306,6 +402,39 @@ MALFORMED = [
         spec_with(item_id=None, item_features=["category_id"]),
         "{spec}: history: 'history' holds item ids, so item_id must be set too: name the item id "
         "column", id="history-without-item-id"),
+    pytest.param(
+        spec_with(categorical=[*CATS, {"name": "history", "cardinality": 100, "multi_hot": 5}]),
+        "{spec}: column 'history' is the history and a multi-hot categorical column too; give it "
+        "one role, or copy it into a column of its own for the other", id="multi-hot-history"),
+    pytest.param(
+        spec_with(categorical=[*CATS, {"name": "click", "cardinality": 2, "multi_hot": 2}]),
+        "{spec}: column 'click' has two roles, label and multi-hot categorical; a label fed to the "
+        "model as an input leaks the answer: use another column", id="multi-hot-label"),
+    pytest.param(
+        spec_with(categorical=[CATS[0], {**CATS[1], "multi_hot": 4}, CATS[2]]),
+        "{spec}: item_id: 'item_id' is multi-hot; item_id is one id per row: name a single-id "
+        "column, or remove multi_hot from 'item_id'", id="multi-hot-item-id"),
+    pytest.param(
+        spec_with(categorical=[*CATS[:2], {**CATS[2], "multi_hot": 2}]),
+        "{spec}: item_features: 'category_id' is multi-hot; the item catalogue holds one id per "
+        "item feature: drop it from item_features (the query/user tower then reads it), or give "
+        "each item one id for it", id="multi-hot-item-feature"),
+    pytest.param(
+        spec_with(categorical=[*CATS, {"name": "session_id", "cardinality": 100, "multi_hot": 2}]),
+        "{spec}: query_id: 'session_id' is multi-hot; a query/session is one integer id per row: "
+        "name a single-id column", id="multi-hot-query-id"),
+    pytest.param(
+        spec_with(categorical=[*CATS[:2], {**CATS[2], "multi_hot": 0}]),
+        "{spec}: categorical.2.multi_hot: Input should be greater than or equal to 1; remove "
+        "multi_hot (or set it to null) for one id per row", id="multi-hot-0"),
+    pytest.param(
+        spec_with(categorical=[*CATS[:2], {**CATS[2], "multi_hot": 2000}]),
+        "{spec}: categorical.2.multi_hot: Input should be less than or equal to 1024; the model "
+        "pools at most a row's last 1024 ids", id="multi-hot-over-1024"),
+    pytest.param(
+        spec_with(categorical=[*CATS[:2], {**CATS[2], "multi_hot": True}]),
+        "{spec}: categorical.2.multi_hot: multi_hot is how many ids of a row the model reads, "
+        "e.g. 8, not a flag (got true)", id="multi-hot-true"),
     pytest.param(
         spec_with(bayes_auc=0.8),
         "{spec}: bayes_auc: only the built-in generator knows the Bayes-optimal AUC; remove the "
@@ -354,7 +483,31 @@ def test_csv_history_that_is_not_ids_is_refused(tmp_path):
     spec_path, data = _write_dataset(tmp_path, SPEC, tables, "csv-dir")
     with pytest.raises(DatasetError, match=_exactly(
             "train.csv: history column 'history' has 1 value that is not an integer id (first at "
-            "row 4: '12,7'); write item ids as integers separated by spaces, e.g. \"12 7 301\"")):
+            "row 4: '12,7'); write its ids as integers separated by spaces, e.g. \"12 7 301\"")):
+        load_dataset(spec_path, data)
+
+
+def test_csv_multi_hot_that_is_not_ids_is_refused(tmp_path):
+    spec, tables = copy.deepcopy(SPEC), _splits(_clicklog())
+    with_tags()(spec, tables)
+    text = [" ".join(map(str, ids)) for ids in tables["valid"]["tags"].to_pylist()]
+    text[3] = "3;7"
+    tables["valid"] = _set_column(tables["valid"], "tags", pa.array(text))
+    spec_path, data = _write_dataset(tmp_path, spec, tables, "csv-dir")
+    with pytest.raises(DatasetError, match=_exactly(
+            "valid.csv: multi-hot column 'tags' has 1 value that is not an integer id (first at "
+            "row 3: '3;7'); write its ids as integers separated by spaces, e.g. \"12 7 301\"")):
+        load_dataset(spec_path, data)
+
+
+def test_csv_multi_hot_out_of_range_names_the_csv_row_and_id(tmp_path):
+    spec, tables = copy.deepcopy(SPEC), _splits(_clicklog())
+    steps(with_tags(), put("train", "tags", {8: [1, 2, 30]}))(spec, tables)
+    spec_path, data = _write_dataset(tmp_path, spec, tables, "csv-dir")
+    with pytest.raises(DatasetError, match=_exactly(
+            "train.csv: multi-hot column 'tags' has ids out of range [0, 10): found min 0, max 30 "
+            "(1 id, first at row 8: 30); remap them, or raise cardinality to at least 31 in "
+            "spec.json")):
         load_dataset(spec_path, data)
 
 

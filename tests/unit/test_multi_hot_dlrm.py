@@ -1,0 +1,131 @@
+"""The built-in DLRM on a dataset with a multi-hot column: it pools the column with an
+`nn.EmbeddingBag`, learns from it, and every table stage, the recipe search's per-table
+choice, distillation and the serving export handle the bag."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from tasks.artifacts import deserialize_model, serialize_model
+from tasks.data import to_arrays
+from tasks.evaluate import predict
+from tasks.export import serving_export
+from tasks.generator import generate
+from tasks.metrics import auc
+from tasks.models import build, resolve
+from tasks.recipe import large_tables
+from tasks.stages import StageContext, apply_stage
+from tasks.train import train
+from tasks.types import (
+    CategoricalColumn,
+    DistillConfig,
+    DlrmSpec,
+    FactorizeConfig,
+    PruneConfig,
+    QuantizeConfig,
+    TrainConfig,
+    TwoTowerSpec,
+)
+
+SPEC = DlrmSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64, 32))
+WIDTH = 8
+
+
+def _with_recent_categories(tables, data):
+    """The tiny click log plus `recent_categories`: the categories of the user's earlier clicks,
+    a multi-hot column (the generator's ground truth favours the category of the last click,
+    so it carries signal of its own)."""
+    items = next(c.cardinality for c in data.categorical if c.name == "item_id")
+    category = np.zeros(items, np.int64)
+    for t in tables.values():
+        category[t["item_id"].to_numpy()] = t["category_id"].to_numpy()
+    out = {}
+    for split, t in tables.items():
+        history = t["history"].combine_chunks()
+        cats = pa.ListArray.from_arrays(history.offsets, pa.array(
+            category[history.values.to_numpy()], pa.int64()))
+        out[split] = t.append_column("recent_categories", cats)
+    spec = data.model_copy(update={"categorical": (*data.categorical, CategoricalColumn(
+        name="recent_categories", cardinality=40, multi_hot=WIDTH))})
+    return out, spec
+
+
+@pytest.fixture(scope="module")
+def multi_hot():
+    tables, data = generate("tiny", 0)
+    tables, data = _with_recent_categories(tables, data)
+    spec = resolve(SPEC, data)
+    tr, va = (to_arrays(tables[s], data) for s in ("train", "valid"))
+    model = train(build(spec, 0), tr, TrainConfig(epochs=3, batch_size=256), valid=va)
+    ctx = StageContext(calibration=lambda: va, train_data=lambda: tr, spec=spec,
+                       max_relative_loss=0.01)
+    return model, spec, tr, va, ctx, data
+
+
+def test_the_ranker_pools_the_multi_hot_column_and_learns_from_it(multi_hot):
+    model, spec, tr, va, _, _ = multi_hot
+    assert isinstance(model.embeddings[-1], torch.nn.EmbeddingBag)
+    assert tr.sparse.shape[1] == len(spec.tables) - 1 + WIDTH
+    # it uses the column: the same rows with each row's recent categories from another row
+    # score worse
+    shuffled = va.sparse.copy()
+    shuffled[:, -WIDTH:] = np.random.default_rng(0).permutation(shuffled[:, -WIDTH:])
+    other = type(va)(va.dense, shuffled, va.label, va.groups, va.segments, va.catalogue)
+    assert not np.array_equal(predict(model, va), predict(model, other))
+    assert auc(va.label, predict(model, va)) > auc(va.label, predict(model, other))
+    # a row without earlier clicks pools to zeros, not to row 0 of the table
+    empty = va.take(np.flatnonzero((va.sparse[:, -WIDTH:] < 0).all(1))[:4])
+    assert len(empty) == 4
+    bag = model._pooled(torch.from_numpy(empty.sparse), len(spec.tables) - 1)
+    assert torch.equal(bag, torch.zeros_like(bag))
+
+
+PLANS = {
+    "int8": (QuantizeConfig(),),
+    "per_table_int2": (QuantizeConfig(embeddings="rowwise_int8",
+                                      layers={"embeddings.8.table": "rowwise_int4"}),),
+    "tiered": (QuantizeConfig(linear="none", embeddings="tiered_int4_int2"),),
+    "pruned_rows": (PruneConfig(method="embedding_rows", sparsity=0.5),),
+    "tt+int8": (FactorizeConfig(target="tt_embeddings", rank=8, finetune_epochs=1),
+                QuantizeConfig(linear="int8_weight_only")),
+    "student": (DistillConfig(student=DlrmSpec(embedding_dim=8, bottom_mlp=(16, 8),
+                                               top_mlp=(32,)), epochs=4, batch_size=256),),
+}
+
+
+@pytest.mark.parametrize("plan", list(PLANS), ids=list(PLANS))
+def test_every_stage_handles_the_multi_hot_table(multi_hot, plan):
+    model, spec, _, va, ctx, _ = multi_hot
+    out = model
+    for cfg in PLANS[plan]:
+        out = apply_stage(out, cfg, ctx)
+    blob = serialize_model(out, out.spec)
+    assert len(blob) < len(serialize_model(model, spec))
+    loaded, _ = deserialize_model(blob)
+    base, pred = predict(model, va), predict(out, va)
+    assert (predict(loaded, va) == pred).all() and not np.array_equal(base, pred)
+    assert auc(va.label, base) - auc(va.label, pred) < 0.03
+
+
+def test_the_search_names_the_bags_table_and_other_families_refuse_multi_hot(multi_hot):
+    _, spec, _, _, _, data = multi_hot
+    assert large_tables(spec, 1000) == ["embeddings.0", "embeddings.1"]
+    assert large_tables(spec, 40)[-1] == "embeddings.8.table"
+    with pytest.raises(ValueError, match="multi-hot columns \\['recent_categories'\\]"):
+        resolve(TwoTowerSpec(), data)
+
+
+def test_the_quantized_ranker_exports_with_its_multi_hot_slots(multi_hot):
+    model, spec, _, va, ctx, data = multi_hot
+    out = apply_stage(model, QuantizeConfig(embeddings="rowwise_int4"), ctx)
+    export = serving_export(out, spec, data)
+    sparse = export.serving["inputs"][1]
+    assert sparse["columns"][-WIDTH:] == [f"recent_categories[{i}]" for i in range(WIDTH)]
+    assert sparse["pad"] == -1 and export.serving["checked"]["max_abs_diff_vs_eager"] < 1e-4
+    dense, ids = torch.from_numpy(va.dense[:64]), torch.from_numpy(va.sparse[:64])
+    torch.testing.assert_close(export.program_module()(dense, ids), out(dense, ids),
+                               rtol=1e-4, atol=1e-4)
+    assert pa.types.is_list(pa.array([[1]]).type)
