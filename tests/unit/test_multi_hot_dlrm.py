@@ -5,7 +5,6 @@ choice, distillation and the serving export handle the bag."""
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -20,7 +19,6 @@ from tasks.recipe import large_tables
 from tasks.stages import StageContext, apply_stage
 from tasks.train import train
 from tasks.types import (
-    CategoricalColumn,
     DistillConfig,
     DlrmSpec,
     FactorizeConfig,
@@ -29,34 +27,16 @@ from tasks.types import (
     TrainConfig,
     TwoTowerSpec,
 )
+from tests.user_models.data import with_recent_categories
 
 SPEC = DlrmSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64, 32))
 WIDTH = 8
 
 
-def _with_recent_categories(tables, data):
-    """The tiny click log plus `recent_categories`: the categories of the user's earlier clicks,
-    a multi-hot column (the generator's ground truth favours the category of the last click,
-    so it carries signal of its own)."""
-    items = next(c.cardinality for c in data.categorical if c.name == "item_id")
-    category = np.zeros(items, np.int64)
-    for t in tables.values():
-        category[t["item_id"].to_numpy()] = t["category_id"].to_numpy()
-    out = {}
-    for split, t in tables.items():
-        history = t["history"].combine_chunks()
-        cats = pa.ListArray.from_arrays(history.offsets, pa.array(
-            category[history.values.to_numpy()], pa.int64()))
-        out[split] = t.append_column("recent_categories", cats)
-    spec = data.model_copy(update={"categorical": (*data.categorical, CategoricalColumn(
-        name="recent_categories", cardinality=40, multi_hot=WIDTH))})
-    return out, spec
-
-
 @pytest.fixture(scope="module")
 def multi_hot():
     tables, data = generate("tiny", 0)
-    tables, data = _with_recent_categories(tables, data)
+    tables, data = with_recent_categories(tables, data, WIDTH)
     spec = resolve(SPEC, data)
     tr, va = (to_arrays(tables[s], data) for s in ("train", "valid"))
     model = train(build(spec, 0), tr, TrainConfig(epochs=3, batch_size=256), valid=va)
@@ -128,4 +108,3 @@ def test_the_quantized_ranker_exports_with_its_multi_hot_slots(multi_hot):
     dense, ids = torch.from_numpy(va.dense[:64]), torch.from_numpy(va.sparse[:64])
     torch.testing.assert_close(export.program_module()(dense, ids), out(dense, ids),
                                rtol=1e-4, atol=1e-4)
-    assert pa.types.is_list(pa.array([[1]]).type)
