@@ -171,3 +171,20 @@ def test_baseline_sources_that_do_not_verify_are_refused(world):
         baseline_source(store, store.uri("objects/" + "0" * 64))
     with pytest.raises(ValueError, match="needs the model registry"):
         baseline_source(store, "sealed@production")
+
+
+def test_the_default_request_trains_a_baseline_the_preflight_lets_through():
+    """`recsqueeze run` with no request: the default request (tiny data, default training)
+    gives a baseline that beats its trivial predictors, through the flow's own task
+    functions, so the run is not stopped before compression (it was, before the training
+    defaults scaled with the rows)."""
+    from tasks.gate import preflight
+
+    request = CompressionRequest()
+    graph = plan(request)
+    out = LocalExecutor().run(graph, [graph.baseline_evaluation])
+    evaluation = out[graph.baseline_evaluation]
+    assert not isinstance(evaluation, BaseException), evaluation
+    assert all(t.margin_low > 0 for t in evaluation.trivial), evaluation.trivial
+    assert preflight(evaluation.trivial, evaluation.resolution, request.budget,
+                     request.require_useful_baseline, evaluation.metrics) is None
