@@ -80,20 +80,12 @@ def model_import(
     request's "baseline"). Importing the same weights again prints the same URI."""
     from pydantic import ValidationError
 
-    from tasks.artifacts import ArtifactStore
-    from tasks.modelimport import ImportRefused, import_model, imported_event
+    from tasks.modelimport import import_file
 
-    settings = settings_for(state_dir)
     try:
-        model_spec = _model_spec(spec)
-        try:
-            data = weights.read_bytes()
-        except OSError as exc:
-            raise ImportRefused(f"weights: cannot read {weights} ({exc.strerror})") from None
-        store = ArtifactStore(settings)
         with err.status("checking the model ..."):
-            record, written = import_model(store, data, model_spec,
-                                           store.dataset_ref(dataset), name)
+            record, written = import_file(weights, _model_spec(spec), dataset, name,
+                                          settings_for(state_dir))
     except ValidationError as exc:
         from tasks.errors import explain
 
@@ -104,13 +96,26 @@ def model_import(
     except OSError as exc:
         raise _fail(f"import failed: {exc}; is the stack up (`recsqueeze up`)?", 1) from None
     print(record.model.uri)
-    if not written:
+    if written:
+        err.print(f"imported {record.model_name}: {record.spec.family} model, "
+                  f"{record.model.size_bytes} bytes, checked on {record.dataset['uri']}")
+    else:
         err.print(f"already imported as {record.model_name} at {record.imported_at}: "
                   "nothing written")
-        return
-    err.print(f"imported {record.model_name}: {record.spec.family} model, "
-              f"{record.model.size_bytes} bytes, checked on {record.dataset['uri']}")
-    imported_event(record, settings.prefect_api_url)
+
+
+@model_app.command("list")
+def model_list(name: str = typer.Argument(..., help="the name models were imported under"),
+               state_dir: Path = STATE) -> None:
+    """The models imported under NAME, oldest first: URI, family, when (NAME@latest is last)."""
+    from tasks.artifacts import ArtifactStore
+    from tasks.modelimport import imports
+
+    found = imports(ArtifactStore(settings_for(state_dir)), name)
+    if not found:
+        raise _fail(f"no model was imported under {name!r}", 1)
+    for record in found:
+        print(f"{record.imported_at}  {record.spec.family:9s}  {record.model.uri}")
 
 
 def _model_spec(text: str) -> ModelSpec:

@@ -35,10 +35,12 @@ import pickle
 import re
 import struct
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from infra.settings import Settings
 from tasks.artifacts import ArtifactStore, BlobStore, seal_record, serialize_model
 from tasks.data import Arrays
 from tasks.models import build, resolve
@@ -226,6 +228,30 @@ def import_model(store: BlobStore, weights: bytes, spec: ModelSpec, dataset: Dat
     body = record.model_dump(mode="json")
     store.put_json(key, {**body, "seal": seal_record(store.signing_key, key, body)})
     return _read_record(store, key) or record, True
+
+
+def import_file(path: Path, spec: ModelSpec, dataset_uri: str, name: str,
+                settings: Settings) -> tuple[ImportRecord, bool]:
+    """`recsqueeze model import` in Python: the weights at `path` checked and stored in the
+    settings' S3 bucket (`import_model`), and the Prefect event of a new import sent to the
+    settings' server (which starts `compress/on-import`). (the record, whether it was new)
+
+    Example::
+
+        record, new = import_file(Path("ranker.safetensors"), parse_model_spec({"family": "dlrm"}),
+                                  "s3://artifacts/datasets/shop/3f2a9c0d1b7e4a55/", "ranker",
+                                  Settings())
+        record.model.uri  # the request's "baseline"
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImportRefused(f"weights: cannot read {path} ({exc.strerror})") from None
+    store = ArtifactStore(settings)
+    record, written = import_model(store, data, spec, store.dataset_ref(dataset_uri), name)
+    if written:
+        imported_event(record, settings.prefect_api_url)
+    return record, written
 
 
 def _utcnow() -> datetime.datetime:

@@ -111,6 +111,8 @@ def test_an_import_starts_a_run_that_compresses_it_with_the_defaults_and_promote
     assert again.returncode == 0 and again.stdout.strip() == uri, again.stderr
     assert "nothing written" in again.stderr
     assert [e["uri"] for e in _imported_events(settings)].count(uri) == 1
+    listed = _cli(stack, "model", "list", "bag-ranker")
+    assert listed.returncode == 0 and listed.stdout.count("\n") == 1 and uri in listed.stdout
 
     # production's source, through the CLI with a candidate of every stage kind (what a
     # nightly request names): each runs on the imported model

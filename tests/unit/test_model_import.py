@@ -188,3 +188,23 @@ def test_the_default_request_trains_a_baseline_the_preflight_lets_through():
     assert all(t.margin_low > 0 for t in evaluation.trivial), evaluation.trivial
     assert preflight(evaluation.trivial, evaluation.resolution, request.budget,
                      request.require_useful_baseline, evaluation.metrics) is None
+
+
+def test_a_tampered_import_in_the_bucket_stops_the_run_at_its_baseline(world):
+    """The import's object is verified (sha256) where the run loads it: replaced bytes stop the
+    run before anything is compressed, naming the object."""
+    store, ref, _, valid = world
+    model = build(resolve(SPEC, ref.spec), seed=5)
+    record, _ = import_model(store, st_save(model.state_dict()), SPEC, ref, "tampered", valid)
+    key = store.key_of(record.model.uri)
+    good = store.objects[key]
+    store.objects[key] = good[:-8] + b"\0" * 8
+    request = CompressionRequest(
+        baseline=record.model.uri, dataset=DatasetRequest(builtin="tiny"),
+        candidates=(Candidate(id="int8", plan=(QuantizeConfig(),)),))
+    try:
+        request, imported = resolve_baseline(store, request)
+        with pytest.raises(ValueError, match=f"{record.model.uri}: sha256 .* \\(corrupted\\)"):
+            run_plan(plan(request, imported=imported), LocalExecutor(store))
+    finally:
+        store.objects[key] = good
