@@ -317,10 +317,7 @@ def _registry_baseline(store: BlobStore, name: str, which: str) -> ImportRecord:
     if not isinstance(store, ArtifactStore):
         raise ValueError(f"baseline: {name}@{which} needs the model registry (S3)")
     registry = Registry(store)
-    version = int(which[1:]) if which.startswith("v") else registry.alias(name, which)
-    if version is None or version not in registry.versions(name):
-        raise ValueError(f"baseline: the registry has no {name}@{which} (versions of {name}: "
-                         f"{registry.versions(name)})")
+    version = registry.named_version(name, which, "baseline")
     _, problem = registry.load_verified(name, version)
     if problem is not None:
         raise ValueError(f"baseline: {name} v{version} does not verify: {problem}")

@@ -265,6 +265,16 @@ class Registry:
         doc = self._swap_production(model, move)
         return int(doc["version"]), int(doc["previous"])
 
+    def named_version(self, model: str, which: str, field: str) -> int:
+        """The sealed version `which` names (`production`, `previous` or `vN`); a ValueError
+        naming the request's `field` when there is none."""
+        version = int(which[1:]) if which[:1] == "v" and which[1:].isdigit() else \
+            self.alias(model, which)
+        if version is None or version not in self.versions(model):
+            raise ValueError(f"{field}: the registry has no {model}@{which} (versions of "
+                             f"{model}: {self.versions(model)})")
+        return version
+
     def alias(self, model: str, alias: str = "production") -> int | None:
         if alias == "previous":
             doc, _ = self._read_alias(model, "production")

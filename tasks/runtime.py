@@ -164,10 +164,7 @@ def registry_teacher(store: BlobStore, dataset: DatasetRef,
                          "request through the compress flow, or use teacher='input'")
     model_name, _, which = name.partition("@")
     registry = Registry(store)
-    version = int(which[1:]) if which.startswith("v") else registry.alias(model_name, which)
-    if version is None or version not in registry.versions(model_name):
-        raise ValueError(f"distill.teacher: the registry has no {name} (versions of "
-                         f"{model_name}: {registry.versions(model_name)})")
+    version = registry.named_version(model_name, which, "distill.teacher")
     model, spec = registry.load(model_name, version)
     if spec != resolve(spec, dataset.spec):
         raise ValueError(f"distill.teacher: {name} was built for other data (tables or dense "
