@@ -1,5 +1,5 @@
 """A user's ranker laid out unlike the built-in DLRM, trained by the user's own loop and
-imported (tests/e2e/test_model_import.py): tables in an `nn.ModuleDict` keyed by column,
+imported (tests/e2e/test_imported_model.py): tables in an `nn.ModuleDict` keyed by column,
 dense features through `BatchNorm1d` (running statistics are buffers of its state_dict),
 an MLP with a `LayerNorm` between its Linear layers. Built as `DictRanker(spec)`."""
 
