@@ -214,10 +214,10 @@ def import_model(store: BlobStore, weights: bytes, spec: ModelSpec, dataset: Dat
     data = serialize_model(model, resolved)
     sha = hashlib.sha256(data).hexdigest()
     key = f"imports/{name}/{sha}.json"
+    ref = store.put_blob(data, "model")  # writes only what is missing or damaged (heals it)
     found = _read_record(store, key)
     if found is not None:
         return found, False
-    ref = store.put_blob(data, "model")
     record = ImportRecord(
         model_name=name, model=ref, spec=resolved, source_sha256=hashlib.sha256(
             weights).hexdigest(), source_format=fmt,  # type: ignore[arg-type]

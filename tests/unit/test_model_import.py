@@ -66,6 +66,11 @@ def test_safetensors_and_state_dict_import_to_one_uri_and_reimport_writes_nothin
     assert torch.equal(loaded(dense, sparse), model.eval()(dense, sparse))
     assert spec == record.spec and baseline_source(store, record.model.uri) == record
     assert baseline_source(store, "shop@latest") == record
+    # a damaged object is healed by importing the same weights again, the record kept
+    key = store.key_of(record.model.uri)
+    store.objects[key] = store.objects[key][:-1]
+    healed, written = import_model(store, st_save(state), SPEC, ref, "shop", valid)
+    assert not written and healed == record and store.get_model(record.model)
 
 
 def test_half_precision_weights_are_widened_and_recorded(world):
