@@ -24,6 +24,7 @@ from pathlib import Path
 from infra.process import alive, free_port_block, spawn, stop
 
 _WORKER_PORTS = 48  # worker processes per node; each needs one port
+_NODE_ATTEMPTS = 2  # starts of one worker node before the cluster's start fails
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,15 @@ def _stop_node(pid: int, timeout_s: float) -> None:
     stop(pid, timeout_s, term_group=False)
 
 
-def _wait_nodes(address: str, ips: set[str], env: dict[str, str], timeout_s: float) -> None:
+class NodeExited(TimeoutError):
+    """A node's `ray start` ended before its raylet registered."""
+
+
+def _wait_nodes(address: str, ips: set[str], env: dict[str, str], timeout_s: float,
+                watch: int | None = None) -> None:
     """Block until the GCS lists a live node at every address in `ips` (asked in a child
-    process: a driver without the right token would otherwise retry forever)."""
+    process: a driver without the right token would otherwise retry forever). `watch`: the
+    pid of the node being waited for; its exit ends the wait at once (`NodeExited`)."""
     probe = (
         "import ray,sys;ray.init(address=sys.argv[1],_node_ip_address=sys.argv[2],"
         "logging_level='ERROR',log_to_driver=False);"
@@ -177,6 +184,9 @@ def _wait_nodes(address: str, ips: set[str], env: dict[str, str], timeout_s: flo
             seen = set()
         if ips <= seen:
             return
+        if watch is not None and not alive(watch):
+            raise NodeExited(f"Ray cluster at {address}: the node at {sorted(ips - seen)} "
+                             f"exited before it registered")
         time.sleep(1.0)
     raise TimeoutError(f"Ray cluster at {address}: nodes {sorted(ips - seen)} not alive after "
                        f"{timeout_s}s")
@@ -227,16 +237,33 @@ def start_local_cluster(
                      tuple(head_args))]
     cluster = LocalRayCluster(address, head_ip, str(token_path), temp_dir, tuple(nodes))
     try:
-        _wait_nodes(address, {head_ip}, env, timeout_s)
+        _wait_nodes(address, {head_ip}, env, timeout_s, watch=nodes[0].pid)
         # one node at a time: raylets registering at once on a busy machine can take longer
-        # than Ray's start wait (each node's `ray start` then gives up), and the wait is longer
+        # than Ray's start wait (each node's `ray start` then gives up), and the wait is longer.
+        # A node that does not register (its `ray start` exited, or the wait ran out: a port
+        # of its block taken meanwhile, a machine too busy) is stopped and started once more
+        # on a fresh port block; its first log is kept beside the second.
         for k, ip in enumerate(worker_ips):
-            args = [ray_bin, "start", f"--address={address}", f"--node-ip-address={ip}",
-                    *common, *_node_ports(ip, head=False)]
             log = state_dir / f"ray-worker-{ip}.log"
-            nodes.append(RayNode(ip, _start_node(args, env, log), False, str(log), tuple(args)))
-            cluster = LocalRayCluster(address, head_ip, str(token_path), temp_dir, tuple(nodes))
-            _wait_nodes(address, {head_ip, *worker_ips[:k + 1]}, env, timeout_s)
+            for attempt in range(_NODE_ATTEMPTS):
+                args = [ray_bin, "start", f"--address={address}", f"--node-ip-address={ip}",
+                        *common, *_node_ports(ip, head=False)]
+                node = RayNode(ip, _start_node(args, env, log), False, str(log), tuple(args))
+                cluster = LocalRayCluster(address, head_ip, str(token_path), temp_dir,
+                                          (*nodes, node))
+                try:
+                    _wait_nodes(address, {head_ip, *worker_ips[:k + 1]}, env, timeout_s,
+                                watch=node.pid)
+                except TimeoutError as failure:
+                    if attempt + 1 == _NODE_ATTEMPTS:
+                        raise
+                    _stop_node(node.pid, 30.0)
+                    with open(log, "a") as out:
+                        out.write(f"\n[recsqueeze] {failure}; starting it again on other "
+                                  f"ports\n")
+                    continue
+                nodes.append(node)
+                break
     except BaseException as failure:
         _keep_logs(temp_dir, state_dir / "ray-logs")
         stop_local_cluster(cluster)
