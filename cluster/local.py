@@ -242,7 +242,7 @@ def start_local_cluster(
         # than Ray's start wait (each node's `ray start` then gives up), and the wait is longer.
         # A node that does not register (its `ray start` exited, or the wait ran out: a port
         # of its block taken meanwhile, a machine too busy) is stopped and started once more
-        # on a fresh port block; its first log is kept beside the second.
+        # on a fresh port block; both starts write to the same log, the retry noted in it.
         for k, ip in enumerate(worker_ips):
             log = state_dir / f"ray-worker-{ip}.log"
             for attempt in range(_NODE_ATTEMPTS):

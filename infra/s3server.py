@@ -132,7 +132,8 @@ def _weed_port(host: str) -> int:
 
 
 def restart_s3(state_dir: Path, server: S3Server) -> S3Server:
-    """The server that died, back on its ports, on the same data (STATE/s3)."""
+    """The server that died, back on its S3 port (internal ports as `start_s3` says), on
+    the same data (STATE/s3)."""
     host = server.endpoint.split("//", 1)[1].rsplit(":", 1)[0]
     return start_s3(state_dir, server.bucket, host=host, same_ports=server.port_args())
 
