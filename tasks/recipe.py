@@ -268,6 +268,7 @@ def search_recipes(graph: Graph, executor: Executor, executed: Executed,
         log.info("search: %d/%d trials, %d feasible, %.0fs", len(outcome.trials), search.trials,
                  sum(t.feasible for t in outcome.trials), time.monotonic() - start)
     outcome.wall_s = time.monotonic() - start
+    progress(100.0)  # the search is over, whichever limit ended it (trials, proposals, time)
     for t in outcome.trials:
         v = t.validated
         log.info("search trial %d %s: %s%s", t.number, t.state, t.plan, (

@@ -17,6 +17,9 @@ import pytest
 from infra.settings import QUIET_ENV, Settings
 
 os.environ.update(QUIET_ENV)
+# the test stacks' nightly schedule is registered paused: a session that spans 02:00 UTC would
+# otherwise run the default request there (a CI run lost its README test to that ctr-ranker)
+os.environ["RECSQUEEZE_NIGHTLY_PAUSED"] = "1"
 
 
 @pytest.fixture(scope="session")

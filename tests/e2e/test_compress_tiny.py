@@ -175,14 +175,20 @@ def test_candidates_ran_on_two_ray_nodes_and_lineage_records_it(first_run, setti
 def test_task_runs_are_visible_in_the_prefect_server(first_run, settings):
     report, _ = first_run
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[report.run_id])))
-            artifacts = {a.key for a in client.read_artifacts()}
+            artifacts = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[report.run_id])))}
     assert {"leaderboard", "compression-report", "pareto"} <= artifacts
     names = [r.name.rsplit("-", 1)[0] for r in runs]
     # 4 quantize plans + the shared prune (once) + its chain's quantize + the half student +
@@ -258,7 +264,10 @@ def test_identical_rerun_is_served_from_the_s3_result_cache(first_run, settings)
     report, _ = first_run
     again = run_compress(_request("e2e-ranker"), settings)
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
@@ -463,6 +472,8 @@ def searched(stack, settings):
     -> (report, {subflow name: its task runs}, artifacts by key)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
         FlowRunFilter,
         FlowRunFilterId,
         FlowRunFilterParentFlowRunId,
@@ -494,7 +505,9 @@ def searched(stack, settings):
             runs = {names[f.id]: client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[f.id])))
                 for f in subflows}
-            artifacts = {a.key: a for a in client.read_artifacts()}
+            # this run's subflows only: other tests on this stack write the same keys
+            artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=list(names))))}
     return report, runs, artifacts
 
 

@@ -94,6 +94,7 @@ def test_deployments_carry_the_form_schedule_and_concurrency_limit(api, settings
     nightly = api.get("/deployments/name/compress/nightly").json()
     cron = nightly["schedules"][0]["schedule"]
     assert cron["cron"] == "0 2 * * *" and cron["timezone"] == "UTC"
+    assert nightly["schedules"][0]["active"] is False  # RECSQUEEZE_NIGHTLY_PAUSED=1 (conftest)
     assert nightly["parameters"]["request"]["dataset"]["builtin"] == "small"
     # the UI form: every field of the request (and of its nested types) has a description
     schema = on_demand["parameter_openapi_schema"]

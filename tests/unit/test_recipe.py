@@ -195,3 +195,29 @@ def test_a_request_that_lists_nothing_gets_a_search_and_a_list_gets_exactly_that
     # the JSON a UI or REST caller sends round-trips with its search
     again = CompressionRequest.model_validate_json(CompressionRequest().model_dump_json())
     assert again.search == default_search("dlrm")
+
+
+def test_a_search_whose_space_runs_out_of_chains_ends_and_reports_it_done():
+    """One chain in the space, 3 trials asked: the sampler keeps proposing that chain, the
+    search stops after its proposal limit with one trial, and its progress ends at 100 (the
+    UI's bar of a finished search is full, whichever limit ended it)."""
+    request = CompressionRequest(
+        model_name="t", dataset=DatasetRequest(builtin="tiny"),
+        train=TrainConfig(epochs=1, batch_size=512),
+        candidates=(Candidate(id="int8", plan=(QuantizeConfig(),)),),
+        search=RecipeSearch(trials=3, parallelism=1, latency_seconds=0.5, prune_at=1000,
+                            warm_start=False,
+                            space=SearchSpace(student_dims=(0,), student_widths=(1.0,),
+                                              student_temperatures=(1.0,), per_table=False,
+                                              qat_epochs=(0,), table_precision=("rowwise_int8",),
+                                              linear_precision=("none",))),
+        budget=Budget(metrics={"main": MetricBudget(max_drop=0.5, relative=True)}),
+        resources=Resources(timing_seconds=2), promote=False, require_useful_baseline=False)
+    seen: list[float] = []
+
+    def recipe(graph, executor, executed):
+        executed.search = run_search(graph, executor, executed, seen.append)
+
+    executed = run_plan(plan(request), CountingExecutor(), searches(request, None, recipe))
+    assert executed.search is not None and len(executed.search.trials) == 1
+    assert seen == sorted(seen) and seen[-1] == 100.0 and seen[0] < 100.0
