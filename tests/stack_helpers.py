@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import httpx
 
@@ -14,6 +15,18 @@ def own_env() -> dict[str, str]:
     would take precedence over another stack's state dir (and its keys) in every process
     started with it."""
     return _inherited()
+
+
+def create_flow_run(api: httpx.Client, deployment_id: str, **body: Any) -> httpx.Response:
+    """POST /deployments/ID/create_flow_run as `curl --retry 3` does it: a Prefect server on
+    SQLite answers 503 (its "database is locked") when the write meets another one; the
+    insert was rolled back, so asking again is safe. `body`: httpx's `json=` or `content=`."""
+    for wait_s in (1, 2, 4, None):
+        created = api.post(f"/deployments/{deployment_id}/create_flow_run", **body)
+        if created.status_code != 503 or wait_s is None:
+            return created
+        time.sleep(wait_s)
+    raise AssertionError("unreachable")
 
 
 def wait_flow_run(api: httpx.Client, run_id: str, timeout_s: float = 420) -> dict:

@@ -31,6 +31,7 @@ import pytest
 from tasks.artifacts import ArtifactStore
 from tasks.registry import Registry
 from tests.e2e.test_deployments import _tiny  # the REST cases edit its request
+from tests.stack_helpers import create_flow_run
 
 pytestmark = pytest.mark.integration
 FLOW = pytest.mark.slow  # the cases that start a flow run (refused once it can look)
@@ -357,19 +358,10 @@ REST = [  # refused by the API itself (the deployment enforces its parameter sch
 ]
 
 
-def _create_flow_run(api: httpx.Client, deployment: str, body: dict[str, Any]) -> httpx.Response:
-    for _ in range(3):  # a busy server (SQLite) answers 503 now and then: ask again
-        created = api.post(f"/deployments/{deployment}/create_flow_run", json=body)
-        if created.status_code != 503:
-            break
-        time.sleep(2)
-    return created
-
-
 @pytest.mark.parametrize("edit, status, needle", REST)
 def test_rest_refuses_a_bad_request(edit, status, needle, on_demand, store, unchanged):
     api, deployment = on_demand
-    created = _create_flow_run(api, deployment, {"parameters": {
+    created = create_flow_run(api, deployment, json={"parameters": {
         "request": edit(_tiny(f"{PREFIX}-rest"))}})
     if status != "FAILED":
         assert created.status_code == status, created.text

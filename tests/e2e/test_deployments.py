@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tasks.types import Candidate, CompressionRequest, DatasetRequest, QuantizeConfig, TrainConfig
+from tests.stack_helpers import create_flow_run
 from tests.stack_helpers import wait_flow_run as _wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -27,12 +28,12 @@ def _tiny(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def api(stack, settings):
-    """httpx client on the Prefect REST API, once the served deployments are registered."""
+    """httpx client on the Prefect REST API, once the served deployments are all registered."""
     client = httpx.Client(base_url=settings.prefect_api_url, timeout=30)
     deadline = time.monotonic() + 120
+    names = ("on-demand", "nightly", "on-import")
     while time.monotonic() < deadline:
-        got = client.get("/deployments/name/compress/on-demand")
-        if got.status_code == 200:
+        if all(client.get(f"/deployments/name/compress/{n}").status_code == 200 for n in names):
             break
         time.sleep(1)
     else:
@@ -45,8 +46,8 @@ def api(stack, settings):
 def test_rest_triggered_run_completes_and_promotes_a_version_plain_boto3_reads(api, settings):
     deployment = api.get("/deployments/name/compress/on-demand").json()
     # what `curl -X POST $PREFECT_API_URL/deployments/$ID/create_flow_run -d '{...}'` sends
-    created = api.post(f"/deployments/{deployment['id']}/create_flow_run",
-                       json={"parameters": {"request": _tiny("rest-ranker")}})
+    created = create_flow_run(api, deployment["id"],
+                              json={"parameters": {"request": _tiny("rest-ranker")}})
     assert created.status_code == 201, created.text
     run = _wait(api, created.json()["id"])
     assert run["state"]["type"] == "COMPLETED", run["state"]
@@ -112,8 +113,8 @@ def test_rest_run_with_a_non_finite_budget_fails_at_parameter_validation(api, se
     request["budget"] = {"metrics": {"main": {field: "__VALUE__", "relative": True}}}
     # what `curl -d '{"parameters": {"request": {... "max_drop": NaN ...}}}'` sends
     body = json.dumps({"parameters": {"request": request}}).replace('"__VALUE__"', value)
-    created = api.post(f"/deployments/{deployment['id']}/create_flow_run", content=body,
-                       headers={"content-type": "application/json"})
+    created = create_flow_run(api, deployment["id"], content=body,
+                              headers={"content-type": "application/json"})
     s3 = boto3.client("s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
                       aws_access_key_id=settings.s3_access_key.get_secret_value(),
                       aws_secret_access_key=settings.s3_secret_key.get_secret_value())
