@@ -19,7 +19,7 @@ import json
 import time
 
 from tasks.baselines import compare_trivial, trivial_predictions
-from tasks.data import to_arrays
+from tasks.data import item_slot, to_arrays
 from tasks.evaluate import predict
 from tasks.generator import SIZES, GeneratorSize, generate
 from tasks.models import build, resolve
@@ -35,9 +35,7 @@ def measure(size: str, seed: int) -> None:
     tables, data = generate(SIZE_100K if size == "100k" else size, seed)
     spec = resolve(parse_model_spec({"family": "dlrm"}), data)
     rows = {s: to_arrays(tables[s], data, "ranking") for s in ("train", "valid", "test")}
-    names = [c.name for c in data.categorical]
-    trivial = trivial_predictions("ranking", rows["train"], rows["test"],
-                                  names.index(data.item_id), 0)
+    trivial = trivial_predictions("ranking", rows["train"], rows["test"], item_slot(data), 0)
     for label, cfg in SETTINGS.items():
         cfg = cfg.model_copy(update={"seed": seed})
         start = time.perf_counter()
