@@ -76,25 +76,25 @@ def start_s3(state_dir: Path, bucket: str = "artifacts", port: int | None = None
     """Start ``weed mini`` with its data under STATE/s3 and wait until S3 answers.
 
     `port` is used when it (and its gRPC twin) is free; otherwise any free port. A restart
-    passes `same_ports` (`S3Server.port_args` of the server that died): those ports exactly,
-    or an error naming the one that is taken.
+    passes `same_ports` (`S3Server.port_args` of the server that died): the S3 port exactly
+    (clients know it), or an error naming it when it is taken; an internal port (master,
+    volume, filer, admin) that something else took meanwhile is replaced by a free one.
     """
     access, secret = credentials(state_dir)
     data_dir = state_dir / "s3"
     data_dir.mkdir(parents=True, exist_ok=True)
     if same_ports:
-        for name, number in same_ports.items():
-            if not (port_free(host, number) and port_free(host, number + _GRPC)):
-                raise PortTaken(f"S3 {name} port {host}:{number} (or its gRPC twin "
-                                f"{number + _GRPC}) is taken: stop what holds it, or "
-                                "`recsqueeze down` and `up` for new ports")
         s3_port = same_ports["s3"]
+        if not _free_for_weed(host, s3_port):
+            raise PortTaken(f"S3 port {s3_port} (or its gRPC twin {s3_port + _GRPC}) is taken "
+                            f"on {host} or another address: stop what holds it, or "
+                            "`recsqueeze down` and `up` for new ports")
     else:
-        if port and not (port_free(host, port) and port_free(host, port + _GRPC)):
-            port = None
-        s3_port = port or free_port(host, _GRPC)
-    ports = {name: (same_ports or {}).get(name) or free_port(host, _GRPC)
-             for name in ("master", "volume", "filer", "admin")}
+        s3_port = port if port and _free_for_weed(host, port) else _weed_port(host)
+    ports = {}
+    for name in ("master", "volume", "filer", "admin"):
+        kept = (same_ports or {}).get(name)
+        ports[name] = kept if kept and _free_for_weed(host, kept) else _weed_port(host)
     args = [
         weed_binary(), "mini", f"-dir={data_dir}", f"-ip={host}", f"-ip.bind={host}",
         f"-s3.port={s3_port}", f"-master.port={ports['master']}",
@@ -114,6 +114,21 @@ def start_s3(state_dir: Path, bucket: str = "artifacts", port: int | None = None
     wait_http(f"{endpoint}/healthz", pid, log, timeout_s=90)
     _wait_bucket(endpoint, bucket, access, secret, pid)
     return S3Server(endpoint, bucket, access, secret, pid, str(data_dir), {"s3": s3_port, **ports})
+
+
+def _free_for_weed(host: str, port: int) -> bool:
+    """What ``weed mini`` checks before it starts (and refuses to start on a port given by
+    flag that fails it): the port and its gRPC twin free on `host` and on every address
+    (a Ray node's worker port on another loopback address counts)."""
+    return all(port_free(h, p) for h in (host, "0.0.0.0") for p in (port, port + _GRPC))
+
+
+def _weed_port(host: str) -> int:
+    for _ in range(100):
+        port = free_port(host, _GRPC)
+        if _free_for_weed(host, port):
+            return port
+    raise RuntimeError(f"no port free on {host} and on every address for SeaweedFS")
 
 
 def restart_s3(state_dir: Path, server: S3Server) -> S3Server:
