@@ -14,7 +14,7 @@ import json
 import time
 
 from tasks.baselines import compare_trivial, resolution, trivial_predictions
-from tasks.data import to_arrays
+from tasks.data import item_slot, to_arrays
 from tasks.defaults import default_budget
 from tasks.evaluate import predict
 from tasks.generator import generate
@@ -40,11 +40,9 @@ def main() -> None:
     model = train(build(spec, args.seed), train_rows,
                   TrainConfig(epochs=args.epochs, seed=args.seed), valid=valid)
     pred = predict(model, test)
-    names = [c.name for c in data.categorical]
     n_items = next(c.cardinality for c in data.categorical if c.name == data.item_id)
     trivial = trivial_predictions(task, train_rows, test,
-                                  names.index(data.item_id) if task == "ranking" else None,
-                                  n_items)
+                                  item_slot(data) if task == "ranking" else None, n_items)
     main_metric = MAIN_METRIC[task]
     print(json.dumps({"size": args.size, "family": args.family, "epochs": args.epochs,
                       "seed": args.seed, "test_rows": len(test),

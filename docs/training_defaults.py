@@ -7,6 +7,10 @@ prints, for each, the test AUC and its paired margin over the global and per-ite
 (the run's preflight check, tasks/baselines.py; `margin_low` > 0 passes it).
 
     .venv/bin/python docs/training_defaults.py --size tiny 100k small
+    .venv/bin/python docs/training_defaults.py --size tiny 100k small --embedding-l2 1e-4 1e-3
+
+`--embedding-l2 V ...` adds today's defaults with `embedding_l2=V` (an L2 on the embedding
+vectors each batch looks up) beside them.
 
 `100k` is the generator at 100,000 rows over 4,000 users and 1,682 items (the shape of a
 public 100k-rating data set).
@@ -19,7 +23,7 @@ import json
 import time
 
 from tasks.baselines import compare_trivial, trivial_predictions
-from tasks.data import to_arrays
+from tasks.data import item_slot, to_arrays
 from tasks.evaluate import predict
 from tasks.generator import SIZES, GeneratorSize, generate
 from tasks.models import build, resolve
@@ -31,14 +35,12 @@ SETTINGS = {"before": TrainConfig(epochs=3, batch_size=2048),
             "now": TrainConfig()}
 
 
-def measure(size: str, seed: int) -> None:
+def measure(size: str, seed: int, settings: dict[str, TrainConfig]) -> None:
     tables, data = generate(SIZE_100K if size == "100k" else size, seed)
     spec = resolve(parse_model_spec({"family": "dlrm"}), data)
     rows = {s: to_arrays(tables[s], data, "ranking") for s in ("train", "valid", "test")}
-    names = [c.name for c in data.categorical]
-    trivial = trivial_predictions("ranking", rows["train"], rows["test"],
-                                  names.index(data.item_id), 0)
-    for label, cfg in SETTINGS.items():
+    trivial = trivial_predictions("ranking", rows["train"], rows["test"], item_slot(data), 0)
+    for label, cfg in settings.items():
         cfg = cfg.model_copy(update={"seed": seed})
         start = time.perf_counter()
         model = train(build(spec, seed), rows["train"], cfg, valid=rows["valid"])
@@ -61,9 +63,12 @@ def main() -> None:
     parser.add_argument("--size", nargs="+", default=["tiny", "100k"],
                         choices=[*SIZES, "100k"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embedding-l2", nargs="*", type=float, default=[])
     args = parser.parse_args()
+    settings = SETTINGS | {f"now, embedding_l2={v:g}": TrainConfig(embedding_l2=v)
+                           for v in args.embedding_l2}
     for size in args.size:
-        measure(size, args.seed)
+        measure(size, args.seed, settings)
 
 
 if __name__ == "__main__":

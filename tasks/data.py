@@ -81,6 +81,15 @@ def column_slots(categorical: Sequence[CategoricalColumn]) -> list[slice]:
     return slots
 
 
+def item_slot(spec: DatasetSpec) -> int | None:
+    """The item id's column of the ranking `sparse` array (`column_slots`); None without an
+    item_id column."""
+    names = [c.name for c in spec.categorical]
+    if spec.item_id not in names:
+        return None
+    return column_slots(spec.categorical)[names.index(spec.item_id)].start
+
+
 def history_matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
     """list<int64> -> [N, width] int64: each row's last `width` ids, most recent last,
     right-aligned, left-padded with PAD.

@@ -32,7 +32,7 @@ from tasks.data import column_slots, query_side
 from tasks.modules.embedding import RowWiseQuantEmbedding
 from tasks.modules.linear import INPUT_QMAX, DynamicInt8Linear, StaticInt8Linear
 from tasks.modules.tt import QuantTTEmbedding, TTEmbedding
-from tasks.types import DatasetSpec, ModelSpec
+from tasks.types import CategoricalColumn, DatasetSpec, ModelSpec
 
 PROGRAM = "model.pt2"
 AOTI = "model_aoti.pt2"
@@ -201,7 +201,7 @@ class Inputs:
     cardinalities: list[int]
     output: str
     pad: int | None = None
-    bags: list[slice] = field(default_factory=list)  # multi-hot slots (ranking), PAD-padded
+    bags: list[slice] = field(default_factory=list)  # multi-hot slots, PAD-padded
 
 
 def describe_inputs(spec: ModelSpec, data: DatasetSpec) -> Inputs:
@@ -209,23 +209,20 @@ def describe_inputs(spec: ModelSpec, data: DatasetSpec) -> Inputs:
     (`tasks.data.to_arrays` builds the same arrays from a split)."""
     kind = spec.problem_kind()
     cards = {c.name: c.cardinality for c in data.categorical}
+    bag_meaning = "; a multi-hot column's last ids in its slots, oldest first, left-padded with -1"
     if kind == "ranking":
-        cols, ranges, bags = [], [], []
-        for column, slots in zip(data.categorical, column_slots(data.categorical)):
-            width, bag = slots.stop - slots.start, column.multi_hot is not None
-            cols += [f"{column.name}[{i}]" for i in range(width)] if bag else [column.name]
-            ranges, bags = ranges + [column.cardinality] * width, bags + [slots] * bag
-        meaning = "one id per categorical column" + (
-            "; a multi-hot column's last ids in its slots, oldest first, left-padded with -1"
-            if bags else "")
-        return Inputs(list(data.dense), cols, meaning, ranges,
+        cols, ranges, bags = _slots(data.categorical)
+        return Inputs(list(data.dense), cols, "one id per categorical column" + (
+            bag_meaning if bags else ""), ranges,
                       "logit of the click probability, shape [batch] (sigmoid gives p)",
                       pad=-1 if bags else None, bags=bags)
     if kind == "retrieval":
-        cols = query_side(data)
-        return Inputs([], cols, "the query/user side's ids", [cards[c] for c in cols],
-                      "a score for every catalogue item, shape [batch, items] (item id = column "
-                      "index; higher is better: top-K = topk of each row)")
+        query = set(query_side(data))
+        cols, ranges, bags = _slots([c for c in data.categorical if c.name in query])
+        return Inputs([], cols, "the query/user side's ids" + (bag_meaning if bags else ""),
+                      ranges, "a score for every catalogue item, shape [batch, items] (item id "
+                      "= column index; higher is better: top-K = topk of each row)",
+                      pad=-1 if bags else None, bags=bags)
     width = spec.history_width()
     items = cards[data.item_id] if data.item_id else 1
     return Inputs([], [f"{data.history}[{i}]" for i in range(width)],
@@ -233,6 +230,20 @@ def describe_inputs(spec: ModelSpec, data: DatasetSpec) -> Inputs:
                   f"{data.item_id}, oldest first, left-padded with -1)", [items] * width,
                   "a score for every catalogue item, shape [batch, items] (item id = column "
                   "index; higher is better: top-K = topk of each row)", pad=-1)
+
+
+def _slots(columns: list[CategoricalColumn] | tuple[CategoricalColumn, ...],
+           ) -> tuple[list[str], list[int], list[slice]]:
+    """The sparse input's slot names, id ranges and multi-hot slices for `columns`
+    (`tasks.data.column_slots`): `tags` with multi_hot=2 is `tags[0]`, `tags[1]`."""
+    cols: list[str] = []
+    ranges: list[int] = []
+    bags: list[slice] = []
+    for column, slots in zip(columns, column_slots(columns)):
+        width, bag = slots.stop - slots.start, column.multi_hot is not None
+        cols += [f"{column.name}[{i}]" for i in range(width)] if bag else [column.name]
+        ranges, bags = ranges + [column.cardinality] * width, bags + [slots] * bag
+    return cols, ranges, bags
 
 
 def example_inputs(inputs: Inputs, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

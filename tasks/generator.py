@@ -17,6 +17,11 @@ last five clicks again (re-purchase, re-visit) or `next` of their last click (ea
 fixed successor in its category: the accessory, the next volume); the rest by popularity. So the
 user's id and history carry signal beyond popularity: the two-tower model's and the sequential
 recommender's to learn (and to lose under compression).
+
+Beside the user's `history` (item ids), each row carries `recent_categories`: the categories of
+the same clicks, a multi-hot column (`multi_hot=_RECENT`: a model reads the last five). It
+carries signal of its own: the `+0.8*[cat(i) == cat(u's last clicked item)]` term, which no
+single-id column reveals (docs/benchmarks.md, "The multi-hot feature").
 """
 
 from __future__ import annotations
@@ -209,16 +214,21 @@ def generate(size: str | GeneratorSize, seed: int = 0,
     cut = [0, *(int(f * sessions) * _SESSION for f in np.cumsum(SPLIT_FRACTIONS[:-1])), n]
     hist = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
                                     pa.array(np.asarray(values, np.int64), pa.int64()))
+    recent = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                      pa.array(item_cat[np.asarray(values, np.int64)], pa.int64()))
     tables = {}
     for i, split in enumerate(SPLITS):
         lo, hi = cut[i], cut[i + 1]
         cols = {name: col[lo:hi] for name, col in columns.items()}
         cols["history"] = hist[lo:hi]
+        cols["recent_categories"] = recent[lo:hi]
         tables[split] = pa.table(cols)
     test = slice(cut[2], cut[3])
     spec = DatasetSpec(
         name=f"clicklog-{size}-s{seed}", label="click",
-        categorical=tuple(CategoricalColumn(name=c, cardinality=v) for c, v in cards.items()),
+        categorical=(*(CategoricalColumn(name=c, cardinality=v) for c, v in cards.items()),
+                     CategoricalColumn(name="recent_categories", cardinality=_CATEGORIES,
+                                       multi_hot=_RECENT)),
         dense=("log_price", "position", "log_item_popularity"),
         user_id="user_id", item_id="item_id", query_id="session_id", timestamp="timestamp",
         history="history", item_features=("category_id", "brand_id"),

@@ -26,7 +26,7 @@ from prefect.events import emit_event
 from tasks import iostats
 from tasks.artifacts import ArtifactStore, BlobStore
 from tasks.baselines import compare_trivial, resolution, trivial_predictions
-from tasks.data import column_slots
+from tasks.data import item_slot
 from tasks.evaluate import evaluate, latency_ratios
 from tasks.export import export_files
 from tasks.gate import Champion
@@ -154,9 +154,7 @@ def evaluate_baseline(built: Built, dataset: DatasetRef, ks: tuple[int, ...] = D
     if budget is None:
         return Evaluated(metrics=metrics, predictions=store.put_tensor(torch.from_numpy(probs)))
     task, data = spec.problem_kind(), dataset.spec
-    names = [c.name for c in data.categorical]
-    item = column_slots(data.categorical)[names.index(data.item_id)].start \
-        if data.item_id in names and task == "ranking" else None  # its column of sparse
+    item = item_slot(data) if task == "ranking" else None
     n_items = next((c.cardinality for c in data.categorical if c.name == data.item_id), 0)
     trivial = trivial_predictions(task, arrays(dataset, "train", spec), test, item, n_items)
     confidence = budget.confidence

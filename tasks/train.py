@@ -72,6 +72,7 @@ def _fit(model: nn.Module, kind: ProblemKind, data: Arrays, cfg: TrainConfig,
         best_state = copy.deepcopy(model.state_dict())
     done, best_epoch = 0, -1
     batch_size = cfg.rows_per_step(len(data))
+    lookups = _LookupL2(model) if cfg.embedding_l2 > 0 else None
     for epoch in range(cfg.passes(len(data))):
         if max_steps is not None and done >= max_steps:
             break
@@ -86,6 +87,8 @@ def _fit(model: nn.Module, kind: ProblemKind, data: Arrays, cfg: TrainConfig,
                 model, kind, dense[idx].to(device), sparse[idx].to(device), label[idx].to(device))
             loss = objective(scores, targets, idx) if objective is not None else \
                 objectives.target_loss(kind, scores, targets)
+            if lookups is not None:
+                loss = loss + cfg.embedding_l2 * lookups.take(len(idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -104,7 +107,34 @@ def _fit(model: nn.Module, kind: ProblemKind, data: Arrays, cfg: TrainConfig,
                      "stopping, keeping epoch %d", epoch + 1, score, best_score, best_epoch + 1,
                      cfg.patience, best_epoch + 1)
             break
+    if lookups is not None:
+        lookups.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     objectives.finish(model)
     return model.eval()
+
+
+class _LookupL2:
+    """The squared norms of the vectors the model's `nn.Embedding` / `nn.EmbeddingBag` tables
+    returned since the last `take`, summed (forward hooks; lookups without grad, such as
+    validation, are not counted)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.total: torch.Tensor | None = None
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
+                        if isinstance(m, nn.Embedding | nn.EmbeddingBag)]
+
+    def _hook(self, module: nn.Module, args: object, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            norms = output.pow(2).sum()
+            self.total = norms if self.total is None else self.total + norms
+
+    def take(self, rows: int) -> torch.Tensor | float:
+        """The batch's sum over its `rows` rows, per row; the sum starts again."""
+        total, self.total = self.total, None
+        return total / rows if total is not None else 0.0
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -29,11 +29,6 @@ def resolve(spec: ModelSpec, data: DatasetSpec) -> ModelSpec:
     tables = tuple(TableSpec(name=c.name, rows=c.cardinality, multi_hot=c.multi_hot)
                    for c in data.categorical)
     task = spec.problem_kind()
-    bags = [c.name for c in data.categorical if c.multi_hot is not None]
-    if bags and spec.family in ("two_tower", "sasrec"):
-        raise ValueError(f"model.family {spec.family!r} reads one id per categorical column; "
-                         f"dataset {data.name} has multi-hot columns {bags}: use family 'dlrm' "
-                         "(it pools them) or 'custom', or drop them from the dataset spec")
     if task != "ranking" and data.item_id is None:
         raise ValueError(f"model.family {spec.family!r} ({task}) needs the dataset's item_id "
                          f"column; dataset {data.name} sets none")

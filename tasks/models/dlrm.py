@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tasks.modules.bag import mean_of_slots
 from tasks.types import DlrmSpec
 
 
@@ -73,15 +74,9 @@ class DLRM(nn.Module):
         self.dense_std.copy_(std)
 
     def _pooled(self, sparse: torch.Tensor, i: int) -> torch.Tensor:
-        """The mean of table i's vectors over the row's ids in its multi-hot slots (PAD = -1
-        slots weigh 0; a row without ids gets zeros)."""
-        width = self._bags[i]
-        ids = sparse[:, self._starts[i]:self._starts[i] + width]
-        present = (ids >= 0).to(torch.float32)
-        weights = present / present.sum(1, keepdim=True).clamp_min(1.0)
-        flat = ids.clamp_min(0).reshape(-1)
-        offsets = torch.arange(0, flat.numel(), width, device=flat.device)
-        return self.embeddings[i](flat, offsets, per_sample_weights=weights.reshape(-1))
+        """The mean of table i's vectors over the row's ids in its multi-hot slots."""
+        start = self._starts[i]
+        return mean_of_slots(self.embeddings[i], sparse[:, start:start + self._bags[i]])
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         columns = sparse.t().contiguous()  # one copy; each table's ids are then contiguous

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.models.dlrm import mlp
+from tasks.modules.bag import mean_of_slots
 from tasks.types import TwoTowerSpec
 
 
@@ -53,8 +54,20 @@ class TwoTower(nn.Module):
         if not self._query:
             raise ValueError("model two_tower: no query/user-side id columns (every categorical "
                              "column is the item or an item feature)")
+        bags = [n for n in item_cols if spec.tables[names.index(n)].multi_hot]
+        if bags:
+            raise ValueError(f"model two_tower: item columns {bags} are multi-hot; the item "
+                             "tower reads one id per item column")
         self.n_items = spec.tables[self._item[0]].rows
-        self.embeddings = nn.ModuleList(nn.Embedding(t.rows, d) for t in spec.tables)
+        # a multi-hot query column pools its ids (their mean), as in the DLRM
+        self.embeddings = nn.ModuleList(
+            nn.EmbeddingBag(t.rows, d, mode="sum") if t.multi_hot else nn.Embedding(t.rows, d)
+            for t in spec.tables)
+        self._slots, start = [], 0  # each query table's slots of `sparse` (tasks.data)
+        for t in self._query:
+            width = spec.tables[t].multi_hot
+            self._slots.append((start, width))
+            start += width or 1
         for table in self.embeddings:
             nn.init.normal_(table.weight, 0, 0.05)
         self.query_tower = mlp([len(self._query) * d, *spec.tower_mlp, d], last_activation=False)
@@ -70,7 +83,9 @@ class TwoTower(nn.Module):
         self.in_batch_negatives = True
 
     def query_vectors(self, sparse: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.embeddings[t](sparse[:, c]) for c, t in enumerate(self._query)], 1)
+        x = torch.cat([self.embeddings[t](sparse[:, c]) if width is None else
+                       mean_of_slots(self.embeddings[t], sparse[:, c:c + width])
+                       for t, (c, width) in zip(self._query, self._slots)], 1)
         return F.normalize(self.query_tower(x), dim=-1)
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,21 @@ def _segments(input: torch.Tensor, offsets: torch.Tensor | None,  # noqa: A002
     return input, bag, starts.numel()
 
 
+def mean_of_slots(bag: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """[B, K] ids (a multi-hot column's slots, PAD = -1 where a row has fewer) -> [B, dim]: the
+    mean of the row's vectors from `bag` (an `nn.EmbeddingBag(mode="sum")` or a `PooledTable`
+    of one); PAD slots weigh 0 and a row without ids gets zeros.
+
+    Example: ids [[3, 9, -1]] -> (bag row 3 + bag row 9) / 2.
+    """
+    width = ids.shape[1]
+    present = (ids >= 0).to(torch.float32)
+    weights = present / present.sum(1, keepdim=True).clamp_min(1.0)
+    flat = ids.clamp_min(0).reshape(-1)
+    offsets = torch.arange(0, flat.numel(), width, device=flat.device)
+    return bag(flat, offsets, per_sample_weights=weights.reshape(-1))
+
+
 def bags_as_tables(model: nn.Module) -> nn.Module:
     """`model` with every `nn.EmbeddingBag` replaced by its `PooledTable`, in place, at every
     path that reaches it; the model itself is returned."""

@@ -313,7 +313,11 @@ class TrainConfig(Frozen):
         None, ge=8, description="rows per step; left out: about rows/200, a power of two in "
         "[64, 2048] (about 200 steps an epoch on small data, 2048 from 400k train rows)")
     lr: float = Field(2e-3, gt=0, description="Adam learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="L2 on dense layers")
+    weight_decay: float = Field(0.0, ge=0, description="Adam's L2 on every parameter")
+    embedding_l2: float = Field(
+        0.0, ge=0, le=1.0, description="L2 on the embedding vectors a batch looks up: this "
+        "times the sum of their squared norms over the batch's rows (a row's table entries are "
+        "held back only when it is used)")
     seed: int = Field(0, ge=0, description="torch seed (init and shuffling)")
 
     def rows_per_step(self, rows: int) -> int:

@@ -228,7 +228,8 @@ REQUESTS = [
              "search, train)",
              "unknown-field"),
     _request('{"train": {"epoch": 3}}', "train.epoch: unknown field; remove it or fix its name "
-             "(allowed here: batch_size, epochs, lr, min_steps, patience, seed, weight_decay)",
+             "(allowed here: batch_size, embedding_l2, epochs, lr, min_steps, patience, seed, "
+             "weight_decay)",
              "unknown-nested-field"),
     _request('{"model_name": "../etc"}', "model_name: String should match pattern "
              "'^[a-z0-9][a-z0-9\\-]{0,62}$' (got '../etc')", "model-name-path"),

@@ -31,7 +31,6 @@ from tasks.registry import Registry
 from tasks.types import parse_model_spec
 from tests.serving_check import score_without_recsqueeze, write_inputs
 from tests.stack_helpers import wait_flow_run
-from tests.user_models.data import with_recent_categories
 from tests.user_models.dict_ranker import fit
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -47,9 +46,9 @@ def _cli(stack, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def trained(stack, settings, tmp_path_factory):
-    """The tiny click log with a multi-hot column in the stack's S3, and a BagRanker trained on
+    """The tiny click log (its multi-hot column included) in the stack's S3, and a BagRanker trained on
     it by the user's own loop, saved as safetensors and as a torch state_dict."""
-    tables, data = with_recent_categories(*generate("tiny", 0))
+    tables, data = generate("tiny", 0)  # its recent_categories is multi-hot
     ref = ArtifactStore(settings).put_dataset(tables, data)
     train = to_arrays(tables["train"], data)
     model = fit(build(resolve(parse_model_spec(SPEC), data), 0), train.dense, train.sparse,

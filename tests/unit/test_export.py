@@ -136,8 +136,11 @@ def test_serving_json_describes_inputs_in_the_dataset_column_order(data):
     doc = serving_export(model, spec, data[1]).serving
     dense, sparse = doc["inputs"]
     assert dense["columns"] == list(data[1].dense)
-    assert sparse["columns"] == [c.name for c in data[1].categorical]
-    assert sparse["id_ranges"] == [c.cardinality for c in data[1].categorical]
+    single = [c for c in data[1].categorical if c.multi_hot is None]
+    assert sparse["columns"] == [c.name for c in single] + [
+        f"recent_categories[{i}]" for i in range(5)]
+    assert sparse["id_ranges"] == [c.cardinality for c in single] + [40] * 5
+    assert sparse["pad"] == -1
     assert doc["output"]["shape"] == ["batch"] and doc["task"] == "ranking"
     seq, seq_spec = _compressed("sasrec", (), data)
     doc = serving_export(seq, seq_spec, data[1]).serving

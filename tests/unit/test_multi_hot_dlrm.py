@@ -1,6 +1,7 @@
-"""The built-in DLRM on a dataset with a multi-hot column: it pools the column with an
-`nn.EmbeddingBag`, learns from it, and every table stage, the recipe search's per-table
-choice, distillation and the serving export handle the bag."""
+"""The built-in DLRM on the built-in click log's multi-hot column (`recent_categories`): it
+pools the column with an `nn.EmbeddingBag`, learns from it, and every table stage, the recipe
+search's per-table choice, distillation and the serving export handle the bag; the two-tower
+model pools it on its query side."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from tasks.artifacts import deserialize_model, serialize_model
-from tasks.data import to_arrays
+from tasks.data import query_side, to_arrays
 from tasks.evaluate import predict
 from tasks.export import serving_export
 from tasks.generator import generate
@@ -27,16 +28,16 @@ from tasks.types import (
     TrainConfig,
     TwoTowerSpec,
 )
-from tests.user_models.data import with_recent_categories
 
 SPEC = DlrmSpec(embedding_dim=16, bottom_mlp=(32, 16), top_mlp=(64, 32))
-WIDTH = 8
+WIDTH = 5  # the generator's recent_categories: multi_hot=5
 
 
 @pytest.fixture(scope="module")
 def multi_hot():
     tables, data = generate("tiny", 0)
-    tables, data = with_recent_categories(tables, data, WIDTH)
+    assert data.categorical[-1].name == "recent_categories"
+    assert data.categorical[-1].multi_hot == WIDTH
     spec = resolve(SPEC, data)
     tr, va = (to_arrays(tables[s], data) for s in ("train", "valid"))
     model = train(build(spec, 0), tr, TrainConfig(epochs=3, batch_size=256), valid=va)
@@ -90,12 +91,22 @@ def test_every_stage_handles_the_multi_hot_table(multi_hot, plan):
     assert auc(va.label, base) - auc(va.label, pred) < 0.03
 
 
-def test_the_search_names_the_bags_table_and_other_families_refuse_multi_hot(multi_hot):
+def test_the_search_names_the_bags_table_and_the_two_tower_pools_it(multi_hot):
     _, spec, _, _, _, data = multi_hot
     assert large_tables(spec, 1000) == ["embeddings.0", "embeddings.1"]
     assert large_tables(spec, 40)[-1] == "embeddings.8.table"
-    with pytest.raises(ValueError, match="multi-hot columns \\['recent_categories'\\]"):
-        resolve(TwoTowerSpec(), data)
+    tables, _ = generate("tiny", 0)
+    towers = build(resolve(TwoTowerSpec(), data), 0)
+    assert isinstance(towers.embeddings[-1], torch.nn.EmbeddingBag)
+    sparse = torch.from_numpy(to_arrays(tables["valid"], data, "retrieval").sparse[:32])
+    assert sparse.shape[1] == len(query_side(data)) - 1 + WIDTH
+    scores = towers(torch.zeros(32, 0), sparse)
+    assert scores.shape == (32, towers.n_items) and torch.isfinite(scores).all()
+    moved = sparse.clone()  # the query vector reads the bag's slots
+    moved[:, -WIDTH:] = torch.where(moved[:, -WIDTH:] >= 0, (moved[:, -WIDTH:] + 1) % 40, -1)
+    changed = (sparse[:, -WIDTH:] >= 0).any(1)
+    assert changed.any()
+    assert not torch.allclose(towers(torch.zeros(32, 0), moved)[changed], scores[changed])
 
 
 def test_the_quantized_ranker_exports_with_its_multi_hot_slots(multi_hot):

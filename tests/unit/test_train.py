@@ -27,6 +27,26 @@ def test_training_learns_and_is_deterministic():
     assert auc(te.label, predict(a, te)) > 0.6  # Bayes AUC of tiny is ~0.78; chance is 0.5
 
 
+def test_embedding_l2_holds_back_the_rows_a_batch_uses_and_leaves_no_hook():
+    """The lookup penalty shrinks the vectors of the ids the train rows use (a multi-hot bag's
+    too), leaves ids no row uses at their initial values, and is gone after training."""
+    spec, tr, va, _ = _data()
+    cfg = TrainConfig(epochs=1, batch_size=256)
+    plain = train(build(resolve(SPEC, spec)), tr, cfg)
+    held = train(build(resolve(SPEC, spec)), tr, cfg.model_copy(update={"embedding_l2": 0.1}))
+    start = build(resolve(SPEC, spec))
+    users = np.unique(tr.sparse[:, 0])
+    unused = np.setdiff1d(np.arange(plain.embeddings[0].num_embeddings), users)
+    assert len(unused) > 0
+    rows = {0: users, len(plain.embeddings) - 1: slice(None)}  # user_id; the bag: all used
+    for i, used in rows.items():
+        shrunk = held.embeddings[i].weight[used].norm() / plain.embeddings[i].weight[used].norm()
+        assert shrunk < 0.8, (i, shrunk)
+    assert torch.equal(held.embeddings[0].weight[unused], start.embeddings[0].weight[unused])
+    assert all(not m._forward_hooks for m in held.modules())
+    assert np.isfinite(predict(held, va)).all()
+
+
 def test_early_stopping_keeps_the_best_validation_epoch():
     spec, tr, va, te = _data()
     from tasks.metrics import logloss

@@ -244,7 +244,8 @@ def test_measurements_may_hold_nan():
 @pytest.mark.parametrize("raw, line", [
     ({"budjet": {}}, "budjet: unknown field; remove it or fix its name (allowed here: baseline, budget, "),
     ({"train": {"epoch": 1}}, "train.epoch: unknown field; remove it or fix its name (allowed "
-                              "here: batch_size, epochs, lr, min_steps, patience, seed, weight_decay)"),
+                              "here: batch_size, embedding_l2, epochs, lr, min_steps, patience, "
+                              "seed, weight_decay)"),
     ({"budget": {"metrics": {"main": {"max_drop": 0.1, "rel": True}}}},
      "budget.metrics.main.rel: unknown field; remove it or fix its name (allowed here: "
      "max_drop, relative)"),

@@ -3,8 +3,8 @@ EmbeddingBagCollection, MLPerf's DLRMv2): bags in an `nn.ModuleDict` keyed by fe
 sum, mean and max, one table shared by two features, a bag fed as a 1-D input with `offsets`
 and `per_sample_weights`, a multi-hot column pooled as a 2-D input with a `padding_idx`, and
 normalization layers (BatchNorm on the dense features, a LayerNorm in the MLP). Built as
-`BagRanker(spec)` on the built-in click log's columns, with `recent_categories` (multi-hot,
-tests/user_models/data.py) when the dataset has it."""
+`BagRanker(spec)` on the built-in click log's columns, its multi-hot `recent_categories`
+pooled when the dataset has it."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """A user's ranker laid out unlike the built-in DLRM, trained by the user's own loop and
 imported (tests/e2e/test_imported_model.py): tables in an `nn.ModuleDict` keyed by column,
 dense features through `BatchNorm1d` (running statistics are buffers of its state_dict),
-an MLP with a `LayerNorm` between its Linear layers. Built as `DictRanker(spec)`."""
+an MLP with a `LayerNorm` between its Linear layers, a multi-hot column pooled by an
+`nn.EmbeddingBag` (mean). Built as `DictRanker(spec)`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ class DictRanker(nn.Module):
         super().__init__()
         d, hidden = spec.embedding_dim, int(spec.options.get("hidden", 64))
         self.columns = [t.name for t in spec.tables]
-        self.tables = nn.ModuleDict({t.name: nn.Embedding(t.rows, d) for t in spec.tables})
+        self.slots, at = {}, 0  # each column's slots of `sparse` (docs/byo-model.md)
+        for t in spec.tables:
+            self.slots[t.name] = (at, t.multi_hot)
+            at += t.multi_hot or 1
+        self.tables = nn.ModuleDict({  # a bag's ids are shifted by one: -1 pads as row 0
+            t.name: nn.EmbeddingBag(t.rows + 1, d, mode="mean", padding_idx=0) if t.multi_hot
+            else nn.Embedding(t.rows, d) for t in spec.tables})
         for table in self.tables.values():
             nn.init.normal_(table.weight, std=0.05)
         self.dense_norm = nn.BatchNorm1d(spec.num_dense)
@@ -24,7 +31,9 @@ class DictRanker(nn.Module):
             nn.ReLU(), nn.Linear(hidden, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, 1))
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        vectors = [self.tables[name](sparse[:, i]) for i, name in enumerate(self.columns)]
+        vectors = [self.tables[name](sparse[:, at]) if width is None else
+                   self.tables[name](sparse[:, at:at + width] + 1)
+                   for name, (at, width) in self.slots.items()]
         return self.mlp(torch.cat([*vectors, self.dense_norm(dense)], 1)).squeeze(1)
 
 
