@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,10 +212,9 @@ def describe_inputs(spec: ModelSpec, data: DatasetSpec) -> Inputs:
     bag_meaning = "; a multi-hot column's last ids in its slots, oldest first, left-padded with -1"
     if kind == "ranking":
         cols, ranges, bags = _slots(data.categorical)
-        return Inputs(list(data.dense), cols, "one id per categorical column" + (
-            bag_meaning if bags else ""), ranges,
-                      "logit of the click probability, shape [batch] (sigmoid gives p)",
-                      pad=-1 if bags else None, bags=bags)
+        meaning = "one id per categorical column" + (bag_meaning if bags else "")
+        return Inputs(list(data.dense), cols, meaning, ranges, "logit of the click probability, "
+                      "shape [batch] (sigmoid gives p)", pad=-1 if bags else None, bags=bags)
     if kind == "retrieval":
         query = set(query_side(data))
         cols, ranges, bags = _slots([c for c in data.categorical if c.name in query])
@@ -232,18 +231,14 @@ def describe_inputs(spec: ModelSpec, data: DatasetSpec) -> Inputs:
                   "index; higher is better: top-K = topk of each row)", pad=-1)
 
 
-def _slots(columns: list[CategoricalColumn] | tuple[CategoricalColumn, ...],
-           ) -> tuple[list[str], list[int], list[slice]]:
+def _slots(columns: Sequence[CategoricalColumn]) -> tuple[list[str], list[int], list[slice]]:
     """The sparse input's slot names, id ranges and multi-hot slices for `columns`
     (`tasks.data.column_slots`): `tags` with multi_hot=2 is `tags[0]`, `tags[1]`."""
-    cols: list[str] = []
-    ranges: list[int] = []
-    bags: list[slice] = []
-    for column, slots in zip(columns, column_slots(columns)):
-        width, bag = slots.stop - slots.start, column.multi_hot is not None
-        cols += [f"{column.name}[{i}]" for i in range(width)] if bag else [column.name]
-        ranges, bags = ranges + [column.cardinality] * width, bags + [slots] * bag
-    return cols, ranges, bags
+    spans = [(c, s, c.multi_hot is not None) for c, s in zip(columns, column_slots(columns))]
+    names = [f"{c.name}[{i}]" if bag else c.name
+             for c, s, bag in spans for i in range(s.stop - s.start)]
+    ranges = [c.cardinality for c, s, _ in spans for _ in range(s.stop - s.start)]
+    return names, ranges, [s for _, s, bag in spans if bag]
 
 
 def example_inputs(inputs: Inputs, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,8 +398,3 @@ def _aoti_package(program: torch.export.ExportedProgram) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = aoti_compile_and_package(program, package_path=str(Path(tmp) / AOTI))
         return Path(path).read_bytes()
-
-
-def load_program(path: Path) -> nn.Module:
-    """The exported program at `path` as a callable module (what a serving process does)."""
-    return torch.export.load(str(path)).module()

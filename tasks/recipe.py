@@ -239,10 +239,9 @@ def search_recipes(graph: Graph, executor: Executor, executed: Executed,
     study = optuna.create_study(
         directions=["minimize"] * len(search.objectives), sampler=_sampler(search),
         pruner=optuna.pruners.ThresholdPruner(upper=math.inf) if single else None)
-    outcome, start = SearchOutcome(), time.monotonic()
+    outcome, start, asked = SearchOutcome(), time.monotonic(), 0
     allowed: float | None = None
     seen: dict[str, TrialRecord] = {}
-    asked = 0
     while len(outcome.trials) < search.trials and time.monotonic() - start < search.max_wall_s:
         if allowed is None:  # the budget in relative terms needs the baseline's valid value
             first = graph.validation(graph.baseline, search.proxy_rows)

@@ -202,8 +202,9 @@ def test_a_user_model_class_from_outside_the_package_is_compressed(stack, settin
 
 def test_the_documented_byo_data_path_from_a_csv_to_a_promoted_model(stack, settings, tmp_path):
     """docs/byo-data.md, as a new user runs it: a CSV of their own (here the tiny click log
-    written out as one file, history as space-separated ids, plus a free-text column), a
-    spec.json, `dataset import`, then a request that names only dataset.uri."""
+    written out as one file, history and the multi-hot column as space-separated ids, plus a
+    free-text column), a spec.json, `dataset import`, then a request that names only
+    dataset.uri."""
     import json
 
     import pyarrow as pa
@@ -215,9 +216,12 @@ def test_the_documented_byo_data_path_from_a_csv_to_a_promoted_model(stack, sett
 
     tables, spec = generate("tiny", seed=3)
     table = pa.concat_tables([tables[s] for s in SPLITS])
-    history = [" ".join(map(str, h)) for h in table["history"].to_pylist()]
-    table = table.drop(["history"]).append_column("history", pa.array(history)).append_column(
-        "title", pa.array(["free text"] * table.num_rows))
+    # as docs/byo-data.md says: a list column (history, a multi-hot column) is a CSV cell of
+    # space-separated ids
+    for name in [f.name for f in table.schema if pa.types.is_list(f.type)]:
+        cells = [" ".join(map(str, ids)) for ids in table[name].to_pylist()]
+        table = table.drop([name]).append_column(name, pa.array(cells))
+    table = table.append_column("title", pa.array(["free text"] * table.num_rows))
     pcsv.write_csv(table, tmp_path / "clicks.csv")
     raw = spec.model_dump(mode="json", exclude={"bayes_auc"})
     (tmp_path / "spec.json").write_text(json.dumps({**raw, "name": "shop-clicks"}))
